@@ -1,0 +1,35 @@
+"""Transformer on WMT14 en-de: `configs/wmt_base.py:tiny|base|big` (default base).
+
+base and big follow Vaswani et al. (2017): d_model 512/1024, MLP 2048/4096, 8/16 heads, 6+6
+layers, a shared 32k vocabulary tied to the output projection, dropout 0.1/0.3, label
+smoothing 0.1, Adam (0.9, 0.98, 1e-9) with 4000 warmup steps of the inverse-sqrt schedule.
+"""
+import ml_collections
+
+from tfx.config import default_config
+
+VARIANTS = {
+    "tiny": dict(emb_dim=128, mlp_dim=512, num_heads=4, num_kv_heads=4, num_encoder_layers=2,
+                 num_decoder_layers=2, dropout_rate=0.1),
+    "base": dict(emb_dim=512, mlp_dim=2048, num_heads=8, num_kv_heads=8, num_encoder_layers=6,
+                 num_decoder_layers=6, dropout_rate=0.1),
+    "big": dict(emb_dim=1024, mlp_dim=4096, num_heads=16, num_kv_heads=16, num_encoder_layers=6,
+                num_decoder_layers=6, dropout_rate=0.3),
+}
+
+
+def get_config(variant: str = "base") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/wmt_base.py:{variant}: unknown variant; use one of {', '.join(VARIANTS)}.")
+    config = default_config()
+    config.model.update(VARIANTS[variant])
+    config.model.vocab_size = 32000
+    config.variant = variant
+    config.learning_rate = 7e-4 if variant != "big" else 5e-4  # peak of the rsqrt schedule.
+    config.warmup_steps = 4000
+    config.num_train_steps = 100_000 if variant != "big" else 300_000
+    config.per_device_batch_size = 16
+    config.max_source_length = 64
+    config.max_target_length = 64
+    config.mesh_shape = "data:-1,fsdp:1,tensor:1"
+    return config

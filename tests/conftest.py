@@ -1,0 +1,57 @@
+"""Test set-up: 8 fake CPU devices and loud shape errors, before JAX starts."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_sessionstart(session):
+    if jax.device_count() != 8:
+        raise RuntimeError(f"tests need 8 fake CPU devices, got {jax.device_count()}")
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tfx import config as config_lib  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory for a validated tiny config: tiny_config(model={...}, key=value, ...)."""
+
+    def make(model=None, **overrides):
+        config = config_lib.default_config()
+        config.model.update(dict(vocab_size=50, emb_dim=32, num_heads=4, num_kv_heads=2,
+                                 mlp_dim=64, num_encoder_layers=2, num_decoder_layers=2,
+                                 max_len=32, dropout_rate=0.0))
+        config.model.update(model or {})
+        config.update(dict(warmup_steps=10, learning_rate=1e-2, per_device_batch_size=2,
+                           max_source_length=16, max_target_length=16))
+        config.update(overrides)
+        return config_lib.validate(config)
+
+    return make
+
+
+def random_batch(seed: int, batch: int, source_len: int, target_len: int, vocab: int) -> dict:
+    """Unpacked batch with random lengths (at least 1 token), right-padded with 0."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, length in (("inputs", source_len), ("targets", target_len)):
+        tokens = rng.integers(2, vocab, (batch, length)).astype(np.int32)
+        lengths = rng.integers(1, length + 1, (batch,))
+        tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+        out[name] = tokens
+    return out
+
+
+@pytest.fixture
+def make_batch():
+    return random_batch

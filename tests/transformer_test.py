@@ -1,0 +1,166 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tfx import config as config_lib
+from tfx.model import layers
+from tfx.model.transformer import EncoderDecoder, attention_mask, count_params, shift_right
+
+
+def build(config, seed=0):
+    return EncoderDecoder(config.model, nnx.Rngs(params=seed))
+
+
+def test_base_has_transformer_base_parameter_count():
+    config = config_lib.load("configs/wmt_base.py:base")
+    model = nnx.eval_shape(lambda: build(config))
+    count = count_params(nnx.state(model, nnx.Param))
+    # 32k shared embedding (16.4M) + 6 encoder layers (3.15M) + 6 decoder layers (4.2M).
+    assert 60e6 <= count <= 65e6, count
+
+
+def test_big_is_about_three_times_base():
+    base = count_params(nnx.state(nnx.eval_shape(lambda: build(config_lib.load("configs/wmt_base.py:base"))), nnx.Param))
+    big = count_params(nnx.state(nnx.eval_shape(lambda: build(config_lib.load("configs/wmt_base.py:big"))), nnx.Param))
+    assert 3.0 < big / base < 3.6
+
+
+def test_grouped_query_attention_shrinks_key_value_projections(tiny_config):
+    mqa = build(tiny_config(model=dict(num_heads=4, num_kv_heads=1)))
+    attention = mqa.encoder_layers[0].attention
+    assert attention.query.shape == (32, 4, 8)
+    assert attention.key.shape == (32, 1, 8)
+    assert attention.value.shape == (32, 1, 8)
+
+
+def test_gqa_equals_mha_with_repeated_key_value_heads(tiny_config):
+    """GQA through jax.nn.dot_product_attention == MHA whose kv heads are copies of the groups."""
+    rngs = nnx.Rngs(params=0)
+    gqa = layers.Attention(32, 4, 2, 8, 0.0, jnp.float32, rngs)
+    mha = layers.Attention(32, 4, 4, 8, 0.0, jnp.float32, rngs)
+    mha.query[...], mha.out[...] = gqa.query[...], gqa.out[...]
+    mha.key[...] = jnp.repeat(gqa.key[...], 2, axis=1)
+    mha.value[...] = jnp.repeat(gqa.value[...], 2, axis=1)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 32))
+    mask = jnp.ones((2, 1, 5, 5), bool)
+    np.testing.assert_allclose(gqa(x, x, mask), mha(x, x, mask), atol=1e-5)
+
+
+def test_explicit_softmax_path_equals_fused_attention(tiny_config):
+    """The path used for attention dropout computes the same attention as the fused one."""
+    attention = layers.Attention(32, 4, 2, 8, 0.0, jnp.float32, nnx.Rngs(params=0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 32))
+    segments = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+    mask = attention_mask(segments, segments, causal=True)
+    k, v = attention.project_kv(x)
+    q = jnp.einsum("btd,dnh->btnh", x, attention.query[...])
+    explicit = attention._attend_with_dropout(q, k, v, mask, rngs=None)
+    fused = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    valid = np.asarray(segments > 0)
+    np.testing.assert_allclose(np.asarray(explicit)[valid], np.asarray(fused)[valid], atol=1e-5)
+
+
+def test_masks_honour_segments_padding_and_causality():
+    segments = jnp.array([[1, 1, 2, 0]])
+    full = np.asarray(attention_mask(segments, segments, causal=False))[0, 0]
+    np.testing.assert_array_equal(full, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    # A padding query (segment 0) attends to nothing; its output is masked out of the loss.
+    causal = np.asarray(attention_mask(segments, segments, causal=True))[0, 0]
+    np.testing.assert_array_equal(causal, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+
+
+def test_shift_right_restarts_in_each_segment():
+    targets = jnp.array([[5, 6, 7, 8, 9, 0]])
+    segments = jnp.array([[1, 1, 1, 2, 2, 0]])
+    np.testing.assert_array_equal(shift_right(targets, segments), [[0, 5, 6, 0, 8, 0]])
+
+
+def test_decoder_is_causal(tiny_config):
+    model = build(tiny_config())
+    inputs = jnp.array([[3, 4, 5, 6]])
+    a = model(inputs, jnp.array([[7, 8, 9, 10, 11]]))
+    b = model(inputs, jnp.array([[7, 8, 9, 30, 31]]))
+    # Position t predicts targets[t] from targets[:t]; changing targets[3:] leaves 0..3 alone.
+    np.testing.assert_allclose(a[:, :4], b[:, :4], atol=1e-5)
+    assert not np.allclose(a[:, 4], b[:, 4])
+
+
+def pack(batch):
+    """Packs each pair of rows of an unpacked batch into one row (segments 1 and 2)."""
+    packed = {}
+    for name in ("inputs", "targets"):
+        rows, segs, poss = [], [], []
+        tokens = batch[name]
+        for i in range(0, len(tokens), 2):
+            row, seg, pos = [], [], []
+            for j, s in ((i, 1), (i + 1, 2)):
+                t = tokens[j][tokens[j] > 0]
+                row += list(t); seg += [s] * len(t); pos += list(range(len(t)))
+            width = 2 * tokens.shape[1]
+            rows.append(row + [0] * (width - len(row)))
+            segs.append(seg + [0] * (width - len(seg)))
+            poss.append(pos + [0] * (width - len(pos)))
+        packed[name] = np.array(rows, np.int32)
+        packed[f"{name}_segmentation"] = np.array(segs, np.int32)
+        packed[f"{name}_position"] = np.array(poss, np.int32)
+    return packed
+
+
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+def test_packed_rows_give_the_same_per_token_logits_as_unpacked(tiny_config, make_batch, positions):
+    model = build(tiny_config(model=dict(positions=positions)))
+    batch = make_batch(0, 4, 6, 7, 50)
+    unpacked = np.asarray(model(batch["inputs"], batch["targets"]))
+    packed_batch = pack(batch)
+    packed = np.asarray(model(**packed_batch))
+    for i in range(4):
+        n = int((batch["targets"][i] > 0).sum())
+        row, seg = packed[i // 2], packed_batch["targets_segmentation"][i // 2]
+        np.testing.assert_allclose(row[seg == 1 + i % 2], unpacked[i, :n], atol=2e-5)
+
+
+@pytest.mark.parametrize("model_overrides", [
+    dict(activation="gelu"), dict(activation="swiglu"), dict(activation="squared_relu"),
+    dict(norm="rmsnorm"), dict(norm_position="post"), dict(num_kv_heads=1),
+    dict(share_embeddings=False, logits_via_embedding=False), dict(dtype="bfloat16"),
+])
+def test_every_architecture_option_gives_finite_float32_logits(tiny_config, make_batch, model_overrides):
+    model = build(tiny_config(model=model_overrides))
+    batch = make_batch(1, 2, 5, 6, 50)
+    logits = model(batch["inputs"], batch["targets"], rngs=nnx.Rngs(dropout=0))
+    assert logits.shape == (2, 6, 50) and logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_bfloat16_computes_in_bfloat16_but_keeps_float32_params(tiny_config, make_batch):
+    config = tiny_config(model=dict(dtype="bfloat16"))
+    model = build(config)
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
+    reference = build(tiny_config())
+    batch = make_batch(2, 2, 5, 6, 50)
+    low = model(batch["inputs"], batch["targets"])
+    high = reference(batch["inputs"], batch["targets"])
+    assert not np.array_equal(low, high)
+    np.testing.assert_allclose(low, high, atol=0.1)
+
+
+def test_dropout_is_active_only_with_rngs(tiny_config, make_batch):
+    model = build(tiny_config(model=dict(dropout_rate=0.3, attention_dropout_rate=0.3)))
+    batch = make_batch(3, 2, 5, 6, 50)
+    eval_a = model(batch["inputs"], batch["targets"])
+    eval_b = model(batch["inputs"], batch["targets"])
+    train = model(batch["inputs"], batch["targets"], rngs=nnx.Rngs(dropout=0))
+    np.testing.assert_array_equal(eval_a, eval_b)
+    assert not np.allclose(eval_a, train)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("activation", "tanh", "config.model.activation='tanh' is not one of"),
+    ("num_kv_heads", 3, "config.model.num_heads=4 must be a multiple of config.model.num_kv_heads=3"),
+    ("norm", "batchnorm", "config.model.norm"),
+])
+def test_bad_model_config_names_the_key(tiny_config, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(model={key: value})

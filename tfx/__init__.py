@@ -1,0 +1,1 @@
+"""tfx: encoder-decoder Transformers for machine translation in JAX/Flax NNX."""

@@ -1,0 +1,179 @@
+"""The config schema: every key tfx reads, its default, and its validation.
+
+This is the only place that knows defaults. A config file (`configs/*.py`) starts from
+`default_config()` and overrides keys; `validate()` runs once at start-up and names the key
+that is wrong.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+ACTIVATIONS = ("relu", "gelu", "swiglu", "squared_relu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+POSITIONS = ("sinusoidal", "learned")
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("rsqrt", "cosine")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes, first match that is still free wins (see tfx/parallel.py).
+# Parameters: embed over fsdp (ZeRO-3 style), heads/mlp/vocab over tensor.
+# Activations: batch over data and fsdp; their embed then finds fsdp taken and stays whole.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("position", None),
+)
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """Architecture keys (`config.model.*`); the defaults are a tiny Transformer."""
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=32000,
+            emb_dim=64,
+            num_heads=4,
+            num_kv_heads=4,  # = num_heads: MHA; 1: MQA; in between: GQA.
+            head_dim=0,  # 0: emb_dim // num_heads.
+            mlp_dim=256,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            activation="relu",
+            norm="layernorm",
+            norm_position="pre",
+            norm_epsilon=1e-6,
+            positions="sinusoidal",
+            max_len=256,
+            share_embeddings=True,  # one embedding for source and target.
+            logits_via_embedding=True,  # output projection tied to the target embedding.
+            dropout_rate=0.1,
+            attention_dropout_rate=0.0,
+            dtype="float32",  # computation dtype; parameters are always float32.
+        )
+    )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key with its default. Configs override these; nothing else defines defaults."""
+    config = ml_collections.ConfigDict(
+        dict(
+            variant="",  # a label for reports, set by configs with variants.
+            model=model_config(),
+            seed=0,
+            # Optimisation.
+            optimizer="adamw",
+            learning_rate=1e-3,  # peak, reached at the end of warmup.
+            schedule="rsqrt",
+            warmup_steps=4000,
+            num_train_steps=100_000,
+            cosine_end_fraction=0.0,
+            adam_b1=0.9,
+            adam_b2=0.98,
+            adam_eps=1e-9,
+            weight_decay=0.0,
+            grad_clip_norm=1.0,  # 0 disables clipping.
+            grad_accum_steps=1,
+            # Loss.
+            label_smoothing=0.1,
+            z_loss=0.0,
+            # Batch shape.
+            per_device_batch_size=16,
+            max_source_length=64,
+            max_target_length=64,
+            # Parallelism.
+            mesh_shape="data:-1,fsdp:1,tensor:1",
+            logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES,
+        )
+    )
+    config.lock()  # configs may change values, not invent keys: a typo fails loudly.
+    return config
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Loads and validates `path/to/config.py[:variant]` (the variant goes to get_config)."""
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("tfx_user_config", path)
+    if module_spec is None or not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+    return validate(config)
+
+
+def _check_choice(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...]):
+    value = _lookup(config, key)
+    if value not in choices:
+        raise ValueError(f"config.{key}={value!r} is not one of {', '.join(map(repr, choices))}.")
+
+
+def _check_positive(config: ml_collections.ConfigDict, key: str, allow_zero: bool = False):
+    value = _lookup(config, key)
+    if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"config.{key}={value!r} must be a {kind} number.")
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str):
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks values and their combinations; raises ValueError naming the config key."""
+    m = config.model
+    _check_choice(config, "model.activation", ACTIVATIONS)
+    _check_choice(config, "model.norm", NORMS)
+    _check_choice(config, "model.norm_position", NORM_POSITIONS)
+    _check_choice(config, "model.positions", POSITIONS)
+    _check_choice(config, "model.dtype", DTYPES)
+    _check_choice(config, "optimizer", OPTIMIZERS)
+    _check_choice(config, "schedule", SCHEDULES)
+    for key in ("model.vocab_size", "model.emb_dim", "model.num_heads", "model.num_kv_heads",
+                "model.mlp_dim", "model.max_len", "per_device_batch_size", "max_source_length",
+                "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps"):
+        _check_positive(config, key)
+    for key in ("model.num_encoder_layers", "model.num_decoder_layers", "model.head_dim",
+                "warmup_steps", "weight_decay", "grad_clip_norm", "z_loss"):
+        _check_positive(config, key, allow_zero=True)
+    for key in ("model.dropout_rate", "model.attention_dropout_rate", "label_smoothing"):
+        if not 0.0 <= _lookup(config, key) < 1.0:
+            raise ValueError(f"config.{key}={_lookup(config, key)!r} must be in [0, 1).")
+    if m.num_heads % m.num_kv_heads:
+        raise ValueError(
+            f"config.model.num_heads={m.num_heads} must be a multiple of "
+            f"config.model.num_kv_heads={m.num_kv_heads} (grouped-query attention)."
+        )
+    if m.head_dim == 0 and m.emb_dim % m.num_heads:
+        raise ValueError(
+            f"config.model.emb_dim={m.emb_dim} is not divisible by config.model.num_heads="
+            f"{m.num_heads}; set config.model.head_dim explicitly."
+        )
+    if m.logits_via_embedding and not m.share_embeddings:
+        raise ValueError(
+            "config.model.logits_via_embedding=True ties the output projection to the shared "
+            "embedding, so it needs config.model.share_embeddings=True."
+        )
+    if max(config.max_source_length, config.max_target_length) > m.max_len:
+        raise ValueError(
+            f"config.max_source_length/max_target_length ({config.max_source_length}/"
+            f"{config.max_target_length}) exceed config.model.max_len={m.max_len}."
+        )
+    if config.per_device_batch_size % config.grad_accum_steps:
+        raise ValueError(
+            f"config.per_device_batch_size={config.per_device_batch_size} must be divisible by "
+            f"config.grad_accum_steps={config.grad_accum_steps}."
+        )
+    return config

@@ -1,0 +1,192 @@
+"""Transformer building blocks: embeddings, positions, norms, attention, MLP, dropout.
+
+Parameters are float32 `nnx.Param`s carrying `logical_axes` metadata (see tfx/parallel.py);
+computation runs in `dtype` (float32 or bfloat16), norms and softmax in float32.
+Shape suffixes: B batch, S source length, T target (query) length, D emb_dim, N query heads,
+K key/value heads, H head_dim, F mlp_dim, V vocab.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tfx.parallel import constrain
+
+Initializer = jax.nn.initializers.Initializer
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], logical_axes) -> nnx.Param:
+    """A float32 parameter with its logical axis names attached."""
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), logical_axes=tuple(logical_axes))
+
+
+def dense_init(in_axis, out_axis) -> Initializer:
+    """Xavier-uniform over possibly multi-dimensional fan-in/fan-out axes."""
+    return jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis, out_axis)
+
+
+def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+    """Inverted dropout; identity when `rngs` is None (evaluation) or rate is 0."""
+    if rngs is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _last_axis(v: jax.Array, ndim: int) -> jax.Array:
+    """Reshapes a [D] vector to broadcast explicitly against a rank-`ndim` array."""
+    return v.reshape((1,) * (ndim - 1) + (-1,))
+
+
+class Norm(nnx.Module):
+    """LayerNorm (scale and bias) or RMSNorm (scale only), computed in float32."""
+
+    def __init__(self, dim: int, kind: str, epsilon: float, dtype):
+        self.kind, self.epsilon, self.dtype = kind, epsilon, dtype
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("embed",))
+        if kind == "layernorm":
+            self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), logical_axes=("embed",))
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        x = x_BxLxD.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+        x = x * _last_axis(self.scale[...], x.ndim)
+        if self.kind == "layernorm":
+            x = x + _last_axis(self.bias[...], x.ndim)
+        return x.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding scaled by sqrt(D); `attend` reuses it as the tied output projection."""
+
+    def __init__(self, vocab_size: int, dim: int, dtype, rngs: nnx.Rngs):
+        self.dim, self.dtype = dim, dtype
+        init = jax.nn.initializers.normal(stddev=dim**-0.5)
+        self.embedding = param(rngs, init, (vocab_size, dim), ("vocab", "embed"))
+
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0) * np.sqrt(self.dim)
+        return x_BxLxD.astype(self.dtype)
+
+    def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+        table_VxD = self.embedding[...].astype(self.dtype)
+        return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD)
+
+
+def sinusoidal_positions(positions_BxL: jax.Array, dim: int) -> jax.Array:
+    """Sinusoidal encodings ([sin | cos] halves, as tensor2tensor/fairseq) of integer positions."""
+    half = dim // 2
+    inv_freq = np.exp(-np.log(10_000.0) * np.arange(half) / max(half - 1, 1)).astype(np.float32)
+    angles_BxLxH = positions_BxL.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    enc = jnp.concatenate([jnp.sin(angles_BxLxH), jnp.cos(angles_BxLxH)], axis=-1)
+    return jnp.pad(enc, ((0, 0), (0, 0), (0, dim - 2 * half)))
+
+
+class LearnedPositions(nnx.Module):
+    """A learned position table of `max_len` rows."""
+
+    def __init__(self, max_len: int, dim: int, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(stddev=dim**-0.5)
+        self.table = param(rngs, init, (max_len, dim), ("position", "embed"))
+
+    def __call__(self, positions_BxL: jax.Array) -> jax.Array:
+        return jnp.take(self.table[...], positions_BxL, axis=0)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped key/value heads (MHA, GQA or MQA).
+
+    Keys/values come from `project_kv` so a decoder can compute them once (cross-attention)
+    or append them to a cache (self-attention) and call `attend` directly.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 dropout_rate: float, dtype, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.dropout_rate, self.dtype = dropout_rate, dtype
+        self.query = param(rngs, dense_init(0, (1, 2)), (dim, num_heads, head_dim),
+                           ("embed", "heads", "head_dim"))
+        self.key = param(rngs, dense_init(0, (1, 2)), (dim, num_kv_heads, head_dim),
+                         ("embed", "kv_heads", "head_dim"))
+        self.value = param(rngs, dense_init(0, (1, 2)), (dim, num_kv_heads, head_dim),
+                           ("embed", "kv_heads", "head_dim"))
+        self.out = param(rngs, dense_init((0, 1), 2), (num_heads, head_dim, dim),
+                         ("heads", "head_dim", "embed"))
+
+    def project_kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        k = jnp.einsum("bsd,dkh->bskh", x_BxSxD, self.key[...].astype(self.dtype))
+        v = jnp.einsum("bsd,dkh->bskh", x_BxSxD, self.value[...].astype(self.dtype))
+        axes = ("batch", "length", "kv_heads", "head_dim")
+        return constrain(k, axes), constrain(v, axes)
+
+    def attend(self, x_BxTxD: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
+               mask_Bx1xTxS: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.query[...].astype(self.dtype))
+        q_BxTxNxH = constrain(q, ("batch", "length", "heads", "head_dim"))
+        if rngs is not None and self.dropout_rate > 0.0:
+            ctx_BxTxNxH = self._attend_with_dropout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, rngs)
+        else:
+            ctx_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS)
+        ctx_BxTxNxH = constrain(ctx_BxTxNxH, ("batch", "length", "heads", "head_dim"))
+        out = jnp.einsum("btnh,nhd->btd", ctx_BxTxNxH, self.out[...].astype(self.dtype))
+        return constrain(out, ("batch", "length", "embed"))
+
+    def _attend_with_dropout(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, rngs):
+        """Explicit softmax attention, so dropout can act on the attention weights.
+
+        The fused `jax.nn.dot_product_attention` has no dropout; this path is only taken in
+        training with attention_dropout_rate > 0.
+        """
+        groups = self.num_heads // self.num_kv_heads
+        k_BxSxNxH = jnp.repeat(k_BxSxKxH, groups, axis=2)
+        v_BxSxNxH = jnp.repeat(v_BxSxKxH, groups, axis=2)
+        scale = q_BxTxNxH.shape[-1] ** -0.5
+        logits_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH * scale, k_BxSxNxH)
+        logits_BxNxTxS = jnp.where(mask_Bx1xTxS, logits_BxNxTxS.astype(jnp.float32), -1e30)
+        weights = jax.nn.softmax(logits_BxNxTxS, axis=-1).astype(self.dtype)
+        weights = dropout(weights, self.dropout_rate, rngs)
+        return jnp.einsum("bnts,bsnh->btnh", weights, v_BxSxNxH)
+
+    def __call__(self, x_BxTxD, kv_BxSxD, mask_Bx1xTxS, rngs=None) -> jax.Array:
+        k, v = self.project_kv(kv_BxSxD)
+        return self.attend(x_BxTxD, k, v, mask_Bx1xTxS, rngs)
+
+
+def _activation(name: str, h: jax.Array) -> jax.Array:
+    if name == "relu":
+        return jax.nn.relu(h)
+    if name == "gelu":
+        return jax.nn.gelu(h)
+    if name == "squared_relu":
+        return jnp.square(jax.nn.relu(h))
+    raise ValueError(f"config.model.activation={name!r} is not a pointwise activation")
+
+
+class Mlp(nnx.Module):
+    """Position-wise feed-forward: relu, gelu, squared_relu (Primer) or swiglu (gated)."""
+
+    def __init__(self, dim: int, mlp_dim: int, activation: str, dropout_rate: float, dtype,
+                 rngs: nnx.Rngs):
+        self.activation, self.dropout_rate, self.dtype = activation, dropout_rate, dtype
+        self.wi = param(rngs, dense_init(0, 1), (dim, mlp_dim), ("embed", "mlp"))
+        if activation == "swiglu":
+            self.wi_gate = param(rngs, dense_init(0, 1), (dim, mlp_dim), ("embed", "mlp"))
+        self.wo = param(rngs, dense_init(0, 1), (mlp_dim, dim), ("mlp", "embed"))
+
+    def __call__(self, x_BxLxD: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        h = jnp.einsum("bld,df->blf", x_BxLxD, self.wi[...].astype(self.dtype))
+        if self.activation == "swiglu":
+            gate = jnp.einsum("bld,df->blf", x_BxLxD, self.wi_gate[...].astype(self.dtype))
+            h_BxLxF = jax.nn.silu(gate) * h
+        else:
+            h_BxLxF = _activation(self.activation, h)
+        h_BxLxF = constrain(h_BxLxF, ("batch", "length", "mlp"))
+        h_BxLxF = dropout(h_BxLxF, self.dropout_rate, rngs)
+        out = jnp.einsum("blf,fd->bld", h_BxLxF, self.wo[...].astype(self.dtype))
+        return constrain(out, ("batch", "length", "embed"))

@@ -1,0 +1,169 @@
+"""Encoder-decoder Transformer ("Attention Is All You Need") in Flax NNX.
+
+Packed rows: `*_segmentation` ids (0 = padding) keep pairs that share a row from attending to
+each other, and `*_position` restarts at 0 for each pair. Unpacked batches may omit both.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from tfx.model.layers import (Attention, Embed, LearnedPositions, Mlp, Norm, dropout, param,
+                              dense_init, sinusoidal_positions)
+from tfx.parallel import constrain
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+def attention_mask(q_segment_BxT: jax.Array, kv_segment_BxS: jax.Array, causal: bool) -> jax.Array:
+    """[B, 1, T, S] boolean mask: same non-padding segment, and no look-ahead if causal."""
+    same = (q_segment_BxT[:, :, None] == kv_segment_BxS[:, None, :]) & (kv_segment_BxS[:, None, :] > 0)
+    if causal:
+        t, s = q_segment_BxT.shape[1], kv_segment_BxS.shape[1]
+        same = same & (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None, :, :]
+    return same[:, None, :, :]
+
+
+def shift_right(targets_BxT: jax.Array, segment_BxT: jax.Array) -> jax.Array:
+    """Decoder inputs: targets shifted right by one within each segment, 0 (= BOS/pad) first."""
+    shifted = jnp.pad(targets_BxT, ((0, 0), (1, 0)))[:, :-1]
+    prev_segment = jnp.pad(segment_BxT, ((0, 0), (1, 0)))[:, :-1]
+    return jnp.where(prev_segment == segment_BxT, shifted, 0)
+
+
+def default_layout(tokens_BxL: jax.Array, segment_BxL, position_BxL):
+    """Segment ids and positions for an unpacked (one pair per row, right-padded) batch."""
+    if segment_BxL is None:
+        segment_BxL = (tokens_BxL > 0).astype(jnp.int32)
+    if position_BxL is None:
+        position_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    return segment_BxL, position_BxL
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, dtype, rngs: nnx.Rngs):
+        self.pre_norm, self.dropout_rate = cfg.norm_position == "pre", cfg.dropout_rate
+        head_dim = cfg.head_dim or cfg.emb_dim // cfg.num_heads
+        self.attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
+        self.attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, head_dim,
+                                   cfg.attention_dropout_rate, dtype, rngs)
+        self.mlp_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
+        self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.dropout_rate, dtype, rngs)
+
+    def __call__(self, x_BxSxD, mask_Bx1xSxS, rngs):
+        x_BxSxD = residual(x_BxSxD, self.attention_norm, self.pre_norm, self.dropout_rate, rngs,
+                           lambda h: self.attention(h, h, mask_Bx1xSxS, rngs))
+        return residual(x_BxSxD, self.mlp_norm, self.pre_norm, self.dropout_rate, rngs,
+                        lambda h: self.mlp(h, rngs))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, dtype, rngs: nnx.Rngs):
+        self.pre_norm, self.dropout_rate = cfg.norm_position == "pre", cfg.dropout_rate
+        head_dim = cfg.head_dim or cfg.emb_dim // cfg.num_heads
+        args = (cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, head_dim, cfg.attention_dropout_rate, dtype)
+        self.self_attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
+        self.self_attention = Attention(*args, rngs)
+        self.cross_attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
+        self.cross_attention = Attention(*args, rngs)
+        self.mlp_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
+        self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.dropout_rate, dtype, rngs)
+
+    def __call__(self, y_BxTxD, encoded_BxSxD, self_mask_Bx1xTxT, cross_mask_Bx1xTxS, rngs):
+        y_BxTxD = residual(y_BxTxD, self.self_attention_norm, self.pre_norm, self.dropout_rate, rngs,
+                           lambda h: self.self_attention(h, h, self_mask_Bx1xTxT, rngs))
+        y_BxTxD = residual(y_BxTxD, self.cross_attention_norm, self.pre_norm, self.dropout_rate, rngs,
+                           lambda h: self.cross_attention(h, encoded_BxSxD, cross_mask_Bx1xTxS, rngs))
+        return residual(y_BxTxD, self.mlp_norm, self.pre_norm, self.dropout_rate, rngs,
+                        lambda h: self.mlp(h, rngs))
+
+
+def residual(x_BxLxD, norm: Norm, pre_norm: bool, rate: float, rngs, sublayer):
+    """x + dropout(sublayer(norm(x))) for pre-LN; norm(x + dropout(sublayer(x))) for post-LN."""
+    if pre_norm:
+        return constrain(x_BxLxD + dropout(sublayer(norm(x_BxLxD)), rate, rngs), ACTIVATION_AXES)
+    return constrain(norm(x_BxLxD + dropout(sublayer(x_BxLxD), rate, rngs)), ACTIVATION_AXES)
+
+
+class EncoderDecoder(nnx.Module):
+    """The full translation model: `encode` a source batch, `decode` target logits from it."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+        self.emb_dim, self.dropout_rate, self.positions = cfg.emb_dim, cfg.dropout_rate, cfg.positions
+        self.pre_norm, self.logits_via_embedding = cfg.norm_position == "pre", cfg.logits_via_embedding
+        dtype = jnp.dtype(cfg.dtype)
+        self.source_embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype, rngs)
+        self.target_embed = (self.source_embed if cfg.share_embeddings
+                             else Embed(cfg.vocab_size, cfg.emb_dim, dtype, rngs))
+        if cfg.positions == "learned":
+            self.source_positions = LearnedPositions(cfg.max_len, cfg.emb_dim, rngs)
+            self.target_positions = LearnedPositions(cfg.max_len, cfg.emb_dim, rngs)
+        self.encoder_layers = nnx.List([EncoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_encoder_layers)])
+        self.decoder_layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_decoder_layers)])
+        if cfg.norm_position == "pre":
+            self.encoder_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
+            self.decoder_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
+        if not cfg.logits_via_embedding:
+            self.logits_projection = param(rngs, dense_init(0, 1), (cfg.emb_dim, cfg.vocab_size),
+                                           ("embed", "vocab"))
+
+    def _embed(self, embed: Embed, positions, tokens_BxL, position_BxL, rngs):
+        x_BxLxD = embed(tokens_BxL)
+        if self.positions == "learned":
+            pos_BxLxD = positions(position_BxL)
+        else:
+            pos_BxLxD = sinusoidal_positions(position_BxL, self.emb_dim)
+        x_BxLxD = x_BxLxD + pos_BxLxD.astype(x_BxLxD.dtype)
+        return constrain(dropout(x_BxLxD, self.dropout_rate, rngs), ACTIVATION_AXES)
+
+    def encode(self, inputs_BxS, inputs_segmentation=None, inputs_position=None, rngs=None):
+        """Encoder states [B, S, D]; `rngs` (with a `dropout` stream) turns dropout on."""
+        segment_BxS, position_BxS = default_layout(inputs_BxS, inputs_segmentation, inputs_position)
+        x_BxSxD = self._embed(self.source_embed, getattr(self, "source_positions", None),
+                              inputs_BxS, position_BxS, rngs)
+        mask_Bx1xSxS = attention_mask(segment_BxS, segment_BxS, causal=False)
+        for layer in self.encoder_layers:
+            x_BxSxD = layer(x_BxSxD, mask_Bx1xSxS, rngs)
+        if self.pre_norm:
+            x_BxSxD = self.encoder_norm(x_BxSxD)
+        return x_BxSxD
+
+    def decode(self, encoded_BxSxD, inputs_segmentation_BxS, decoder_inputs_BxT,
+               targets_segmentation_BxT, targets_position_BxT, rngs=None):
+        """Logits [B, T, V] (float32) for decoder inputs that are already shifted right."""
+        y_BxTxD = self._embed(self.target_embed, getattr(self, "target_positions", None),
+                              decoder_inputs_BxT, targets_position_BxT, rngs)
+        self_mask = attention_mask(targets_segmentation_BxT, targets_segmentation_BxT, causal=True)
+        cross_mask = attention_mask(targets_segmentation_BxT, inputs_segmentation_BxS, causal=False)
+        for layer in self.decoder_layers:
+            y_BxTxD = layer(y_BxTxD, encoded_BxSxD, self_mask, cross_mask, rngs)
+        if self.pre_norm:
+            y_BxTxD = self.decoder_norm(y_BxTxD)
+        if self.logits_via_embedding:
+            logits_BxTxV = self.target_embed.attend(y_BxTxD)
+        else:
+            logits_BxTxV = jnp.einsum("btd,dv->btv", y_BxTxD,
+                                      self.logits_projection[...].astype(y_BxTxD.dtype))
+        return constrain(logits_BxTxV, ("batch", "length", "vocab")).astype(jnp.float32)
+
+    def __call__(self, inputs, targets, inputs_segmentation=None, targets_segmentation=None,
+                 inputs_position=None, targets_position=None, rngs=None):
+        """Teacher-forced logits [B, T, V] for [B, S] `inputs` and [B, T] `targets` (batch keys).
+
+        The model shifts the targets right itself to form the decoder inputs.
+        """
+        inputs_segmentation, inputs_position = default_layout(inputs, inputs_segmentation,
+                                                              inputs_position)
+        targets_segmentation, targets_position = default_layout(targets, targets_segmentation,
+                                                                targets_position)
+        encoded_BxSxD = self.encode(inputs, inputs_segmentation, inputs_position, rngs)
+        decoder_inputs_BxT = shift_right(targets, targets_segmentation)
+        return self.decode(encoded_BxSxD, inputs_segmentation, decoder_inputs_BxT,
+                           targets_segmentation, targets_position, rngs)
+
+
+def count_params(params: nnx.State) -> int:
+    """Number of scalar parameters in a (possibly abstract) State."""
+    return sum(int(x.size) for x in jax.tree.leaves(params))

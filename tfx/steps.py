@@ -1,0 +1,147 @@
+"""The train state, created directly sharded, and the jit-compiled train/eval steps.
+
+The NNX model is split once into a static `graphdef` and a parameter State; the steps are pure
+functions of (state, batch) that merge them back inside `jit`, so no per-step Python graph work.
+A batch is a dict of [B, L] int32 arrays: `inputs`, `targets` and, for packed rows,
+`inputs_segmentation`, `targets_segmentation`, `inputs_position`, `targets_position`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tfx import losses, optim, parallel
+from tfx.model.transformer import EncoderDecoder
+
+MODEL_INPUTS = ("inputs_segmentation", "targets_segmentation", "inputs_position", "targets_position")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def _state_shardings(tree: Any, mesh: Mesh, rules: parallel.Rules) -> Any:
+    """Shardings for params and optimizer state: a Variable whose rank matches its logical axes
+    (params, Adam moments) follows them; anything else (counts, factored stats) is replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def sharding(leaf):
+        if isinstance(leaf, nnx.Variable):
+            axes = leaf.get_metadata().get("logical_axes")
+            if axes is not None and len(axes) == leaf.ndim:
+                spec = parallel.logical_to_spec(axes, leaf.shape, rules, mesh)
+                return leaf.replace(NamedSharding(mesh, spec))
+            return leaf.replace(replicated)
+        return replicated
+
+    return jax.tree.map(sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
+                       ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """(graphdef, state, state_shardings): the state is initialised directly on its shards."""
+    tx = optim.make_optimizer(config)
+    rules = config.logical_axis_rules
+
+    def init() -> TrainState:
+        params_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
+        model = EncoderDecoder(config.model, nnx.Rngs(params=params_key))
+        params = nnx.state(model, nnx.Param)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=dropout_key)
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: EncoderDecoder(config.model, nnx.Rngs(0))))
+    shardings = _state_shardings(jax.eval_shape(init), mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, shardings
+
+
+def _model_kwargs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def _metric_sums(graphdef, params, batch, config, rngs) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, params)
+    logits_BxTxV = model(batch["inputs"], batch["targets"], **_model_kwargs(batch), rngs=rngs)
+    weights_BxT = (batch["targets"] > 0).astype(jnp.float32)
+    return losses.metric_sums(logits_BxTxV, batch["targets"], weights_BxT,
+                              config.label_smoothing, config.z_loss)
+
+
+def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
+                    state_shardings: TrainState) -> Callable:
+    """jit-compiled `train_step(state, batch) -> (state, metrics)`, state buffers donated.
+
+    Gradients are of the summed token loss, added over `grad_accum_steps` microbatches and
+    divided once by the total target-token count, so accumulation equals one big batch.
+    """
+    tx = optim.make_optimizer(config)
+    schedule = optim.learning_rate_schedule(config)
+    rules = config.logical_axis_rules
+    accum = config.grad_accum_steps
+
+    def grads_and_sums(params, batch, key):
+        def loss_fn(p):
+            sums = _metric_sums(graphdef, p, batch, config, nnx.Rngs(dropout=key))
+            return sums["loss"], sums
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        with parallel.activation_sharding(mesh, rules):
+            key = jax.random.fold_in(state.rng, state.step)
+            if accum == 1:
+                grads, sums = grads_and_sums(state.params, batch, key)
+            else:
+                # Row r goes to microbatch r % accum, so each microbatch stays evenly sharded.
+                micro = jax.tree.map(
+                    lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+                    batch)
+
+                def accumulate(carry, xs):
+                    i, micro_batch = xs
+                    micro_batch = jax.tree.map(
+                        lambda x: parallel.constrain(x, ("batch", "length")), micro_batch)
+                    grads, sums = grads_and_sums(state.params, micro_batch, jax.random.fold_in(key, i))
+                    return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+                zeros = jax.eval_shape(grads_and_sums, state.params,
+                                       jax.tree.map(lambda x: x[0], micro), key)
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+                (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
+            grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = losses.summarize(sums)
+            metrics["grad_norm"] = optax.global_norm(grads)
+            metrics["learning_rate"] = schedule(state.step)
+            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
+                   params_shardings: nnx.State) -> Callable:
+    """jit-compiled `eval_step(params, batch) -> metric sums` (no dropout), to add over batches."""
+    rules = config.logical_axis_rules
+
+    def eval_step(params, batch):
+        with parallel.activation_sharding(mesh, rules):
+            return _metric_sums(graphdef, params, batch, config, rngs=None)
+
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    return jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding))
