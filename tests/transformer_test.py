@@ -147,7 +147,8 @@ def test_bfloat16_computes_in_bfloat16_but_keeps_float32_params(tiny_config, mak
 
 
 def test_dropout_is_active_only_with_rngs(tiny_config, make_batch):
-    model = build(tiny_config(model=dict(dropout_rate=0.3, attention_dropout_rate=0.3)))
+    model = build(tiny_config(model=dict(dropout_rate=0.3, attention_dropout_rate=0.3,
+                                         activation_dropout_rate=0.3)))
     batch = make_batch(3, 2, 5, 6, 50)
     eval_a = model(batch["inputs"], batch["targets"])
     eval_b = model(batch["inputs"], batch["targets"])
@@ -164,3 +165,12 @@ def test_dropout_is_active_only_with_rngs(tiny_config, make_batch):
 def test_bad_model_config_names_the_key(tiny_config, key, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(model={key: value})
+
+
+def test_dropout_keeps_the_expected_fraction_and_mean():
+    x = jnp.ones((200, 501))
+    y = np.asarray(layers.dropout(x, 0.1, nnx.Rngs(dropout=0)))
+    kept = y > 0
+    assert abs(kept.mean() - 0.9) < 0.005
+    np.testing.assert_allclose(y[kept], 1 / (1 - 6554 / 65536), rtol=1e-6)
+    assert abs(y.mean() - 1.0) < 0.01

@@ -56,8 +56,9 @@ def model_config() -> ml_collections.ConfigDict:
             max_len=256,
             share_embeddings=True,  # one embedding for source and target.
             logits_via_embedding=True,  # output projection tied to the target embedding.
-            dropout_rate=0.1,
-            attention_dropout_rate=0.0,
+            dropout_rate=0.1,  # embeddings and residual branches, as in Vaswani et al.
+            attention_dropout_rate=0.0,  # attention weights; > 0 leaves the fused kernel.
+            activation_dropout_rate=0.0,  # MLP hidden activations (fairseq's default is 0).
             dtype="float32",  # computation dtype; parameters are always float32.
         )
     )
@@ -148,7 +149,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("model.num_encoder_layers", "model.num_decoder_layers", "model.head_dim",
                 "warmup_steps", "weight_decay", "grad_clip_norm", "z_loss"):
         _check_positive(config, key, allow_zero=True)
-    for key in ("model.dropout_rate", "model.attention_dropout_rate", "label_smoothing"):
+    for key in ("model.dropout_rate", "model.attention_dropout_rate",
+                "model.activation_dropout_rate", "label_smoothing"):
         if not 0.0 <= _lookup(config, key) < 1.0:
             raise ValueError(f"config.{key}={_lookup(config, key)!r} must be in [0, 1).")
     if m.num_heads % m.num_kv_heads:

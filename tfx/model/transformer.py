@@ -50,7 +50,7 @@ class EncoderLayer(nnx.Module):
         self.attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, head_dim,
                                    cfg.attention_dropout_rate, dtype, rngs)
         self.mlp_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
-        self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.dropout_rate, dtype, rngs)
+        self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.activation_dropout_rate, dtype, rngs)
 
     def __call__(self, x_BxSxD, mask_Bx1xSxS, rngs):
         x_BxSxD = residual(x_BxSxD, self.attention_norm, self.pre_norm, self.dropout_rate, rngs,
@@ -69,7 +69,7 @@ class DecoderLayer(nnx.Module):
         self.cross_attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
         self.cross_attention = Attention(*args, rngs)
         self.mlp_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
-        self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.dropout_rate, dtype, rngs)
+        self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.activation_dropout_rate, dtype, rngs)
 
     def __call__(self, y_BxTxD, encoded_BxSxD, self_mask_Bx1xTxT, cross_mask_Bx1xTxS, rngs):
         y_BxTxD = residual(y_BxTxD, self.self_attention_norm, self.pre_norm, self.dropout_rate, rngs,

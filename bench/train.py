@@ -1,0 +1,143 @@
+"""Train-step throughput and MFU: prints one JSON line (its last line).
+
+    python bench/train.py --config configs/wmt_base.py:base [--mesh data:-1] [--steps 10]
+
+Batches are synthetic sentence pairs of realistic, varied lengths packed into rows of
+max_source_length/max_target_length, so the figures reflect the real step. Model FLOPs count
+only non-padding tokens: 6 x matmul parameters per source/target token, plus the attention
+score/value products within each pair (causal half for decoder self-attention). The peak is a
+large float32 matmul measured in the same run on the same devices.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from tfx import config as config_lib
+from tfx import parallel, steps
+from tfx.model.transformer import count_params
+
+
+def measure_peak_gflops(devices, n: int = 2048, repeats: int = 10) -> float:
+    """Float32 matmul GFLOP/s of `devices` together: one n x n x n product per device."""
+    mesh = jax.make_mesh((len(devices),), ("d",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, PartitionSpec("d"))
+    a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (len(devices), n, n)), sharding)
+    b = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (len(devices), n, n)), sharding)
+    matmul = jax.jit(lambda x, y: jnp.einsum("bij,bjk->bik", x, y), out_shardings=sharding)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * len(devices) / best / 1e9
+
+
+def packed_rows(rng, rows: int, source_len: int, target_len: int, vocab: int):
+    """Greedily packs random pairs (lengths 40-100% of a quarter row, target ~ source) into rows.
+
+    Returns the batch and the list of (source_len, target_len) of every packed pair.
+    """
+    names = ("inputs", "targets")
+    batch = {f"{n}{s}": np.zeros((rows, L), np.int32) for n, L in zip(names, (source_len, target_len))
+             for s in ("", "_segmentation", "_position")}
+    pairs = []
+    for r in range(rows):
+        used_s = used_t = 0
+        segment = 1
+        while True:
+            s = int(rng.integers(source_len // 10, source_len // 4 + 1))
+            t = max(1, int(s * rng.uniform(0.8, 1.25)))
+            if used_s + s > source_len or used_t + t > target_len:
+                break
+            for name, start, length in (("inputs", used_s, s), ("targets", used_t, t)):
+                batch[name][r, start:start + length] = rng.integers(3, vocab, length)
+                batch[f"{name}_segmentation"][r, start:start + length] = segment
+                batch[f"{name}_position"][r, start:start + length] = np.arange(length)
+            used_s, used_t, segment = used_s + s, used_t + t, segment + 1
+            pairs.append((s, t))
+    return batch, pairs
+
+
+def model_flops_per_step(cfg, pairs) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) of the non-padding work in a batch."""
+    d, f, v = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
+    h = cfg.head_dim or d // cfg.num_heads
+    attn_params = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp_params = d * f * (3 if cfg.activation == "swiglu" else 2)
+    enc_params = cfg.num_encoder_layers * (attn_params + mlp_params)
+    dec_params = cfg.num_decoder_layers * (2 * attn_params + mlp_params) + d * v
+    source_tokens = sum(s for s, _ in pairs)
+    target_tokens = sum(t for _, t in pairs)
+    qk_width = cfg.num_heads * h
+    # 2 matmuls (scores, weighted values) x 2 FLOPs per multiply-add.
+    attention = sum(
+        4 * qk_width * (cfg.num_encoder_layers * s * s
+                        + cfg.num_decoder_layers * (t * (t + 1) / 2 + t * s))
+        for s, t in pairs)
+    return 6 * (enc_params * source_tokens + dec_params * target_tokens) + 3 * attention
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/wmt_base.py:base")
+    parser.add_argument("--mesh", default=None, help="overrides config.mesh_shape, e.g. data:-1")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled")
+    args = parser.parse_args()
+
+    config = config_lib.load(args.config)
+    if args.mesh:
+        config.mesh_shape = args.mesh
+    mesh = parallel.make_mesh(config.mesh_shape)
+    rules = config.logical_axis_rules
+    global_batch = config.per_device_batch_size * jax.device_count()
+
+    rng = np.random.default_rng(0)
+    data = [packed_rows(rng, global_batch, config.max_source_length, config.max_target_length,
+                        config.model.vocab_size) for _ in range(args.batches)]
+    batches = [parallel.shard_batch(b, mesh, rules) for b, _ in data]
+    flops = [model_flops_per_step(config.model, pairs) for _, pairs in data]
+    target_tokens = [sum(t for _, t in pairs) for _, pairs in data]
+
+    graphdef, state, shardings = steps.create_train_state(config, mesh)
+    train_step = steps.make_train_step(config, graphdef, mesh, shardings)
+    for i in range(2):
+        state, metrics = train_step(state, batches[i % len(batches)])
+    jax.block_until_ready(metrics)
+
+    start = time.perf_counter()
+    for i in range(args.steps):
+        state, metrics = train_step(state, batches[i % len(batches)])
+    jax.block_until_ready(metrics)
+    elapsed = time.perf_counter() - start
+    peak = measure_peak_gflops(list(mesh.devices.flat))
+
+    step_time = elapsed / args.steps
+    timed = [i % len(batches) for i in range(args.steps)]
+    flops_per_step = sum(flops[i] for i in timed) / args.steps
+    achieved = flops_per_step / step_time / 1e9
+    print(json.dumps(dict(
+        variant=config.variant or args.config, params=count_params(state.params),
+        mesh=dict(mesh.shape), devices=jax.device_count(), platform=jax.devices()[0].platform,
+        global_batch=global_batch, source_length=config.max_source_length,
+        target_length=config.max_target_length, dtype=config.model.dtype, steps=args.steps,
+        step_time_s=round(step_time, 4),
+        target_tokens_per_sec=round(sum(target_tokens[i] for i in timed) / elapsed, 1),
+        non_padding_fraction=round(sum(t for t in target_tokens) / (len(data) * global_batch * config.max_target_length), 3),
+        model_flops_per_step=flops_per_step, achieved_gflops=round(achieved, 2),
+        peak_gflops=round(peak, 2), mfu=round(achieved / peak, 3),
+        final_loss=round(float(metrics["loss"]), 4),
+    )))
+
+
+if __name__ == "__main__":
+    main()
