@@ -173,9 +173,4 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.max_source_length/max_target_length ({config.max_source_length}/"
             f"{config.max_target_length}) exceed config.model.max_len={m.max_len}."
         )
-    if config.per_device_batch_size % config.grad_accum_steps:
-        raise ValueError(
-            f"config.per_device_batch_size={config.per_device_batch_size} must be divisible by "
-            f"config.grad_accum_steps={config.grad_accum_steps}."
-        )
     return config

@@ -91,6 +91,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
     schedule = optim.learning_rate_schedule(config)
     rules = config.logical_axis_rules
     accum = config.grad_accum_steps
+    data_parallel = parallel.data_parallel_size(mesh, rules)
 
     def grads_and_sums(params, batch, key):
         def loss_fn(p):
@@ -101,6 +102,13 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         with parallel.activation_sharding(mesh, rules):
             key = jax.random.fold_in(state.rng, state.step)
+            rows = batch["targets"].shape[0]
+            if rows % (accum * data_parallel):
+                raise ValueError(
+                    f"a global batch of {rows} rows cannot be split into config.grad_accum_steps="
+                    f"{accum} microbatches that each divide over the {data_parallel}-way data "
+                    f"axes of config.mesh_shape={config.mesh_shape!r}."
+                )
             if accum == 1:
                 grads, sums = grads_and_sums(state.params, batch, key)
             else:
@@ -124,7 +132,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics = losses.summarize(sums)
-            metrics["grad_norm"] = optax.global_norm(grads)
+            metrics["grad_norm"] = optax.tree.norm(grads)
             metrics["learning_rate"] = schedule(state.step)
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
