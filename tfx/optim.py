@@ -1,32 +1,47 @@
 """Learning-rate schedules and the optax optimizer chain."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from tfx.config import OPTIMIZERS, SCHEDULES
+
+
+def _choices_error(key: str, value: str, choices: tuple[str, ...]) -> ValueError:
+    return ValueError(f"config.{key}={value!r} is not one of {', '.join(map(repr, choices))}.")
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """`config.schedule`: 'rsqrt' (linear warmup, then inverse square root, as Vaswani et al.)
-    or 'cosine' (linear warmup, then cosine decay to learning_rate * cosine_end_fraction).
-    `config.learning_rate` is the peak, reached at the end of warmup."""
+    """The schedule named by `config.schedule`; `config.learning_rate` is its peak.
+
+    'rsqrt': lr * min(step / warmup, sqrt(warmup / step)), i.e. linear warmup from 0 then the
+    inverse square root decay of Vaswani et al.; with warmup_steps=0, lr / sqrt(max(step, 1)).
+    'cosine': linear warmup from 0, then cosine decay to lr * cosine_end_fraction at
+    num_train_steps.
+    """
     peak, warmup = config.learning_rate, config.warmup_steps
     if config.schedule == "rsqrt":
-        def rsqrt(step):
+        def rsqrt(step: jax.typing.ArrayLike) -> jax.Array:
             step = jnp.asarray(step, jnp.float32)
             if warmup == 0:
-                return peak * jnp.ones_like(step)
+                return peak * jax.lax.rsqrt(jnp.maximum(step, 1.0))
             return peak * jnp.minimum(step / warmup, jnp.sqrt(warmup / jnp.maximum(step, 1.0)))
         return rsqrt
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, peak, warmup, max(config.num_train_steps, warmup + 1),
+            init_value=0.0, peak_value=peak, warmup_steps=warmup,
+            decay_steps=max(config.num_train_steps, warmup + 1),
             end_value=peak * config.cosine_end_fraction)
-    raise ValueError(f"config.schedule={config.schedule!r} is not one of 'rsqrt', 'cosine'.")
+    raise _choices_error("schedule", config.schedule, SCHEDULES)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping (unless grad_clip_norm is 0), then AdamW or Adafactor."""
+    """Global-norm clipping (unless grad_clip_norm is 0), then AdamW or Adafactor on the schedule.
+
+    AdamW's weight decay applies to every parameter (optax's default, no mask).
+    """
     schedule = learning_rate_schedule(config)
     if config.optimizer == "adamw":
         optimizer = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
@@ -34,7 +49,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     elif config.optimizer == "adafactor":
         optimizer = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None)
     else:
-        raise ValueError(f"config.optimizer={config.optimizer!r} is not one of 'adamw', 'adafactor'.")
-    if config.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
-    return optimizer
+        raise _choices_error("optimizer", config.optimizer, OPTIMIZERS)
+    clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
+    return optax.chain(*clip, optimizer)
