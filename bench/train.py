@@ -41,23 +41,25 @@ def measure_peak_gflops(devices, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * len(devices) / best / 1e9
 
 
-def packed_rows(rng, rows: int, source_len: int, target_len: int, vocab: int):
-    """Greedily packs random pairs (lengths 40-100% of a quarter row, target ~ source) into rows.
+def packed_rows(rng, rows: int, source_len: int, target_len: int, vocab: int, tries: int = 8):
+    """Packs random pairs into rows, like a first-fit packer looking `tries` pairs ahead.
 
-    Returns the batch and the list of (source_len, target_len) of every packed pair.
+    Source lengths are uniform in [10%, 25%] of the row, targets 0.8-1.25 times the source.
+    Returns the batch and the (source_len, target_len) of every packed pair.
     """
     names = ("inputs", "targets")
     batch = {f"{n}{s}": np.zeros((rows, L), np.int32) for n, L in zip(names, (source_len, target_len))
              for s in ("", "_segmentation", "_position")}
     pairs = []
     for r in range(rows):
-        used_s = used_t = 0
+        used_s = used_t = misses = 0
         segment = 1
-        while True:
+        while misses < tries:
             s = int(rng.integers(source_len // 10, source_len // 4 + 1))
             t = max(1, int(s * rng.uniform(0.8, 1.25)))
             if used_s + s > source_len or used_t + t > target_len:
-                break
+                misses += 1
+                continue
             for name, start, length in (("inputs", used_s, s), ("targets", used_t, t)):
                 batch[name][r, start:start + length] = rng.integers(3, vocab, length)
                 batch[f"{name}_segmentation"][r, start:start + length] = segment

@@ -45,7 +45,10 @@ def metric_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: ja
     """
     loss_BxL, nll_BxL = token_losses(logits_BxLxV, targets_BxL, label_smoothing, z_loss)
     weights_BxL = weights_BxL.astype(jnp.float32)
-    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+    # Correct when the target's logit is the maximum (a plain max is cheaper than argmax; an
+    # exact tie, which has measure zero in float32, would count as correct).
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    correct_BxL = (target_logit_BxL >= jnp.max(logits_BxLxV, axis=-1)).astype(jnp.float32)
     return {
         "loss": jnp.sum(loss_BxL * weights_BxL),
         "nll": jnp.sum(nll_BxL * weights_BxL),
