@@ -1,12 +1,13 @@
 """Train-step throughput and MFU: prints one JSON line (its last line).
 
-    python bench/train.py --config configs/wmt_base.py:base [--mesh data:-1] [--steps 10]
+    python bench/train.py --config configs/wmt_base.py:base [--mesh data:-1] [--steps 10] [--dtype bfloat16]
 
 Batches are synthetic sentence pairs of realistic, varied lengths packed into rows of
 max_source_length/max_target_length, so the figures reflect the real step. Model FLOPs count
 only non-padding tokens: 6 x matmul parameters per source/target token, plus the attention
 score/value products within each pair (causal half for decoder self-attention). The peak is a
-large float32 matmul measured in the same run on the same devices.
+large matmul in the model's compute dtype (float32 accumulation) measured in the same run on
+the same devices; `fraction_of_f32_peak` also relates the achieved rate to the float32 peak.
 """
 from __future__ import annotations
 
@@ -24,14 +25,16 @@ from tfx import parallel, steps
 from tfx.model.transformer import count_params
 
 
-def measure_peak_gflops(devices, n: int = 2048, repeats: int = 10) -> float:
-    """Float32 matmul GFLOP/s of `devices` together: one n x n x n product per device."""
+def measure_peak_gflops(devices, dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
+    """Matmul GFLOP/s of `devices` together (one n x n x n product per device) with `dtype`
+    operands and float32 accumulation, as the model's projections compute."""
     mesh = jax.make_mesh((len(devices),), ("d",), devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,))
     sharding = NamedSharding(mesh, PartitionSpec("d"))
-    a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (len(devices), n, n)), sharding)
-    b = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (len(devices), n, n)), sharding)
-    matmul = jax.jit(lambda x, y: jnp.einsum("bij,bjk->bik", x, y), out_shardings=sharding)
+    a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (len(devices), n, n), dtype), sharding)
+    b = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (len(devices), n, n), dtype), sharding)
+    matmul = jax.jit(lambda x, y: jnp.einsum("bij,bjk->bik", x, y, preferred_element_type=jnp.float32),
+                     out_shardings=sharding)
     matmul(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -94,11 +97,15 @@ def main():
     parser.add_argument("--mesh", default=None, help="overrides config.mesh_shape, e.g. data:-1")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                        help="overrides config.model.dtype (the computation dtype)")
     args = parser.parse_args()
 
     config = config_lib.load(args.config)
     if args.mesh:
         config.mesh_shape = args.mesh
+    if args.dtype:
+        config.model.dtype = args.dtype
     mesh = parallel.make_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
     global_batch = config.per_device_batch_size * jax.device_count()
@@ -119,14 +126,16 @@ def main():
     # The machine may be shared: take the peak as the best of measurements before and after the
     # steps, and the step time as the median step, so a noisy moment cannot flatter the ratio.
     devices = list(mesh.devices.flat)
-    peak = measure_peak_gflops(devices)
+    dtype = jnp.dtype(config.model.dtype)
+    peak = measure_peak_gflops(devices, dtype)
     step_times = []
     for i in range(args.steps):
         start = time.perf_counter()
         state, metrics = train_step(state, batches[i % len(batches)])
         jax.block_until_ready(metrics)
         step_times.append(time.perf_counter() - start)
-    peak = max(peak, measure_peak_gflops(devices))
+    peak = max(peak, measure_peak_gflops(devices, dtype))
+    f32_peak = peak if dtype == jnp.float32 else measure_peak_gflops(devices)
 
     step_time = float(np.median(step_times))
     flops_per_step = float(np.mean([flops[i % len(batches)] for i in range(args.steps)]))
@@ -142,6 +151,7 @@ def main():
         non_padding_fraction=round(tokens_per_step / (global_batch * config.max_target_length), 3),
         model_flops_per_step=flops_per_step, achieved_gflops=round(achieved, 2),
         peak_gflops=round(peak, 2), mfu=round(achieved / peak, 3),
+        f32_peak_gflops=round(f32_peak, 2), fraction_of_f32_peak=round(achieved / f32_peak, 3),
         final_loss=round(float(metrics["loss"]), 4),
     )))
 

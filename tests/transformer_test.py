@@ -174,3 +174,25 @@ def test_dropout_keeps_the_expected_fraction_and_mean():
     assert abs(kept.mean() - 0.9) < 0.005
     np.testing.assert_allclose(y[kept], 1 / (1 - 6554 / 65536), rtol=1e-6)
     assert abs(y.mean() - 1.0) < 0.01
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape", [
+    ("btd,dnh->btnh", (2, 3, 8), (8, 2, 4)),
+    ("btnh,nhd->btd", (2, 3, 2, 4), (2, 4, 8)),
+    ("bld,vd->blv", (2, 3, 8), (11, 8)),
+])
+def test_bfloat16_projection_gradients_match_float32(spec, x_shape, w_shape):
+    """The custom VJP of the bfloat16 projection gives autodiff's gradients, to bf16 precision."""
+    x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
+    weight = nnx.Param(jax.random.normal(jax.random.PRNGKey(1), w_shape))
+    probe = jax.random.normal(jax.random.PRNGKey(2), jnp.einsum(spec, x, weight[...]).shape)
+
+    def loss(x, w, dtype):
+        out = layers.project(spec, x, nnx.Param(w), dtype)
+        return jnp.sum(out.astype(jnp.float32) * probe)
+
+    grads_low = jax.grad(loss, argnums=(0, 1))(x, weight[...], jnp.bfloat16)
+    grads_f32 = jax.grad(loss, argnums=(0, 1))(x, weight[...], jnp.float32)
+    assert grads_low[0].dtype == jnp.float32 and grads_low[1].dtype == jnp.float32
+    for low, high in zip(grads_low, grads_f32):
+        np.testing.assert_allclose(low, high, rtol=0.05, atol=0.05 * float(jnp.abs(high).max()))

@@ -7,6 +7,7 @@ K key/value heads, H head_dim, F mlp_dim, V vocab.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -27,6 +28,47 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], logical_axes)
 def dense_init(in_axis, out_axis) -> Initializer:
     """Xavier-uniform over possibly multi-dimensional fan-in/fan-out axes."""
     return jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis, out_axis)
+
+
+def project(spec: str, x: jax.Array, weight: nnx.Param, dtype) -> jax.Array:
+    """einsum of activations with a float32 parameter, computed in `dtype`.
+
+    In bfloat16, forward and backward products take bfloat16 operands and accumulate in
+    float32 (see `_low_precision_einsum`). Every index of one operand must appear in the other
+    or in the output, as in all projections here.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(spec, x.astype(dtype), weight[...])
+    return _low_precision_einsum(spec, x.astype(dtype), weight[...])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_precision_einsum(spec: str, x: jax.Array, w_f32: jax.Array) -> jax.Array:
+    """einsum with operands in x's low precision, float32 accumulation, low-precision result.
+
+    A custom VJP so the backward products are low precision too: plain autodiff would hand
+    them float32 cotangents, and XLA:CPU then runs every gradient dot in float32. The weight
+    gradient is returned in float32, as accumulated.
+    """
+    return jnp.einsum(spec, x, w_f32.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _low_precision_einsum_fwd(spec, x, w_f32):
+    w = w_f32.astype(x.dtype)
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype), (x, w)
+
+
+def _low_precision_einsum_bwd(spec, residuals, grad_out):
+    x, w = residuals
+    inputs, out = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    grad_out = grad_out.astype(x.dtype)
+    grad_x = jnp.einsum(f"{out},{w_axes}->{x_axes}", grad_out, w, preferred_element_type=jnp.float32)
+    grad_w = jnp.einsum(f"{x_axes},{out}->{w_axes}", x, grad_out, preferred_element_type=jnp.float32)
+    return grad_x.astype(x.dtype), grad_w
+
+
+_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
 
 
 def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
@@ -82,8 +124,7 @@ class Embed(nnx.Module):
         return x_BxLxD.astype(self.dtype)
 
     def attend(self, x_BxLxD: jax.Array) -> jax.Array:
-        table_VxD = self.embedding[...].astype(self.dtype)
-        return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD)
+        return project("bld,vd->blv", x_BxLxD, self.embedding, self.dtype)
 
 
 def sinusoidal_positions(positions_BxL: jax.Array, dim: int) -> jax.Array:
@@ -127,21 +168,21 @@ class Attention(nnx.Module):
                          ("heads", "head_dim", "embed"))
 
     def project_kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-        k = jnp.einsum("bsd,dkh->bskh", x_BxSxD, self.key[...].astype(self.dtype))
-        v = jnp.einsum("bsd,dkh->bskh", x_BxSxD, self.value[...].astype(self.dtype))
+        k = project("bsd,dkh->bskh", x_BxSxD, self.key, self.dtype)
+        v = project("bsd,dkh->bskh", x_BxSxD, self.value, self.dtype)
         axes = ("batch", "length", "kv_heads", "head_dim")
         return constrain(k, axes), constrain(v, axes)
 
     def attend(self, x_BxTxD: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
                mask_Bx1xTxS: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.query[...].astype(self.dtype))
+        q = project("btd,dnh->btnh", x_BxTxD, self.query, self.dtype)
         q_BxTxNxH = constrain(q, ("batch", "length", "heads", "head_dim"))
         if rngs is not None and self.dropout_rate > 0.0:
             ctx_BxTxNxH = self._attend_with_dropout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, rngs)
         else:
             ctx_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS)
         ctx_BxTxNxH = constrain(ctx_BxTxNxH, ("batch", "length", "heads", "head_dim"))
-        out = jnp.einsum("btnh,nhd->btd", ctx_BxTxNxH, self.out[...].astype(self.dtype))
+        out = project("btnh,nhd->btd", ctx_BxTxNxH, self.out, self.dtype)
         return constrain(out, ("batch", "length", "embed"))
 
     def _attend_with_dropout(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, rngs):
@@ -188,13 +229,13 @@ class Mlp(nnx.Module):
         self.wo = param(rngs, dense_init(0, 1), (mlp_dim, dim), ("mlp", "embed"))
 
     def __call__(self, x_BxLxD: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        h = jnp.einsum("bld,df->blf", x_BxLxD, self.wi[...].astype(self.dtype))
+        h = project("bld,df->blf", x_BxLxD, self.wi, self.dtype)
         if self.activation == "swiglu":
-            gate = jnp.einsum("bld,df->blf", x_BxLxD, self.wi_gate[...].astype(self.dtype))
+            gate = project("bld,df->blf", x_BxLxD, self.wi_gate, self.dtype)
             h_BxLxF = jax.nn.silu(gate) * h
         else:
             h_BxLxF = _activation(self.activation, h)
         h_BxLxF = constrain(h_BxLxF, ("batch", "length", "mlp"))
         h_BxLxF = dropout(h_BxLxF, self.dropout_rate, rngs)
-        out = jnp.einsum("blf,fd->bld", h_BxLxF, self.wo[...].astype(self.dtype))
+        out = project("blf,fd->bld", h_BxLxF, self.wo, self.dtype)
         return constrain(out, ("batch", "length", "embed"))

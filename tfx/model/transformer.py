@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tfx.model.layers import (Attention, Embed, LearnedPositions, Mlp, Norm, dropout, param,
-                              dense_init, sinusoidal_positions)
+from tfx.model.layers import (Attention, Embed, LearnedPositions, Mlp, Norm, dense_init, dropout,
+                              param, project, sinusoidal_positions)
 from tfx.parallel import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -144,8 +144,7 @@ class EncoderDecoder(nnx.Module):
         if self.logits_via_embedding:
             logits_BxTxV = self.target_embed.attend(y_BxTxD)
         else:
-            logits_BxTxV = jnp.einsum("btd,dv->btv", y_BxTxD,
-                                      self.logits_projection[...].astype(y_BxTxD.dtype))
+            logits_BxTxV = project("btd,dv->btv", y_BxTxD, self.logits_projection, y_BxTxD.dtype)
         return constrain(logits_BxTxV, ("batch", "length", "vocab")).astype(jnp.float32)
 
     def __call__(self, inputs, targets, inputs_segmentation=None, targets_segmentation=None,
