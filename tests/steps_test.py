@@ -1,7 +1,6 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tfx import parallel, steps

@@ -112,10 +112,15 @@ def load(spec: str) -> ml_collections.ConfigDict:
     return validate(config)
 
 
+def choice_error(key: str, value, choices: tuple[str, ...]) -> ValueError:
+    """The error for a config key whose value is not one of `choices`."""
+    return ValueError(f"config.{key}={value!r} is not one of {', '.join(map(repr, choices))}.")
+
+
 def _check_choice(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...]):
     value = _lookup(config, key)
     if value not in choices:
-        raise ValueError(f"config.{key}={value!r} is not one of {', '.join(map(repr, choices))}.")
+        raise choice_error(key, value, choices)
 
 
 def _check_positive(config: ml_collections.ConfigDict, key: str, allow_zero: bool = False):

@@ -6,11 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from tfx.config import OPTIMIZERS, SCHEDULES
-
-
-def _choices_error(key: str, value: str, choices: tuple[str, ...]) -> ValueError:
-    return ValueError(f"config.{key}={value!r} is not one of {', '.join(map(repr, choices))}.")
+from tfx.config import OPTIMIZERS, SCHEDULES, choice_error
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -34,7 +30,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
             init_value=0.0, peak_value=peak, warmup_steps=warmup,
             decay_steps=max(config.num_train_steps, warmup + 1),
             end_value=peak * config.cosine_end_fraction)
-    raise _choices_error("schedule", config.schedule, SCHEDULES)
+    raise choice_error("schedule", config.schedule, SCHEDULES)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -49,6 +45,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     elif config.optimizer == "adafactor":
         optimizer = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None)
     else:
-        raise _choices_error("optimizer", config.optimizer, OPTIMIZERS)
+        raise choice_error("optimizer", config.optimizer, OPTIMIZERS)
     clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
     return optax.chain(*clip, optimizer)

@@ -96,20 +96,23 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
+def state_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a (possibly abstract) tree of parameters or optimizer state.
 
+    A Variable whose rank matches its `logical_axes` metadata (parameters, Adam moments)
+    follows them; anything else (step counts, Adafactor's factored statistics) is replicated.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
 
-def param_shardings(params: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
-    """NamedShardings for a (possibly abstract) parameter State, from each Param's logical_axes."""
+    def sharding(leaf):
+        if isinstance(leaf, nnx.Variable):
+            axes = leaf.get_metadata().get("logical_axes")
+            if axes is not None and len(axes) == leaf.ndim:
+                return leaf.replace(NamedSharding(mesh, logical_to_spec(axes, leaf.shape, rules, mesh)))
+            return leaf.replace(replicated)
+        return replicated
 
-    def sharding(variable: nnx.Variable):
-        axes = variable.get_metadata().get("logical_axes")
-        if axes is None:
-            raise ValueError(f"parameter of shape {variable.shape} has no logical_axes metadata")
-        return variable.replace(NamedSharding(mesh, logical_to_spec(axes, variable.shape, rules, mesh)))
-
-    return jax.tree.map(sharding, params, is_leaf=_is_variable)
+    return jax.tree.map(sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -8,7 +8,6 @@ A batch is a dict of [B, L] int32 arrays: `inputs`, `targets` and, for packed ro
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import flax
 import jax
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from tfx import losses, optim, parallel
 from tfx.model.transformer import EncoderDecoder
@@ -30,23 +29,6 @@ class TrainState:
     params: nnx.State
     opt_state: optax.OptState
     rng: jax.Array
-
-
-def _state_shardings(tree: Any, mesh: Mesh, rules: parallel.Rules) -> Any:
-    """Shardings for params and optimizer state: a Variable whose rank matches its logical axes
-    (params, Adam moments) follows them; anything else (counts, factored stats) is replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def sharding(leaf):
-        if isinstance(leaf, nnx.Variable):
-            axes = leaf.get_metadata().get("logical_axes")
-            if axes is not None and len(axes) == leaf.ndim:
-                spec = parallel.logical_to_spec(axes, leaf.shape, rules, mesh)
-                return leaf.replace(NamedSharding(mesh, spec))
-            return leaf.replace(replicated)
-        return replicated
-
-    return jax.tree.map(sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
@@ -63,7 +45,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
                           opt_state=tx.init(params), rng=dropout_key)
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: EncoderDecoder(config.model, nnx.Rngs(0))))
-    shardings = _state_shardings(jax.eval_shape(init), mesh, rules)
+    shardings = parallel.state_shardings(jax.eval_shape(init), mesh, rules)
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, state, shardings
 
