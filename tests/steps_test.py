@@ -70,3 +70,20 @@ def test_tiny_model_learns_to_copy(tiny_config):
     assert history[0]["accuracy"] < 0.2
     assert history[-1]["accuracy"] == 1.0
     assert history[-1]["nll"] < 0.05
+
+
+def test_adafactor_state_shards_and_matches_one_device(tiny_config, make_batch):
+    config = tiny_config(optimizer="adafactor",
+                         model=dict(vocab_size=64, emb_dim=32, num_heads=8, num_kv_heads=8, mlp_dim=64))
+    batches = [make_batch(seed, 16, 9, 11, 64) for seed in range(2)]
+    ref_params, ref_history = run_steps(config, batches, "data:1", jax.devices()[:1])
+    params, history = run_steps(config, batches, "data:2,fsdp:2,tensor:2")
+    np.testing.assert_allclose(history[-1]["loss"], ref_history[-1]["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params, ref_params)
+
+
+def test_batch_that_microbatches_cannot_split_is_refused(tiny_config, make_batch):
+    config = tiny_config(grad_accum_steps=3)
+    with pytest.raises(ValueError, match="config.grad_accum_steps=3"):
+        run_steps(config, [make_batch(0, 16, 9, 11, 50)], "data:8")
