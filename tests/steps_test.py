@@ -87,3 +87,18 @@ def test_batch_that_microbatches_cannot_split_is_refused(tiny_config, make_batch
     config = tiny_config(grad_accum_steps=3)
     with pytest.raises(ValueError, match="config.grad_accum_steps=3"):
         run_steps(config, [make_batch(0, 16, 9, 11, 50)], "data:8")
+
+
+def test_every_option_shards_like_one_device(tiny_config, make_batch):
+    """Untied embeddings, learned positions, swiglu, GQA, RMSNorm, post-LN, attention dropout."""
+    config = tiny_config(model=dict(
+        vocab_size=64, emb_dim=32, num_heads=8, num_kv_heads=2, mlp_dim=64, dropout_rate=0.1,
+        attention_dropout_rate=0.1, activation_dropout_rate=0.1, share_embeddings=False,
+        logits_via_embedding=False, positions="learned", activation="swiglu", norm="rmsnorm",
+        norm_position="post"))
+    batches = [make_batch(seed, 16, 9, 11, 64) for seed in range(2)]
+    ref_params, ref_history = run_steps(config, batches, "data:1", jax.devices()[:1])
+    params, history = run_steps(config, batches, "data:2,fsdp:2,tensor:2")
+    np.testing.assert_allclose(history[-1]["loss"], ref_history[-1]["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params, ref_params)
