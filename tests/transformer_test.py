@@ -196,3 +196,12 @@ def test_bfloat16_projection_gradients_match_float32(spec, x_shape, w_shape):
     assert grads_low[0].dtype == jnp.float32 and grads_low[1].dtype == jnp.float32
     for low, high in zip(grads_low, grads_f32):
         np.testing.assert_allclose(low, high, rtol=0.05, atol=0.05 * float(jnp.abs(high).max()))
+
+
+def test_fusion_barrier_is_the_identity_with_identity_gradient():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4))
+    np.testing.assert_array_equal(jax.jit(layers.fusion_barrier)(x), x)
+    grad = jax.grad(lambda v: jnp.sum(layers.fusion_barrier(v) * 3.0))(x)
+    np.testing.assert_array_equal(grad, jnp.full_like(x, 3.0))
+    poisoned = x.at[0, 0, 0].set(jnp.nan)
+    assert np.isnan(np.asarray(layers.fusion_barrier(poisoned))).all()

@@ -11,7 +11,7 @@ import ml_collections
 from flax import nnx
 
 from tfx.model.layers import (Attention, Embed, LearnedPositions, Mlp, Norm, dense_init, dropout,
-                              param, project, sinusoidal_positions)
+                              fusion_barrier, param, project, sinusoidal_positions)
 from tfx.parallel import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -83,8 +83,10 @@ class DecoderLayer(nnx.Module):
 def residual(x_BxLxD, norm: Norm, pre_norm: bool, rate: float, rngs, sublayer):
     """x + dropout(sublayer(norm(x))) for pre-LN; norm(x + dropout(sublayer(x))) for post-LN."""
     if pre_norm:
-        return constrain(x_BxLxD + dropout(sublayer(norm(x_BxLxD)), rate, rngs), ACTIVATION_AXES)
-    return constrain(norm(x_BxLxD + dropout(sublayer(x_BxLxD), rate, rngs)), ACTIVATION_AXES)
+        out_BxLxD = x_BxLxD + dropout(sublayer(norm(x_BxLxD)), rate, rngs)
+    else:
+        out_BxLxD = norm(x_BxLxD + dropout(sublayer(x_BxLxD), rate, rngs))
+    return fusion_barrier(constrain(out_BxLxD, ACTIVATION_AXES))
 
 
 class EncoderDecoder(nnx.Module):
