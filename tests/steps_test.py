@@ -102,3 +102,18 @@ def test_every_option_shards_like_one_device(tiny_config, make_batch):
     np.testing.assert_allclose(history[-1]["loss"], ref_history[-1]["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  params, ref_params)
+
+
+def test_eval_step_sums_match_the_train_step_metrics(tiny_config, make_batch):
+    """Without dropout, eval on the pre-update params sees what the train step reported."""
+    config = tiny_config()
+    mesh = parallel.make_mesh("data:2,fsdp:2,tensor:2")
+    graphdef, state, shardings = steps.create_train_state(config, mesh)
+    eval_step = steps.make_eval_step(config, graphdef, mesh, shardings.params)
+    train_step = steps.make_train_step(config, graphdef, mesh, shardings)
+    batch = parallel.shard_batch(make_batch(5, 16, 9, 11, 50), mesh, config.logical_axis_rules)
+    sums = jax.device_get(eval_step(state.params, batch))
+    _, metrics = train_step(state, batch)
+    np.testing.assert_allclose(sums["loss"] / sums["weight"], metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(sums["correct"] / sums["weight"], metrics["accuracy"], rtol=1e-5)
+    assert sums["weight"] == int((np.asarray(batch["targets"]) > 0).sum())
