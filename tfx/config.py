@@ -16,6 +16,7 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned")
 DTYPES = ("float32", "bfloat16")
+TOKENIZER_MODEL_TYPES = ("unigram", "bpe")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("rsqrt", "cosine")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -70,6 +71,13 @@ def default_config() -> ml_collections.ConfigDict:
         dict(
             variant="",  # a label for reports, set by configs with variants.
             model=model_config(),
+            # SentencePiece vocabulary of model.vocab_size pieces, joint over source and target.
+            tokenizer=dict(
+                model_path="",  # "": train on the training split on first use, then cache.
+                model_type="unigram",
+                character_coverage=1.0,
+                input_sentence_size=0,  # > 0: train on that many sampled lines (big corpora).
+            ),
             seed=0,
             # Optimisation.
             optimizer="adamw",
@@ -145,6 +153,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(config, "model.norm_position", NORM_POSITIONS)
     _check_choice(config, "model.positions", POSITIONS)
     _check_choice(config, "model.dtype", DTYPES)
+    _check_choice(config, "tokenizer.model_type", TOKENIZER_MODEL_TYPES)
     _check_choice(config, "optimizer", OPTIMIZERS)
     _check_choice(config, "schedule", SCHEDULES)
     for key in ("model.vocab_size", "model.emb_dim", "model.num_heads", "model.num_kv_heads",

@@ -1,0 +1,1 @@
+"""Data: tokenizer, sources and the input pipeline."""
