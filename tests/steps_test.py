@@ -17,6 +17,18 @@ def run_steps(config, batches, mesh_shape, devices=None):
     return jax.device_get(state.params), history
 
 
+def assert_mesh_matches_one_device(config, make_batch, mesh_shape):
+    """Two train steps on `mesh_shape` give one device's losses, grad norms and parameters."""
+    batches = [make_batch(seed, 16, 9, 11, config.model.vocab_size) for seed in range(2)]
+    ref_params, ref_history = run_steps(config, batches, "data:1", jax.devices()[:1])
+    params, history = run_steps(config, batches, mesh_shape)
+    for ref, got in zip(ref_history, history):
+        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
+        np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params, ref_params)
+
+
 def sharding_config(tiny_config):
     # Sizes that every mesh axis of 8 divides, so heads, mlp and vocab really are split.
     return tiny_config(model=dict(vocab_size=64, emb_dim=32, num_heads=8, num_kv_heads=8,
@@ -26,15 +38,7 @@ def sharding_config(tiny_config):
 @pytest.mark.parametrize("mesh_shape", ["data:8", "fsdp:8,data:1", "tensor:8,data:1",
                                         "data:2,fsdp:2,tensor:2"])
 def test_sharded_train_steps_equal_one_device(tiny_config, make_batch, mesh_shape):
-    config = sharding_config(tiny_config)
-    batches = [make_batch(seed, 16, 9, 11, 64) for seed in range(2)]
-    ref_params, ref_history = run_steps(config, batches, "data:1", jax.devices()[:1])
-    params, history = run_steps(config, batches, mesh_shape)
-    for ref, got in zip(ref_history, history):
-        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
-        np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 params, ref_params)
+    assert_mesh_matches_one_device(sharding_config(tiny_config), make_batch, mesh_shape)
 
 
 def test_state_is_created_sharded_by_the_rules(tiny_config):
@@ -75,12 +79,7 @@ def test_tiny_model_learns_to_copy(tiny_config):
 def test_adafactor_state_shards_and_matches_one_device(tiny_config, make_batch):
     config = tiny_config(optimizer="adafactor",
                          model=dict(vocab_size=64, emb_dim=32, num_heads=8, num_kv_heads=8, mlp_dim=64))
-    batches = [make_batch(seed, 16, 9, 11, 64) for seed in range(2)]
-    ref_params, ref_history = run_steps(config, batches, "data:1", jax.devices()[:1])
-    params, history = run_steps(config, batches, "data:2,fsdp:2,tensor:2")
-    np.testing.assert_allclose(history[-1]["loss"], ref_history[-1]["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 params, ref_params)
+    assert_mesh_matches_one_device(config, make_batch, "data:2,fsdp:2,tensor:2")
 
 
 def test_batch_that_microbatches_cannot_split_is_refused(tiny_config, make_batch):
@@ -96,12 +95,7 @@ def test_every_option_shards_like_one_device(tiny_config, make_batch):
         attention_dropout_rate=0.1, activation_dropout_rate=0.1, share_embeddings=False,
         logits_via_embedding=False, positions="learned", activation="swiglu", norm="rmsnorm",
         norm_position="post"))
-    batches = [make_batch(seed, 16, 9, 11, 64) for seed in range(2)]
-    ref_params, ref_history = run_steps(config, batches, "data:1", jax.devices()[:1])
-    params, history = run_steps(config, batches, "data:2,fsdp:2,tensor:2")
-    np.testing.assert_allclose(history[-1]["loss"], ref_history[-1]["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 params, ref_params)
+    assert_mesh_matches_one_device(config, make_batch, "data:2,fsdp:2,tensor:2")
 
 
 def test_eval_step_sums_match_the_train_step_metrics(tiny_config, make_batch):
