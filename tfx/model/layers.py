@@ -54,8 +54,7 @@ def _low_precision_einsum(spec: str, x: jax.Array, w_f32: jax.Array) -> jax.Arra
 
 
 def _low_precision_einsum_fwd(spec, x, w_f32):
-    w = w_f32.astype(x.dtype)
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype), (x, w)
+    return _low_precision_einsum(spec, x, w_f32), (x, w_f32.astype(x.dtype))
 
 
 def _low_precision_einsum_bwd(spec, residuals, grad_out):
