@@ -52,7 +52,7 @@ def packed_rows(rng, rows: int, source_len: int, target_len: int, vocab: int, tr
     """
     names = ("inputs", "targets")
     batch = {f"{n}{s}": np.zeros((rows, L), np.int32) for n, L in zip(names, (source_len, target_len))
-             for s in ("", "_segmentation", "_position")}
+             for s in ("", "_segment_ids", "_positions")}
     pairs = []
     for r in range(rows):
         used_s = used_t = misses = 0
@@ -65,8 +65,8 @@ def packed_rows(rng, rows: int, source_len: int, target_len: int, vocab: int, tr
                 continue
             for name, start, length in (("inputs", used_s, s), ("targets", used_t, t)):
                 batch[name][r, start:start + length] = rng.integers(3, vocab, length)
-                batch[f"{name}_segmentation"][r, start:start + length] = segment
-                batch[f"{name}_position"][r, start:start + length] = np.arange(length)
+                batch[f"{name}_segment_ids"][r, start:start + length] = segment
+                batch[f"{name}_positions"][r, start:start + length] = np.arange(length)
             used_s, used_t, segment = used_s + s, used_t + t, segment + 1
             pairs.append((s, t))
     return batch, pairs

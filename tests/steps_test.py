@@ -111,3 +111,10 @@ def test_eval_step_sums_match_the_train_step_metrics(tiny_config, make_batch):
     np.testing.assert_allclose(sums["loss"] / sums["weight"], metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(sums["correct"] / sums["weight"], metrics["accuracy"], rtol=1e-5)
     assert sums["weight"] == int((np.asarray(batch["targets"]) > 0).sum())
+
+
+def test_batch_with_unknown_keys_is_refused(tiny_config, make_batch):
+    batch = make_batch(0, 16, 9, 11, 50)
+    batch["inputs_segmentation"] = np.ones_like(batch["inputs"])
+    with pytest.raises(ValueError, match=r"unknown keys \['inputs_segmentation'\]"):
+        run_steps(tiny_config(), [batch], "data:8")

@@ -103,8 +103,8 @@ def pack(batch):
             segs.append(seg + [0] * (width - len(seg)))
             poss.append(pos + [0] * (width - len(pos)))
         packed[name] = np.array(rows, np.int32)
-        packed[f"{name}_segmentation"] = np.array(segs, np.int32)
-        packed[f"{name}_position"] = np.array(poss, np.int32)
+        packed[f"{name}_segment_ids"] = np.array(segs, np.int32)
+        packed[f"{name}_positions"] = np.array(poss, np.int32)
     return packed
 
 
@@ -117,7 +117,7 @@ def test_packed_rows_give_the_same_per_token_logits_as_unpacked(tiny_config, mak
     packed = np.asarray(model(**packed_batch))
     for i in range(4):
         n = int((batch["targets"][i] > 0).sum())
-        row, seg = packed[i // 2], packed_batch["targets_segmentation"][i // 2]
+        row, seg = packed[i // 2], packed_batch["targets_segment_ids"][i // 2]
         np.testing.assert_allclose(row[seg == 1 + i % 2], unpacked[i, :n], atol=2e-5)
 
 

@@ -3,7 +3,7 @@
 The NNX model is split once into a static `graphdef` and a parameter State; the steps are pure
 functions of (state, batch) that merge them back inside `jit`, so no per-step Python graph work.
 A batch is a dict of [B, L] int32 arrays: `inputs`, `targets` and, for packed rows,
-`inputs_segmentation`, `targets_segmentation`, `inputs_position`, `targets_position`.
+`inputs_segment_ids`, `targets_segment_ids`, `inputs_positions`, `targets_positions`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from tfx import losses, optim, parallel
 from tfx.model.transformer import EncoderDecoder
 
-MODEL_INPUTS = ("inputs_segmentation", "targets_segmentation", "inputs_position", "targets_position")
+MODEL_INPUTS = ("inputs_segment_ids", "targets_segment_ids", "inputs_positions", "targets_positions")
 
 
 @flax.struct.dataclass
@@ -51,6 +51,10 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
 
 
 def _model_kwargs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    unknown = set(batch) - {"inputs", "targets", *MODEL_INPUTS}
+    if unknown:
+        raise ValueError(f"batch has unknown keys {sorted(unknown)}; expected inputs, targets and "
+                         f"optionally {', '.join(MODEL_INPUTS)}.")
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 

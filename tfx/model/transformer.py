@@ -1,7 +1,7 @@
 """Encoder-decoder Transformer ("Attention Is All You Need") in Flax NNX.
 
-Packed rows: `*_segmentation` ids (0 = padding) keep pairs that share a row from attending to
-each other, and `*_position` restarts at 0 for each pair. Unpacked batches may omit both.
+Packed rows: `*_segment_ids` ids (0 = padding) keep pairs that share a row from attending to
+each other, and `*_positions` restarts at 0 for each pair. Unpacked batches may omit both.
 """
 from __future__ import annotations
 
@@ -120,9 +120,9 @@ class EncoderDecoder(nnx.Module):
         x_BxLxD = x_BxLxD + pos_BxLxD.astype(x_BxLxD.dtype)
         return constrain(dropout(x_BxLxD, self.dropout_rate, rngs), ACTIVATION_AXES)
 
-    def encode(self, inputs_BxS, inputs_segmentation=None, inputs_position=None, rngs=None):
+    def encode(self, inputs_BxS, inputs_segment_ids=None, inputs_positions=None, rngs=None):
         """Encoder states [B, S, D]; `rngs` (with a `dropout` stream) turns dropout on."""
-        segment_BxS, position_BxS = default_layout(inputs_BxS, inputs_segmentation, inputs_position)
+        segment_BxS, position_BxS = default_layout(inputs_BxS, inputs_segment_ids, inputs_positions)
         x_BxSxD = self._embed(self.source_embed, getattr(self, "source_positions", None),
                               inputs_BxS, position_BxS, rngs)
         mask_Bx1xSxS = attention_mask(segment_BxS, segment_BxS, causal=False)
@@ -132,13 +132,13 @@ class EncoderDecoder(nnx.Module):
             x_BxSxD = self.encoder_norm(x_BxSxD)
         return x_BxSxD
 
-    def decode(self, encoded_BxSxD, inputs_segmentation_BxS, decoder_inputs_BxT,
-               targets_segmentation_BxT, targets_position_BxT, rngs=None):
+    def decode(self, encoded_BxSxD, inputs_segment_ids_BxS, decoder_inputs_BxT,
+               targets_segment_ids_BxT, targets_positions_BxT, rngs=None):
         """Logits [B, T, V] (float32) for decoder inputs that are already shifted right."""
         y_BxTxD = self._embed(self.target_embed, getattr(self, "target_positions", None),
-                              decoder_inputs_BxT, targets_position_BxT, rngs)
-        self_mask = attention_mask(targets_segmentation_BxT, targets_segmentation_BxT, causal=True)
-        cross_mask = attention_mask(targets_segmentation_BxT, inputs_segmentation_BxS, causal=False)
+                              decoder_inputs_BxT, targets_positions_BxT, rngs)
+        self_mask = attention_mask(targets_segment_ids_BxT, targets_segment_ids_BxT, causal=True)
+        cross_mask = attention_mask(targets_segment_ids_BxT, inputs_segment_ids_BxS, causal=False)
         for layer in self.decoder_layers:
             y_BxTxD = layer(y_BxTxD, encoded_BxSxD, self_mask, cross_mask, rngs)
         if self.pre_norm:
@@ -149,20 +149,20 @@ class EncoderDecoder(nnx.Module):
             logits_BxTxV = project("btd,dv->btv", y_BxTxD, self.logits_projection, y_BxTxD.dtype)
         return constrain(logits_BxTxV, ("batch", "length", "vocab")).astype(jnp.float32)
 
-    def __call__(self, inputs, targets, inputs_segmentation=None, targets_segmentation=None,
-                 inputs_position=None, targets_position=None, rngs=None):
+    def __call__(self, inputs, targets, inputs_segment_ids=None, targets_segment_ids=None,
+                 inputs_positions=None, targets_positions=None, rngs=None):
         """Teacher-forced logits [B, T, V] for [B, S] `inputs` and [B, T] `targets` (batch keys).
 
         The model shifts the targets right itself to form the decoder inputs.
         """
-        inputs_segmentation, inputs_position = default_layout(inputs, inputs_segmentation,
-                                                              inputs_position)
-        targets_segmentation, targets_position = default_layout(targets, targets_segmentation,
-                                                                targets_position)
-        encoded_BxSxD = self.encode(inputs, inputs_segmentation, inputs_position, rngs)
-        decoder_inputs_BxT = shift_right(targets, targets_segmentation)
-        return self.decode(encoded_BxSxD, inputs_segmentation, decoder_inputs_BxT,
-                           targets_segmentation, targets_position, rngs)
+        inputs_segment_ids, inputs_positions = default_layout(inputs, inputs_segment_ids,
+                                                              inputs_positions)
+        targets_segment_ids, targets_positions = default_layout(targets, targets_segment_ids,
+                                                                targets_positions)
+        encoded_BxSxD = self.encode(inputs, inputs_segment_ids, inputs_positions, rngs)
+        decoder_inputs_BxT = shift_right(targets, targets_segment_ids)
+        return self.decode(encoded_BxSxD, inputs_segment_ids, decoder_inputs_BxT,
+                           targets_segment_ids, targets_positions, rngs)
 
 
 def count_params(params: nnx.State) -> int:
