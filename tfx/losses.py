@@ -11,6 +11,11 @@ import jax
 import jax.numpy as jnp
 
 
+def _target_logit(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """The logit of each target token, [B, L]."""
+    return jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+
+
 def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, label_smoothing: float,
                  z_loss: float) -> tuple[jax.Array, jax.Array]:
     """(loss_BxL, nll_BxL) in float32 whatever the logits dtype.
@@ -28,8 +33,7 @@ def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, label_smoothin
     # Cross-entropy against the smoothed target without materialising it as a [B, L, V] array:
     # -sum_v soft_v log p_v = -(confidence - low) log p_target - low sum_v log p_v.
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-    nll_BxL = lse_BxL - target_logit_BxL
+    nll_BxL = lse_BxL - _target_logit(logits_BxLxV, targets_BxL)
     sum_log_p_BxL = jnp.sum(logits_BxLxV, axis=-1) - vocab * lse_BxL
     loss_BxL = (confidence - low) * nll_BxL - low * sum_log_p_BxL - entropy
     if z_loss > 0.0:
@@ -39,7 +43,8 @@ def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, label_smoothin
 
 def metric_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array,
                 label_smoothing: float, z_loss: float) -> dict[str, jax.Array]:
-    """Scalar weighted sums (not means): 'loss', 'nll', 'correct' (argmax == target), 'weight'.
+    """Scalar weighted sums (not means): 'loss', 'nll', 'correct' (target has the top logit),
+    'weight'.
 
     Sums add over gradient-accumulation microbatches and eval batches; `summarize` divides once.
     """
@@ -47,7 +52,7 @@ def metric_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: ja
     weights_BxL = weights_BxL.astype(jnp.float32)
     # Correct when the target's logit is the maximum (a plain max is cheaper than argmax; an
     # exact tie, which has measure zero in float32, would count as correct).
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    target_logit_BxL = _target_logit(logits_BxLxV, targets_BxL)
     correct_BxL = (target_logit_BxL >= jnp.max(logits_BxLxV, axis=-1)).astype(jnp.float32)
     return {
         "loss": jnp.sum(loss_BxL * weights_BxL),
