@@ -16,6 +16,8 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned")
 DTYPES = ("float32", "bfloat16")
+DECODE_STRATEGIES = ("beam", "greedy", "sample")
+TOO_LONG_POLICIES = ("drop", "truncate")
 TOKENIZER_MODEL_TYPES = ("unigram", "bpe")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("rsqrt", "cosine")
@@ -78,6 +80,30 @@ def default_config() -> ml_collections.ConfigDict:
                 character_coverage=1.0,
                 input_sentence_size=0,  # > 0: train on that many sampled lines (big corpora).
             ),
+            # Data: each split is "tfds:NAME[/CONFIG]:SPLIT" or "text:PATH_PREFIX" (the files
+            # PATH_PREFIX.<source_lang> and PATH_PREFIX.<target_lang>, line-aligned).
+            data=dict(
+                source_lang="en",
+                target_lang="de",
+                train="",
+                eval="",  # validation: eval loss and BLEU during training.
+                test="",
+                data_dir="",  # "": $TFDS_DATA_DIR or ~/tensorflow_datasets.
+                too_long="drop",  # pairs over max_source/target_length: drop or truncate.
+                pack=True,  # several pairs per row (segment ids + positions); False pads.
+                worker_count=0,  # grain worker processes for the train split (0: in-process).
+            ),
+            # Decoding (eval.py, periodic BLEU). Max output length is source length + offset.
+            decode=dict(
+                strategy="beam",
+                beam_size=4,
+                length_penalty=0.6,  # GNMT alpha: ((5 + length) / 6) ** alpha.
+                max_length_offset=50,
+                temperature=1.0,  # sampling only.
+                top_k=0,  # sampling only; 0: no top-k cut.
+                top_p=1.0,  # sampling only; 1.0: no nucleus cut.
+            ),
+            per_device_eval_batch_size=32,  # eval loss and decoding, separate from training.
             seed=0,
             # Optimisation.
             optimizer="adamw",
@@ -154,19 +180,25 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(config, "model.positions", POSITIONS)
     _check_choice(config, "model.dtype", DTYPES)
     _check_choice(config, "tokenizer.model_type", TOKENIZER_MODEL_TYPES)
+    _check_choice(config, "decode.strategy", DECODE_STRATEGIES)
+    _check_choice(config, "data.too_long", TOO_LONG_POLICIES)
     _check_choice(config, "optimizer", OPTIMIZERS)
     _check_choice(config, "schedule", SCHEDULES)
     for key in ("model.vocab_size", "model.emb_dim", "model.num_heads", "model.num_kv_heads",
                 "model.mlp_dim", "model.max_len", "per_device_batch_size", "max_source_length",
-                "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps"):
+                "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps",
+                "per_device_eval_batch_size", "decode.beam_size", "decode.temperature"):
         _check_positive(config, key)
     for key in ("model.num_encoder_layers", "model.num_decoder_layers", "model.head_dim",
-                "warmup_steps", "weight_decay", "grad_clip_norm", "z_loss"):
+                "warmup_steps", "weight_decay", "grad_clip_norm", "z_loss", "decode.length_penalty",
+                "decode.max_length_offset", "decode.top_k", "data.worker_count"):
         _check_positive(config, key, allow_zero=True)
     for key in ("model.dropout_rate", "model.attention_dropout_rate",
                 "model.activation_dropout_rate", "label_smoothing"):
         if not 0.0 <= _lookup(config, key) < 1.0:
             raise ValueError(f"config.{key}={_lookup(config, key)!r} must be in [0, 1).")
+    if not 0.0 < config.decode.top_p <= 1.0:
+        raise ValueError(f"config.decode.top_p={config.decode.top_p!r} must be in (0, 1].")
     if m.num_heads % m.num_kv_heads:
         raise ValueError(
             f"config.model.num_heads={m.num_heads} must be a multiple of "
