@@ -1,60 +1,179 @@
-"""Sentence-pair sources with random access (`len` and `[i]`), as grain's samplers need.
+"""Sentence-pair sources: TFDS datasets prepared as array_record and read without TensorFlow.
 
-`ParallelText` reads line-aligned local files (the bundled corpora in `data/`, or any
-`<prefix>.<lang>` pair). Each record is {"source": str, "target": str}.
+A split is named by a spec string (`config.data.train/eval/test`):
+
+- `tfds:NAME[/CONFIG]:SPLIT`, any TFDS translation dataset, e.g. `tfds:wmt14_translate/de-en:train`;
+- `text:PATH_PREFIX`, line-aligned files `PATH_PREFIX.<source_lang>` and `PATH_PREFIX.<target_lang>`.
+
+Both go the same way: a TFDS builder prepares array_record files once under `data_dir` (local
+text through `ParallelTextBuilder`, keyed by a hash of the files), and `as_data_source()` gives
+random access, which grain's global shuffle and exact resume need. Each record is
+{"source": str, "target": str} in the configured direction.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+from collections.abc import Iterator
+
+import tensorflow_datasets as tfds
+import tensorflow_datasets.translate  # noqa: F401  (registers the WMT builders; tfds imports them lazily)
+
+SPEC_FORMS = '"tfds:NAME[/CONFIG]:SPLIT" or "text:PATH_PREFIX"'
+TEXT_SPLIT = "lines"  # the one split of a local-text dataset.
 
 
-def read_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 text file (without their newlines); errors name the file and line."""
+def default_data_dir(data_dir: str) -> str:
+    """`data_dir`, or TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+    return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def read_lines(path: str) -> Iterator[str]:
+    """The lines of a UTF-8 text file, without newlines; errors name the file and line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist.")
     with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
-        raise ValueError(
-            f"{path}:{line}: invalid UTF-8 (byte {data[error.start]:#04x} at column {column}); "
-            "tfx reads corpora as UTF-8 text."
-        ) from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
+        for number, line in enumerate(f, start=1):
+            try:
+                yield line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number}: invalid UTF-8 (byte {line[error.start]:#04x} at column "
+                    f"{error.start + 1}); tfx reads corpora as UTF-8 text."
+                ) from None
 
 
-class ParallelText:
-    """Line-aligned `<prefix>.<source_lang>` and `<prefix>.<target_lang>` files.
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
 
-    Pairs with an empty (or whitespace-only) side are skipped and counted in `skipped_empty`.
+
+def _file_digest(paths: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class ParallelTextBuilder(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder over two line-aligned local files; one split, in file order.
+
+    Pairs with an empty (or whitespace-only) side are skipped; their count is kept in the
+    dataset's metadata as `skipped_empty`.
     """
 
-    def __init__(self, prefix: str, source_lang: str, target_lang: str):
-        self.source_path = f"{prefix}.{source_lang}"
-        self.target_path = f"{prefix}.{target_lang}"
-        sources, targets = read_lines(self.source_path), read_lines(self.target_path)
-        if len(sources) != len(targets):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, source_path: str, target_path: str, languages: tuple[str, str], **kwargs):
+        for path in (source_path, target_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"data file {path!r} does not exist.")
+        self.paths, self.languages = (source_path, target_path), languages
+        name = f"{languages[0]}-{languages[1]}-{_file_digest(self.paths)}"
+        super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.Translation(languages=self.languages),
+            disable_shuffling=True, metadata=tfds.core.MetadataDict())
+
+    def _split_generators(self, dl_manager):
+        return {TEXT_SPLIT: self._generate_examples()}
+
+    def _generate_examples(self):
+        source_path, target_path = self.paths
+        sources, targets = read_lines(source_path), read_lines(target_path)
+        count = kept = 0
+        for count, (source, target) in enumerate(zip(sources, targets), start=1):
+            if source.strip() and target.strip():
+                kept += 1
+                yield count, dict(zip(self.languages, (source, target)))
+        leftover = next(sources, None) is not None or next(targets, None) is not None
+        if leftover:
             raise ValueError(
-                f"{self.source_path} has {len(sources)} lines but {self.target_path} has "
-                f"{len(targets)}; the two sides of a parallel corpus must be line-aligned."
-            )
-        self.pairs = [(s, t) for s, t in zip(sources, targets) if s.strip() and t.strip()]
-        self.skipped_empty = len(sources) - len(self.pairs)
-        if not self.pairs:
-            raise ValueError(
-                f"{self.source_path} / {self.target_path}: no sentence pairs with text on both "
-                f"sides ({len(sources)} lines read)."
-            )
+                f"{source_path} has {_count_lines(source_path)} lines but {target_path} has "
+                f"{_count_lines(target_path)}; the two sides of a parallel corpus must be "
+                "line-aligned.")
+        if not kept:
+            raise ValueError(f"{source_path} / {target_path}: no sentence pairs with text on "
+                             f"both sides ({count} lines read).")
+        self.info.metadata["skipped_empty"] = count - kept
+        if count > kept:
+            logging.warning("%s / %s: skipped %d pairs with an empty side.", source_path,
+                            target_path, count - kept)
+
+
+class PairSource:
+    """Random access over a prepared split: `len(source)`, `source[i]` -> source/target text."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, source_lang: str,
+                 target_lang: str, spec: str):
+        self.records = builder.as_data_source(split=split)
+        self.languages = (source_lang, target_lang)
+        self.spec = spec
+        # What identifies the content: the tokenizer cache key builds on it.
+        self.fingerprint = f"{builder.name}/{builder.builder_config.name}:{builder.version}:{split}"
+        self.skipped_empty = int(builder.info.metadata.get("skipped_empty", 0)) if (
+            builder.info.metadata) else 0
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, str]:
-        source, target = self.pairs[index]
-        return {"source": source, "target": target}
+        record = self.records[index]
+        return {"source": record[self.languages[0]].decode("utf-8"),
+                "target": record[self.languages[1]].decode("utf-8")}
+
+
+def _tfds_builder(name: str, key: str, data_dir: str, languages: tuple[str, str]):
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(
+            f"config.{key}: TFDS has no dataset {name.split('/')[0]!r}; translation datasets "
+            "include wmt14_translate, wmt15..19_translate and ted_hrlr_translate (see "
+            "https://www.tensorflow.org/datasets/catalog)."
+        ) from None
+    except ValueError as error:  # an unknown config of a known dataset.
+        raise ValueError(f"config.{key}: {error}") from None
+    available = getattr(builder.info.features, "languages", None)
+    if available is None:
+        raise ValueError(f"config.{key}: TFDS dataset {name!r} is not a translation dataset.")
+    missing = [lang for lang in languages if lang not in available]
+    if missing:
+        configs = ", ".join(c.name for c in builder.BUILDER_CONFIGS) or "none"
+        raise ValueError(
+            f"config.{key}: TFDS dataset {name!r} has languages {tuple(available)}, not "
+            f"{missing} (config.data.source_lang/target_lang); its configs are: {configs}.")
+    return builder
+
+
+def open_split(spec: str, key: str, source_lang: str, target_lang: str, data_dir: str,
+               prepare: bool = True) -> PairSource:
+    """Opens the split `spec` (named by config `key` in errors), preparing it on first use."""
+    kind, _, rest = spec.partition(":")
+    data_dir = default_data_dir(data_dir)
+    languages = (source_lang, target_lang)
+    if kind == "text" and rest:
+        builder = ParallelTextBuilder(
+            source_path=f"{rest}.{source_lang}", target_path=f"{rest}.{target_lang}",
+            languages=languages, data_dir=data_dir, file_format="array_record")
+        split = TEXT_SPLIT
+    elif kind == "tfds" and rest.count(":") == 1:
+        name, split = rest.split(":")
+        builder = _tfds_builder(name, key, data_dir, languages)
+    else:
+        raise ValueError(f"config.{key}={spec!r} is not a split spec; expected {SPEC_FORMS}.")
+    if not builder.is_prepared():
+        if not prepare:
+            raise FileNotFoundError(f"config.{key}={spec!r} is not prepared in {data_dir}; run "
+                                    "`python -m tfx.data.prepare --config ...` first.")
+        tfds.disable_progress_bar()
+        builder.download_and_prepare(file_format="array_record")
+    if split.split("[")[0] not in builder.info.splits:
+        raise ValueError(f"config.{key}={spec!r}: no split {split!r}; the dataset has "
+                         f"{sorted(builder.info.splits)}.")
+    return PairSource(builder, split, source_lang, target_lang, spec)
