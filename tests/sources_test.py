@@ -2,9 +2,18 @@ import os
 
 import pytest
 
-from tfx.data.sources import ParallelText, read_lines
+from tfx.data.sources import open_split, read_lines
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def text_split(prefix, data_dir, source_lang="en", target_lang="de"):
+    return open_split(f"text:{prefix}", "data.train", source_lang, target_lang, str(data_dir))
 
 
 @pytest.mark.parametrize("corpus, split, count", [
@@ -12,16 +21,26 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "data")
     ("multi30k-en-de", "test_2016_flickr", 1_000), ("multi30k-en-de", "test_2018_flickr", 1_071),
     ("wmt14-en-de", "valid", 3_000), ("wmt14-en-de", "test", 3_003), ("wmt17-en-de", "test", 3_004),
 ])
-def test_bundled_corpora_have_their_documented_sizes(corpus, split, count):
-    source = ParallelText(os.path.join(DATA, corpus, split), "en", "de")
+def test_bundled_corpora_have_their_documented_sizes(corpus, split, count, data_dir):
+    source = text_split(os.path.join(DATA, corpus, split), data_dir)
     assert len(source) + source.skipped_empty == count
 
 
-def test_direction_follows_the_languages():
-    en_de = ParallelText(os.path.join(DATA, "multi30k-en-de", "valid"), "en", "de")
-    de_en = ParallelText(os.path.join(DATA, "multi30k-en-de", "valid"), "de", "en")
-    assert en_de[0]["source"] == de_en[0]["target"]
-    assert en_de[0]["source"].startswith("A group of men")
+def test_records_keep_file_order_and_direction_follows_the_languages(data_dir):
+    prefix = os.path.join(DATA, "multi30k-en-de", "valid")
+    en_de, de_en = text_split(prefix, data_dir), text_split(prefix, data_dir, "de", "en")
+    lines = list(read_lines(prefix + ".en"))
+    assert [en_de[i]["source"] for i in range(len(en_de))] == lines
+    assert [de_en[i]["target"] for i in range(len(de_en))] == lines
+    assert en_de.fingerprint != de_en.fingerprint
+
+
+def test_changed_files_are_prepared_again(tmp_path):
+    write(tmp_path / "c.en", b"one\n")
+    write(tmp_path / "c.de", b"eins\n")
+    assert text_split(tmp_path / "c", tmp_path)[0] == {"source": "one", "target": "eins"}
+    write(tmp_path / "c.de", b"uno\n")
+    assert text_split(tmp_path / "c", tmp_path)[0] == {"source": "one", "target": "uno"}
 
 
 def write(path, text: bytes):
@@ -32,7 +51,7 @@ def write(path, text: bytes):
 def test_pairs_empty_on_one_side_are_skipped_and_counted(tmp_path):
     write(tmp_path / "c.en", b"one\n\nthree\n  \nfive\n")
     write(tmp_path / "c.de", b"eins\nzwei\n\nvier\nfunf\n")
-    source = ParallelText(str(tmp_path / "c"), "en", "de")
+    source = text_split(tmp_path / "c", tmp_path)
     assert [source[i] for i in range(len(source))] == [
         {"source": "one", "target": "eins"}, {"source": "five", "target": "funf"}]
     assert source.skipped_empty == 3
@@ -42,19 +61,33 @@ def test_line_counts_that_differ_name_both_files(tmp_path):
     write(tmp_path / "c.en", b"one\ntwo\n")
     write(tmp_path / "c.de", b"eins\n")
     with pytest.raises(ValueError, match=r"c\.en has 2 lines but .*c\.de has 1"):
-        ParallelText(str(tmp_path / "c"), "en", "de")
+        text_split(tmp_path / "c", tmp_path)
 
 
 def test_invalid_utf8_names_file_and_line(tmp_path):
     path = write(tmp_path / "bad.de", b"gut\nnoch gut\nschlecht \xff hier\n")
     with pytest.raises(ValueError, match=r"bad\.de:3: invalid UTF-8 \(byte 0xff at column 10\)"):
-        read_lines(path)
+        list(read_lines(path))
 
 
 def test_missing_and_empty_corpora_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothing\.en"):
-        ParallelText(str(tmp_path / "nothing"), "en", "de")
+        text_split(tmp_path / "nothing", tmp_path)
     write(tmp_path / "e.en", b"")
     write(tmp_path / "e.de", b"")
     with pytest.raises(ValueError, match="no sentence pairs"):
-        ParallelText(str(tmp_path / "e"), "en", "de")
+        text_split(tmp_path / "e", tmp_path)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("tfds:no_such_dataset:train", "config.data.train: TFDS has no dataset 'no_such_dataset'"),
+    ("tfds:wmt14_translate/xx-en:train", "config.data.train: .*xx-en"),
+    ("tfds:wmt14_translate/fr-en:train", r"languages \('en', 'fr'\), not \['de'\]"),
+    ("tfds:mnist:train", "'mnist' is not a translation dataset"),
+    ("wmt14", "config.data.train='wmt14' is not a split spec"),
+    ("tfds:wmt14_translate/de-en", "is not a split spec"),
+    ("tfds:wmt14_translate/de-en:train", "is not prepared .* tfx.data.prepare"),
+])
+def test_tfds_names_and_language_pairs_are_checked_without_downloading(spec, message, tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        open_split(spec, "data.train", "en", "de", str(tmp_path), prepare=False)

@@ -3,14 +3,23 @@ import os
 import pytest
 
 from tfx.data import tokenizer as tok
+from tfx.data.sources import read_lines
 
 MULTI30K = os.path.join(os.path.dirname(__file__), "..", "data", "multi30k-en-de")
-VALID = [os.path.join(MULTI30K, f"valid.{lang}") for lang in ("en", "de")]
+
+
+def valid_sentences():
+    for lang in ("en", "de"):
+        yield from read_lines(os.path.join(MULTI30K, f"valid.{lang}"))
+
+
+def train_or_load(cache_dir, vocab_size, **settings):
+    return tok.train_or_load(valid_sentences, "multi30k-valid", str(cache_dir), vocab_size, **settings)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return tok.train_or_load(VALID, str(tmp_path_factory.mktemp("spm")), vocab_size=1000)
+    return train_or_load(tmp_path_factory.mktemp("spm"), vocab_size=1000)
 
 
 def test_special_ids_and_eos(trained):
@@ -36,11 +45,11 @@ def test_decode_stops_at_eos_and_ignores_padding(trained):
 
 
 def test_second_call_loads_the_cache_and_changes_retrain(tmp_path):
-    first = tok.train_or_load(VALID, str(tmp_path), vocab_size=600)
+    first = train_or_load(tmp_path, vocab_size=600)
     mtime = os.path.getmtime(first.path)
-    again = tok.train_or_load(VALID, str(tmp_path), vocab_size=600)
+    again = train_or_load(tmp_path, vocab_size=600)
     assert again.path == first.path and os.path.getmtime(again.path) == mtime
-    bpe = tok.train_or_load(VALID, str(tmp_path), vocab_size=600, model_type="bpe")
+    bpe = train_or_load(tmp_path, vocab_size=600, model_type="bpe")
     assert bpe.path != first.path
     assert sorted(p for p in os.listdir(tmp_path)) == sorted(
         os.path.basename(p) for p in (first.path, bpe.path))
@@ -48,7 +57,7 @@ def test_second_call_loads_the_cache_and_changes_retrain(tmp_path):
 
 def test_vocab_larger_than_the_corpus_supports_names_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"config.model.vocab_size=100000 .* use at most \d+"):
-        tok.train_or_load(VALID, str(tmp_path), vocab_size=100_000)
+        train_or_load(tmp_path, vocab_size=100_000)
 
 
 def test_corrupt_model_file_is_named(tmp_path):
@@ -58,13 +67,20 @@ def test_corrupt_model_file_is_named(tmp_path):
         tok.Tokenizer(str(bad))
 
 
-def test_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.en"):
-        tok.train_or_load([str(tmp_path / "nowhere.en")], str(tmp_path), vocab_size=500)
+def test_missing_model_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.model"):
         tok.Tokenizer(str(tmp_path / "missing.model"))
 
 
 def test_unknown_model_type_names_the_key(tmp_path):
     with pytest.raises(ValueError, match="config.tokenizer.model_type='word'"):
-        tok.train_or_load(VALID, str(tmp_path), vocab_size=500, model_type="word")
+        train_or_load(tmp_path, vocab_size=500, model_type="word")
+
+
+def test_sampling_picks_whole_pairs_deterministically():
+    pairs = [{"source": f"s{i}", "target": f"t{i}"} for i in range(100)]
+    sample = list(tok.sample_sentences(pairs, 20, seed=3))
+    assert len(sample) == 20 and sample == list(tok.sample_sentences(pairs, 20, seed=3))
+    assert all(t == "t" + s[1:] for s, t in zip(sample[::2], sample[1::2]))
+    assert sample != list(tok.sample_sentences(pairs, 20, seed=4))
+    assert len(list(tok.sample_sentences(pairs, 0))) == 200

@@ -13,6 +13,7 @@ random access, which grain's global shuffle and exact resume need. Each record i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Iterator
@@ -87,16 +88,15 @@ class ParallelTextBuilder(tfds.core.GeneratorBasedBuilder):
         source_path, target_path = self.paths
         sources, targets = read_lines(source_path), read_lines(target_path)
         count = kept = 0
-        for count, (source, target) in enumerate(zip(sources, targets), start=1):
+        for count, (source, target) in enumerate(itertools.zip_longest(sources, targets), start=1):
+            if source is None or target is None:
+                raise ValueError(
+                    f"{source_path} has {_count_lines(source_path)} lines but {target_path} has "
+                    f"{_count_lines(target_path)}; the two sides of a parallel corpus must be "
+                    "line-aligned.")
             if source.strip() and target.strip():
                 kept += 1
                 yield count, dict(zip(self.languages, (source, target)))
-        leftover = next(sources, None) is not None or next(targets, None) is not None
-        if leftover:
-            raise ValueError(
-                f"{source_path} has {_count_lines(source_path)} lines but {target_path} has "
-                f"{_count_lines(target_path)}; the two sides of a parallel corpus must be "
-                "line-aligned.")
         if not kept:
             raise ValueError(f"{source_path} / {target_path}: no sentence pairs with text on "
                              f"both sides ({count} lines read).")

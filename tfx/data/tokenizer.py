@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import sentencepiece as spm
 
+import ml_collections
+
 from tfx.config import TOKENIZER_MODEL_TYPES, choice_error
+from tfx.data.sources import PairSource, default_data_dir
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
@@ -56,41 +60,28 @@ class Tokenizer:
         return self.processor.decode([int(i) for i in ids if i != PAD_ID])
 
 
-def _fingerprint(files: Sequence[str], settings: dict) -> str:
-    """Hash of the training files' bytes and the trainer settings: the cache key."""
-    digest = hashlib.sha256(repr(sorted(settings.items())).encode())
-    for path in files:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def train_or_load(files: Sequence[str], cache_dir: str, vocab_size: int, model_type: str = "unigram",
-                  character_coverage: float = 1.0, input_sentence_size: int = 0) -> Tokenizer:
-    """Trains a joint vocabulary on `files` (source and target text, one sentence per line), or
-    loads the one cached in `cache_dir` under a hash of those files and these settings.
-
-    input_sentence_size > 0 trains on that many randomly sampled lines (for big corpora).
-    The model is written to a temporary name and renamed, so a crash never leaves half a file.
+def train_or_load(sentences: Callable[[], Iterable[str]], content_key: str, cache_dir: str,
+                  vocab_size: int, model_type: str = "unigram", character_coverage: float = 1.0
+                  ) -> Tokenizer:
+    """Trains a joint vocabulary on `sentences()` (source and target text), or loads the model
+    cached in `cache_dir` under a hash of `content_key` (what identifies the sentences) and the
+    settings. The model is written to a temporary name and renamed, so a crash never leaves
+    half a file.
     """
     if model_type not in TOKENIZER_MODEL_TYPES:
         raise choice_error("tokenizer.model_type", model_type, TOKENIZER_MODEL_TYPES)
-    for path in files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer training file {path!r} does not exist.")
     settings = dict(vocab_size=vocab_size, model_type=model_type,
-                    character_coverage=character_coverage, input_sentence_size=input_sentence_size)
-    path = os.path.join(cache_dir, f"spm-{model_type}-{vocab_size}-{_fingerprint(files, settings)}.model")
+                    character_coverage=character_coverage, content=content_key)
+    digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"spm-{model_type}-{vocab_size}-{digest}.model")
     if os.path.exists(path):
         return Tokenizer(path)
     os.makedirs(cache_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
         try:
             spm.SentencePieceTrainer.train(
-                input=",".join(files), model_prefix=os.path.join(scratch, "spm"),
+                sentence_iterator=iter(sentences()), model_prefix=os.path.join(scratch, "spm"),
                 vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
-                input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
                 pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, byte_fallback=True,
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
                 max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
@@ -99,8 +90,36 @@ def train_or_load(files: Sequence[str], cache_dir: str, vocab_size: int, model_t
             if limit:
                 raise ValueError(
                     f"config.model.vocab_size={vocab_size} is larger than the training text "
-                    f"({', '.join(files)}) supports; use at most {limit.group(1)}."
+                    f"({content_key}) supports; use at most {limit.group(1)}."
                 ) from None
             raise
         os.replace(os.path.join(scratch, "spm.model"), path)
     return Tokenizer(path)
+
+
+def sample_sentences(pairs, max_sentences: int, seed: int = 0) -> Iterable[str]:
+    """Source and target text of `pairs` (random access, `pairs[i]` -> {"source", "target"}):
+    all of them, or of max_sentences // 2 pairs sampled with `seed` when max_sentences > 0."""
+    indices = range(len(pairs))
+    if 0 < max_sentences < 2 * len(pairs):
+        indices = sorted(random.Random(seed).sample(indices, max(1, max_sentences // 2)))
+    for index in indices:
+        pair = pairs[index]
+        yield pair["source"]
+        yield pair["target"]
+
+
+def from_config(config: ml_collections.ConfigDict, train: PairSource) -> Tokenizer:
+    """config.tokenizer.model_path if set, else the vocabulary trained on (a sample of) the
+    training split, cached under <data_dir>/tfx_tokenizers."""
+    settings = config.tokenizer
+    if settings.model_path:
+        return Tokenizer(settings.model_path)
+    sample = settings.input_sentence_size
+    return train_or_load(
+        lambda: sample_sentences(train, sample, config.seed),
+        content_key=f"{train.fingerprint}:{config.data.source_lang}-{config.data.target_lang}:"
+                    f"sample={sample}:seed={config.seed}",
+        cache_dir=os.path.join(default_data_dir(config.data.data_dir), "tfx_tokenizers"),
+        vocab_size=config.model.vocab_size, model_type=settings.model_type,
+        character_coverage=settings.character_coverage)
