@@ -84,3 +84,8 @@ def test_sampling_picks_whole_pairs_deterministically():
     assert all(t == "t" + s[1:] for s, t in zip(sample[::2], sample[1::2]))
     assert sample != list(tok.sample_sentences(pairs, 20, seed=4))
     assert len(list(tok.sample_sentences(pairs, 0))) == 200
+
+
+def test_vocab_smaller_than_the_characters_need_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"config.model.vocab_size=100 is smaller .* at least \d+"):
+        train_or_load(tmp_path, vocab_size=100)

@@ -86,11 +86,18 @@ def train_or_load(sentences: Callable[[], Iterable[str]], content_key: str, cach
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
                 max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
         except RuntimeError as error:
-            limit = re.search(r"<= (\d+)", str(error))
-            if limit:
+            too_big = re.search(r"<= (\d+)", str(error))
+            if too_big:
                 raise ValueError(
                     f"config.model.vocab_size={vocab_size} is larger than the training text "
-                    f"({content_key}) supports; use at most {limit.group(1)}."
+                    f"({content_key}) supports; use at most {too_big.group(1)}."
+                ) from None
+            too_small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error))
+            if too_small:
+                raise ValueError(
+                    f"config.model.vocab_size={vocab_size} is smaller than the characters and "
+                    f"256 byte pieces of the training text ({content_key}) need; use at least "
+                    f"{too_small.group(1)}."
                 ) from None
             raise
         os.replace(os.path.join(scratch, "spm.model"), path)

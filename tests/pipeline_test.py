@@ -1,0 +1,181 @@
+import collections
+import itertools
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from tfx.data import pipeline
+from tfx.data import tokenizer as tok
+from tfx.data.sources import open_split
+from tfx.parallel import batch_sharding, make_mesh
+
+NUM_PAIRS = 60
+WORDS = "red green blue small big old young dog cat man woman child runs sits looks at the a".split()
+
+
+def sentence(i: int, lang: str) -> str:
+    rng = np.random.default_rng(i)
+    words = rng.choice(WORDS, size=1 + i % 9)
+    return f"{lang} {i} " + " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A numbered corpus (pair i mentions i on both sides), its source and a tokenizer."""
+    root = tmp_path_factory.mktemp("corpus")
+    for lang in ("en", "de"):
+        (root / f"c.{lang}").write_text("".join(sentence(i, lang) + "\n" for i in range(NUM_PAIRS)))
+    source = open_split(f"text:{root}/c", "data.train", "en", "de", str(root / "tfds"))
+    tokenizer = tok.train_or_load(
+        lambda: (sentence(i, lang) for i in range(NUM_PAIRS) for lang in ("en", "de")),
+        "numbered", str(root / "spm"), vocab_size=300)
+    return source, tokenizer
+
+
+@pytest.fixture
+def config(tiny_config):
+    return tiny_config(model={"max_len": 64}, max_source_length=48, max_target_length=48, seed=5)
+
+
+def pair_key(inputs, targets) -> tuple:
+    return tuple(int(t) for t in inputs), tuple(int(t) for t in targets)
+
+
+def unpack(row: dict[str, np.ndarray]) -> list[tuple]:
+    """The pairs in a packed row, checking that positions restart at 0 in every segment."""
+    pairs = []
+    for segment in range(1, int(row["inputs_segment_ids"].max()) + 1):
+        parts = {}
+        for side in ("inputs", "targets"):
+            where = row[f"{side}_segment_ids"] == segment
+            np.testing.assert_array_equal(row[f"{side}_positions"][where], np.arange(where.sum()))
+            parts[side] = row[side][where]
+        pairs.append(pair_key(parts["inputs"], parts["targets"]))
+    return pairs
+
+
+def tokenized(corpus) -> list[tuple]:
+    source, tokenizer = corpus
+    return [pair_key(tokenizer.encode(source[i]["source"]), tokenizer.encode(source[i]["target"]))
+            for i in range(len(source))]
+
+
+def test_unpacking_gives_back_every_pair_exactly_once(corpus):
+    pairs = tokenized(corpus)
+    dataset = grain.MapDataset.source(
+        [{"inputs": np.array(a, np.int32), "targets": np.array(b, np.int32)} for a, b in pairs])
+    rows = list(pipeline.pack_or_pad(dataset.to_iter_dataset(), {"inputs": 48, "targets": 48},
+                                     pack=True, num_bins=4, seed=0))
+    assert len(rows) < len(pairs) / 2  # really packed
+    assert collections.Counter(p for row in rows for p in unpack(row)) == collections.Counter(pairs)
+
+
+def first_rows(iterator, count: int) -> list[dict]:
+    rows = []
+    while len(rows) < count:
+        batch = next(iterator)
+        rows += [{k: v[r] for k, v in batch.items()} for r in range(len(batch["inputs"]))]
+    return rows[:count]
+
+
+def padded_pair(row) -> tuple:
+    return pair_key(row["inputs"][row["inputs"] > 0], row["targets"][row["targets"] > 0])
+
+
+def test_two_processes_split_an_epoch_between_them_exactly(corpus, config):
+    config.data.pack = False
+    source, tokenizer = corpus
+    epochs = {}
+    for index in range(2):
+        iterator, _ = pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(index, 2, 3))
+        rows = first_rows(iterator, 2 * (NUM_PAIRS // 2))
+        epochs[index] = [padded_pair(r) for r in rows[: NUM_PAIRS // 2]]
+        second = [padded_pair(r) for r in rows[NUM_PAIRS // 2:]]
+        assert sorted(second) == sorted(epochs[index]) and second != epochs[index]  # reshuffled
+    assert not set(epochs[0]) & set(epochs[1])
+    assert sorted(epochs[0] + epochs[1]) == sorted(tokenized(corpus))
+
+
+def test_shuffle_follows_the_seed(corpus, config):
+    config.data.pack = False
+    source, tokenizer = corpus
+    orders = []
+    for seed in (5, 5, 6):
+        config.seed = seed
+        iterator, _ = pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(0, 1, 4))
+        orders.append([padded_pair(r) for r in first_rows(iterator, 12)])
+    assert orders[0] == orders[1] != orders[2]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_restored_iterator_continues_with_the_next_batch(corpus, config, pack):
+    config.data.pack = pack
+    source, tokenizer = corpus
+    iterator, _ = pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(0, 1, 4))
+    for _ in range(7):  # past the end of the first epoch
+        next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(20)]
+    restored, _ = pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(0, 1, 4))
+    restored.set_state(state)
+    for want, got in zip(expected, (next(restored) for _ in range(20))):
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_packed_train_rows_hold_whole_corpus_pairs(corpus, config):
+    source, tokenizer = corpus
+    iterator, counts = pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(0, 1, 4))
+    batch = next(iterator)
+    assert batch["inputs"].shape == batch["targets_positions"].shape == (4, 48)
+    assert batch["inputs"].dtype == np.int32
+    corpus_pairs = set(tokenized(corpus))
+    found = [p for r in range(4) for p in unpack({k: v[r] for k, v in batch.items()})]
+    assert len(found) > 4 and set(found) <= corpus_pairs
+    assert counts.read >= len(found) and counts.dropped_too_long + counts.truncated == 0
+
+
+def test_long_pairs_are_dropped_or_truncated_and_counted():
+    eos = tok.EOS_ID
+    pairs = [{"inputs": np.array([5, 6, 7, eos], np.int32), "targets": np.array([5, eos], np.int32)},
+             {"inputs": np.array([5, eos], np.int32), "targets": np.array([8, 9, eos], np.int32)},
+             {"inputs": np.array([eos], np.int32), "targets": np.array([8, eos], np.int32)}]
+    drop = pipeline.LengthPolicy(3, 3, "drop")
+    assert [drop(p) is None for p in pairs] == [True, False, True]
+    assert (drop.counts.read, drop.counts.dropped_too_long, drop.counts.dropped_empty) == (3, 1, 1)
+    cut = pipeline.LengthPolicy(3, 3, "truncate")
+    np.testing.assert_array_equal(cut(pairs[0])["inputs"], [5, 6, eos])
+    assert cut.counts.truncated == 1 and "1 truncated" in cut.counts.report()
+
+
+def test_eval_batches_see_every_example_once_in_order(corpus, config):
+    source, tokenizer = corpus
+    per_process = [pipeline.eval_batches(config, source, tokenizer, pipeline.Shard(i, 2, 7))
+                   for i in range(2)]
+    assert len(per_process[0]) == len(per_process[1]) == -(-NUM_PAIRS // 14)  # 5 batches of 14
+    indices = []
+    for batch in itertools.chain(*zip(*per_process)):
+        assert batch["inputs"].shape[1] % pipeline.LENGTH_MULTIPLE == 0
+        for row, index in enumerate(batch["index"]):
+            if index < 0:
+                assert not batch["inputs"][row].any() and not batch["targets"][row].any()
+                continue
+            indices.append(int(index))
+            pair = source[int(index)]
+            assert tokenizer.decode(batch["inputs"][row]) == pair["source"]
+            assert tokenizer.decode(batch["targets"][row]) == pair["target"]
+    assert indices == list(range(NUM_PAIRS))
+
+
+def test_process_shard_and_global_arrays_on_one_process():
+    mesh = make_mesh("data:2,fsdp:2,tensor:2")
+    sharding = batch_sharding(mesh, (("batch", ("data", "fsdp")),))
+    shard = pipeline.process_shard(sharding, 8)
+    assert shard == pipeline.Shard(index=0, count=1, rows=8)
+    batch = {"inputs": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
+    array = pipeline.to_global(batch, sharding, shard)["inputs"]
+    assert array.sharding == sharding and len(array.addressable_shards) == 8
+    np.testing.assert_array_equal(jax.device_get(array), batch["inputs"])

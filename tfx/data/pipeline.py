@@ -1,0 +1,182 @@
+"""The input pipeline (grain): tokenize, drop or truncate long pairs, shuffle, pack or pad, batch,
+and give each process only its own rows of the global batch.
+
+Train batches never end: each epoch is a fresh shuffle of this process's shard, seeded by
+config.seed. The grain iterator's `get_state()` / `set_state()` is saved with checkpoints, so a
+restore continues with exactly the batch that would have come next.
+
+Eval and test batches are finite and in order; every example is seen exactly once. Rows past
+the end of the split are empty (all padding, `index` -1), so nothing is dropped and an empty
+row adds nothing to a loss. The `index` of each row says which example it holds.
+
+Batches are dicts of numpy arrays [rows, length] with the keys the train step reads: `inputs`,
+`targets` and, when packed, `*_segment_ids` (0 = padding) and `*_positions`. `to_global`
+assembles the processes' rows into one jax.Array sharded over the mesh's data axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+
+from tfx.data.sources import PairSource
+from tfx.data.tokenizer import EOS_ID, Tokenizer
+
+LENGTH_MULTIPLE = 8  # eval rows are padded to a multiple of this (fewer distinct shapes).
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's part of every global batch: rows [index * rows, (index + 1) * rows)."""
+
+    index: int
+    count: int
+    rows: int
+
+
+def process_shard(sharding: NamedSharding, global_rows: int) -> Shard:
+    """The contiguous block of batch rows that this process's devices hold under `sharding`."""
+    row_slices = {s[0].indices(global_rows)[:2]
+                  for s in sharding.addressable_devices_indices_map((global_rows,)).values()}
+    start, stop = min(a for a, _ in row_slices), max(b for _, b in row_slices)
+    if sum(b - a for a, b in row_slices) != stop - start:
+        raise ValueError(f"this process's devices hold batch rows {sorted(row_slices)}, which "
+                         "are not one contiguous block; order the mesh devices by process.")
+    rows = stop - start
+    return Shard(index=start // rows, count=global_rows // rows, rows=rows)
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding, shard: Shard
+              ) -> dict[str, jax.Array]:
+    """One global jax.Array per key from each process's rows (see `process_shard`)."""
+    return {name: jax.make_array_from_process_local_data(
+                sharding, rows, (shard.rows * shard.count,) + rows.shape[1:])
+            for name, rows in batch.items()}
+
+
+@dataclasses.dataclass
+class LengthCounts:
+    """What the length policy did to the pairs this process has read so far."""
+
+    read: int = 0
+    dropped_too_long: int = 0
+    truncated: int = 0
+    dropped_empty: int = 0
+
+    def report(self) -> str:
+        return (f"{self.read} pairs read, {self.dropped_too_long} dropped as too long, "
+                f"{self.truncated} truncated, {self.dropped_empty} dropped as empty")
+
+
+class LengthPolicy:
+    """Keeps pairs within max lengths: drops or truncates (keeping EOS) the longer ones."""
+
+    def __init__(self, max_source_length: int, max_target_length: int, too_long: str):
+        self.max_lengths = {"inputs": max_source_length, "targets": max_target_length}
+        self.too_long = too_long
+        self.counts = LengthCounts()
+
+    def __call__(self, pair: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        self.counts.read += 1
+        if min(len(pair["inputs"]), len(pair["targets"])) <= 1:  # only EOS: an empty side.
+            self.counts.dropped_empty += 1
+            return None
+        if all(len(pair[k]) <= limit for k, limit in self.max_lengths.items()):
+            return pair
+        if self.too_long == "drop":
+            self.counts.dropped_too_long += 1
+            return None
+        self.counts.truncated += 1
+        return {k: truncate(tokens, self.max_lengths[k]) for k, tokens in pair.items()}
+
+
+def truncate(tokens: np.ndarray, length: int) -> np.ndarray:
+    """At most `length` tokens, still ending with EOS."""
+    if len(tokens) <= length:
+        return tokens
+    return np.append(tokens[: length - 1], np.int32(EOS_ID))
+
+
+class Tokenize(grain.transforms.Map):
+    """{"source", "target"} text -> {"inputs", "targets"} int32 ids ending with EOS."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def map(self, pair: dict[str, str]) -> dict[str, np.ndarray]:
+        return {"inputs": np.asarray(self.tokenizer.encode(pair["source"]), np.int32),
+                "targets": np.asarray(self.tokenizer.encode(pair["target"]), np.int32)}
+
+
+def pad_to(tokens: np.ndarray, length: int) -> np.ndarray:
+    return np.pad(tokens, (0, length - len(tokens)))
+
+
+def train_iterator(config: ml_collections.ConfigDict, source: PairSource, tokenizer: Tokenizer,
+                   shard: Shard) -> tuple[grain.DatasetIterator, LengthCounts]:
+    """This process's endless train batches of `shard.rows` rows, and the length-policy counts.
+
+    Each process shuffles its own 1/shard.count of the split, every epoch anew.
+    """
+    lengths = {"inputs": config.max_source_length, "targets": config.max_target_length}
+    policy = LengthPolicy(config.max_source_length, config.max_target_length, config.data.too_long)
+    pairs = (grain.MapDataset.source(source)[shard.index::shard.count]
+             .shuffle(seed=config.seed).repeat(None).map(Tokenize(tokenizer)))
+    dataset = pairs.to_iter_dataset()
+    if config.data.worker_count:
+        dataset = dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+    dataset = dataset.map(policy).filter(lambda pair: pair is not None)
+    rows = pack_or_pad(dataset, lengths, config.data.pack, 2 * shard.rows, config.seed)
+    return iter(rows.batch(shard.rows, drop_remainder=True)), policy.counts
+
+
+def pack_or_pad(pairs: grain.IterDataset, lengths: dict[str, int], pack: bool, num_bins: int,
+                seed: int) -> grain.IterDataset:
+    """Rows of `lengths`: several pairs per row (first fit over `num_bins` open rows, with
+    segment ids and positions), or one pair per row padded with 0."""
+    if pack:
+        return grain.experimental.FirstFitPackIterDataset(
+            pairs, length_struct=lengths, num_packing_bins=num_bins, seed=seed)
+    return pairs.map(lambda pair: {k: pad_to(v, lengths[k]) for k, v in pair.items()})
+
+
+def eval_length(lengths: list[int], max_len: int, what: str) -> int:
+    """Row length for an eval split: its longest example rounded up, at most model.max_len."""
+    longest = max(lengths)
+    if longest > max_len:
+        logging.warning("%d %s longer than config.model.max_len=%d are truncated.",
+                        sum(n > max_len for n in lengths), what, max_len)
+    return min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max_len)
+
+
+def eval_batches(config: ml_collections.ConfigDict, source: PairSource, tokenizer: Tokenizer,
+                 shard: Shard) -> list[dict[str, np.ndarray]]:
+    """This process's rows of every eval batch over `source`, in order (see module doc).
+
+    Rows are padded to the split's longest source and target (not packed), so the same
+    batches serve eval loss and decoding; `index` is the example's position in `source`.
+    """
+    pairs = grain.MapDataset.source(source).map(Tokenize(tokenizer)).to_iter_dataset()
+    examples = list(pairs)
+    max_len = config.model.max_len
+    lengths = {k: eval_length([len(e[k]) for e in examples], max_len, f"{source.spec} {k}")
+               for k in ("inputs", "targets")}
+    global_rows = shard.rows * shard.count
+    batches = []
+    for start in range(0, len(examples), global_rows):
+        first = start + shard.index * shard.rows
+        index = np.arange(first, first + shard.rows)
+        batch = {k: np.zeros((shard.rows, length), np.int32) for k, length in lengths.items()}
+        for row, i in enumerate(index):
+            if i < len(examples):
+                for k, length in lengths.items():
+                    batch[k][row] = pad_to(truncate(examples[i][k], length), length)
+        batch["index"] = np.where(index < len(examples), index, -1).astype(np.int32)
+        batches.append(batch)
+    return batches
