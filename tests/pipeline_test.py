@@ -179,3 +179,15 @@ def test_process_shard_and_global_arrays_on_one_process():
     array = pipeline.to_global(batch, sharding, shard)["inputs"]
     assert array.sharding == sharding and len(array.addressable_shards) == 8
     np.testing.assert_array_equal(jax.device_get(array), batch["inputs"])
+
+
+def test_worker_processes_give_the_same_batches(corpus, config):
+    source, tokenizer = corpus
+    batches = []
+    for workers in (0, 1):
+        config.data.worker_count = workers
+        iterator, _ = pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(0, 1, 4))
+        batches.append([next(iterator) for _ in range(6)])
+    for in_process, from_worker in zip(*batches):
+        for key in in_process:
+            np.testing.assert_array_equal(in_process[key], from_worker[key])

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from tfx.data.sources import open_split, read_lines
+from tfx.data.sources import open_split, open_splits, read_lines
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
 
@@ -91,3 +91,8 @@ def test_missing_and_empty_corpora_are_named(tmp_path):
 def test_tfds_names_and_language_pairs_are_checked_without_downloading(spec, message, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         open_split(spec, "data.train", "en", "de", str(tmp_path), prepare=False)
+
+
+def test_a_config_without_a_train_split_is_refused(tiny_config):
+    with pytest.raises(ValueError, match="config.data.train is empty"):
+        open_splits(tiny_config())

@@ -22,6 +22,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding
 
 from tfx.data.sources import PairSource
@@ -129,6 +130,8 @@ def train_iterator(config: ml_collections.ConfigDict, source: PairSource, tokeni
              .shuffle(seed=config.seed).repeat(None).map(Tokenize(tokenizer)))
     dataset = pairs.to_iter_dataset()
     if config.data.worker_count:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; callers may not use absl.
+            flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.data.worker_count))
     dataset = dataset.map(policy).filter(lambda pair: pair is not None)

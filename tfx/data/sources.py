@@ -12,12 +12,14 @@ random access, which grain's global shuffle and exact resume need. Each record i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
 import os
 from collections.abc import Iterator
 
+import ml_collections
 import tensorflow_datasets as tfds
 import tensorflow_datasets.translate  # noqa: F401  (registers the WMT builders; tfds imports them lazily)
 
@@ -109,11 +111,11 @@ class ParallelTextBuilder(tfds.core.GeneratorBasedBuilder):
 class PairSource:
     """Random access over a prepared split: `len(source)`, `source[i]` -> source/target text."""
 
-    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, source_lang: str,
-                 target_lang: str, spec: str):
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, open_args: tuple):
         self.records = builder.as_data_source(split=split)
-        self.languages = (source_lang, target_lang)
-        self.spec = spec
+        self.open_args = open_args  # (spec, key, source_lang, target_lang, data_dir)
+        self.spec = open_args[0]
+        self.languages = open_args[2:4]
         # What identifies the content: the tokenizer cache key builds on it.
         self.fingerprint = f"{builder.name}/{builder.builder_config.name}:{builder.version}:{split}"
         self.skipped_empty = int(builder.info.metadata.get("skipped_empty", 0)) if (
@@ -121,6 +123,9 @@ class PairSource:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def __reduce__(self):  # grain's worker processes reopen the prepared split.
+        return open_split, self.open_args + (False,)
 
     def __getitem__(self, index: int) -> dict[str, str]:
         record = self.records[index]
@@ -151,9 +156,26 @@ def _tfds_builder(name: str, key: str, data_dir: str, languages: tuple[str, str]
     return builder
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Hides TFDS's warnings about custom configs and not-yet-prepared folders (expected here)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def open_split(spec: str, key: str, source_lang: str, target_lang: str, data_dir: str,
                prepare: bool = True) -> PairSource:
     """Opens the split `spec` (named by config `key` in errors), preparing it on first use."""
+    with _quiet_tfds():
+        return _open_split(spec, key, source_lang, target_lang, data_dir, prepare)
+
+
+def _open_split(spec, key, source_lang, target_lang, data_dir, prepare) -> PairSource:
     kind, _, rest = spec.partition(":")
     data_dir = default_data_dir(data_dir)
     languages = (source_lang, target_lang)
@@ -176,4 +198,13 @@ def open_split(spec: str, key: str, source_lang: str, target_lang: str, data_dir
     if split.split("[")[0] not in builder.info.splits:
         raise ValueError(f"config.{key}={spec!r}: no split {split!r}; the dataset has "
                          f"{sorted(builder.info.splits)}.")
-    return PairSource(builder, split, source_lang, target_lang, spec)
+    return PairSource(builder, split, (spec, key, source_lang, target_lang, data_dir))
+
+
+def open_splits(config: ml_collections.ConfigDict, prepare: bool = True) -> dict[str, PairSource]:
+    """The config's train/eval/test splits that are set (train is required)."""
+    if not config.data.train:
+        raise ValueError(f"config.data.train is empty; set it to {SPEC_FORMS}.")
+    return {which: open_split(config.data[which], f"data.{which}", config.data.source_lang,
+                              config.data.target_lang, config.data.data_dir, prepare)
+            for which in ("train", "eval", "test") if config.data[which]}

@@ -1,0 +1,89 @@
+"""Input-pipeline throughput alone: prints one JSON line (its last line).
+
+    python bench/input.py --config configs/multi30k.py [--batches 200] [--train-config configs/wmt_base.py:base]
+
+Reads the config's train split through the real pipeline (tokenize, length policy, shuffle,
+pack or pad, batch) at the global batch size of this machine's devices and times `--batches`
+batches after the first. With --train-config (default :base; "" skips it), it also runs
+bench/train.py on the same machine, right after, and reports the ratio of what the pipeline
+delivers to what that train step consumes (target tokens per second).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from tfx import config as config_lib
+from tfx import parallel
+from tfx.data import pipeline, sources
+from tfx.data import tokenizer as tokenizer_lib
+
+
+def train_step_consumption(train_config: str) -> dict:
+    """bench/train.py's JSON line for `train_config`, run in a fresh process."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    output = subprocess.run([sys.executable, script, "--config", train_config, "--steps", "5"],
+                            check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/multi30k.py")
+    parser.add_argument("--batches", type=int, default=200, help="timed batches (after the first)")
+    parser.add_argument("--train-config", default="configs/wmt_base.py:base",
+                        help='bench/train.py config to compare with; "" skips it')
+    args = parser.parse_args()
+
+    config = config_lib.load(args.config)
+    start = time.perf_counter()
+    train = sources.open_splits(config)["train"]
+    tokenizer = tokenizer_lib.from_config(config, train)
+    mesh = parallel.make_mesh(config.mesh_shape)
+    global_rows = config.per_device_batch_size * parallel.data_parallel_size(
+        mesh, config.logical_axis_rules)
+    shard = pipeline.process_shard(parallel.batch_sharding(mesh, config.logical_axis_rules),
+                                   global_rows)
+    batches, counts = pipeline.train_iterator(config, train, tokenizer, shard)
+    next(batches)
+    startup_s = time.perf_counter() - start
+
+    examples = target_tokens = positions = 0
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        batch = next(batches)
+        if config.data.pack:
+            examples += int(batch["targets_segment_ids"].max(axis=1).sum())
+        else:
+            examples += int((batch["targets"][:, 0] > 0).sum())
+        target_tokens += int(np.count_nonzero(batch["targets"]))
+        positions += batch["targets"].size
+    elapsed = time.perf_counter() - start
+
+    result = dict(
+        config=args.config, split=config.data.train, pack=config.data.pack,
+        worker_count=config.data.worker_count, process_rows=shard.rows,
+        row_length=config.max_target_length, batches=args.batches, startup_s=round(startup_s, 2),
+        examples_per_sec=round(examples / elapsed, 1),
+        target_tokens_per_sec=round(target_tokens / elapsed, 1),
+        non_padding_fraction=round(target_tokens / positions, 4), length_policy=counts.report(),
+        devices=jax.device_count(),
+    )
+    if args.train_config:
+        consumed = train_step_consumption(args.train_config)
+        result.update(train_config=args.train_config,
+                      train_target_tokens_per_sec=consumed["target_tokens_per_sec"],
+                      input_over_train=round(result["target_tokens_per_sec"]
+                                             / consumed["target_tokens_per_sec"], 1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""A small Transformer on the bundled Multi30k en-de (data/multi30k-en-de): trains on a laptop CPU.
+
+Validation is Multi30k's valid split, the test split is test2016 (flickr), as in the WMT16
+multimodal task. `configs/multi30k.py:de-en` translates the other way.
+"""
+import os
+
+import ml_collections
+
+from tfx.config import default_config
+
+DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data",
+                                    "multi30k-en-de"))
+
+
+def get_config(direction: str = "en-de") -> ml_collections.ConfigDict:
+    if direction not in ("en-de", "de-en"):
+        raise ValueError(f"configs/multi30k.py:{direction}: unknown direction; use en-de or de-en.")
+    config = default_config()
+    config.variant = direction
+    config.model.update(dict(vocab_size=8000, emb_dim=256, mlp_dim=1024, num_heads=4,
+                             num_kv_heads=4, num_encoder_layers=3, num_decoder_layers=3,
+                             dropout_rate=0.1, max_len=128))
+    source_lang, target_lang = direction.split("-")
+    config.data.update(dict(source_lang=source_lang, target_lang=target_lang,
+                            train=f"text:{DATA}/train", eval=f"text:{DATA}/valid",
+                            test=f"text:{DATA}/test_2016_flickr"))
+    config.learning_rate = 2e-3
+    config.warmup_steps = 1000
+    config.num_train_steps = 10_000
+    config.per_device_batch_size = 32
+    config.max_source_length = 64
+    config.max_target_length = 64
+    return config

@@ -1,0 +1,39 @@
+"""Downloads and prepares a config's data splits and trains its vocabulary, once.
+
+    python -m tfx.data.prepare --config configs/wmt_base.py [--config.data.data_dir=gs://...]
+
+Run it once on one machine before training on many (a TPU pod's workers then only read).
+Training prepares whatever is missing on first use too; this command just does it up front
+and prints what it found.
+"""
+from __future__ import annotations
+
+import numpy as np
+from absl import app
+from ml_collections import config_flags
+
+from tfx import config as config_lib
+from tfx.data import sources
+from tfx.data import tokenizer as tokenizer_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
+
+
+def main(argv):
+    del argv
+    config = config_lib.validate(_CONFIG.value)
+    splits = sources.open_splits(config)
+    for which, split in splits.items():
+        print(f"{which}: {split.spec}: {len(split)} pairs ({split.skipped_empty} skipped empty)")
+    tokenizer = tokenizer_lib.from_config(config, splits["train"])
+    print(f"tokenizer: {tokenizer.path} ({tokenizer.vocab_size} pieces)")
+    sample = [splits["train"][i] for i in range(0, len(splits["train"]),
+                                                 max(1, len(splits["train"]) // 2000))]
+    for side, limit in (("source", config.max_source_length), ("target", config.max_target_length)):
+        lengths = np.array([len(tokenizer.encode(pair[side])) for pair in sample])
+        print(f"train {side} tokens: median {np.median(lengths):.0f}, 99th percentile "
+              f"{np.percentile(lengths, 99):.0f}, {np.mean(lengths > limit):.2%} over {limit}")
+
+
+if __name__ == "__main__":
+    app.run(main)
