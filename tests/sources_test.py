@@ -68,6 +68,9 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
     path = write(tmp_path / "bad.de", b"gut\nnoch gut\nschlecht \xff hier\n")
     with pytest.raises(ValueError, match=r"bad\.de:3: invalid UTF-8 \(byte 0xff at column 10\)"):
         list(read_lines(path))
+    write(tmp_path / "bad.en", b"good\nstill good\nbad here\n")
+    with pytest.raises(ValueError, match=r"bad\.de:3: invalid UTF-8"):
+        text_split(tmp_path / "bad", tmp_path)
 
 
 def test_missing_and_empty_corpora_are_named(tmp_path):
