@@ -71,22 +71,41 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
         self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.activation_dropout_rate, dtype, rngs)
 
-    def __call__(self, y_BxTxD, encoded_BxSxD, self_mask_Bx1xTxT, cross_mask_Bx1xTxS, rngs):
-        y_BxTxD = residual(y_BxTxD, self.self_attention_norm, self.pre_norm, self.dropout_rate, rngs,
-                           lambda h: self.self_attention(h, h, self_mask_Bx1xTxT, rngs))
+    def __call__(self, y_BxTxD, cross_kv, self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs, cache=None, index=0):
+        """The layer over T positions, given its cross-attention (keys, values) of the encoder states.
+
+        Returns y and the self-attention (keys, values) attended, [B, L, K, H] each: the T
+        positions' own (L = T), or, given a `cache` of L slots, the cache with the T new ones
+        written at slots index..index+T-1 (incremental decoding).
+        """
+        def self_attention(h_BxTxD):
+            k, v = self.self_attention.project_kv(h_BxTxD)
+            if cache is not None:
+                k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, index, axis=1)
+                v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, index, axis=1)
+            return self.self_attention.attend(h_BxTxD, k, v, self_mask_Bx1xTxL, rngs), (k, v)
+
+        y_BxTxD, kv = residual(y_BxTxD, self.self_attention_norm, self.pre_norm, self.dropout_rate, rngs,
+                               self_attention, has_aux=True)
         y_BxTxD = residual(y_BxTxD, self.cross_attention_norm, self.pre_norm, self.dropout_rate, rngs,
-                           lambda h: self.cross_attention(h, encoded_BxSxD, cross_mask_Bx1xTxS, rngs))
-        return residual(y_BxTxD, self.mlp_norm, self.pre_norm, self.dropout_rate, rngs,
-                        lambda h: self.mlp(h, rngs))
+                           lambda h: self.cross_attention.attend(h, *cross_kv, cross_mask_Bx1xTxS, rngs))
+        y_BxTxD = residual(y_BxTxD, self.mlp_norm, self.pre_norm, self.dropout_rate, rngs,
+                           lambda h: self.mlp(h, rngs))
+        return y_BxTxD, kv
 
 
-def residual(x_BxLxD, norm: Norm, pre_norm: bool, rate: float, rngs, sublayer):
-    """x + dropout(sublayer(norm(x))) for pre-LN; norm(x + dropout(sublayer(x))) for post-LN."""
-    if pre_norm:
-        out_BxLxD = x_BxLxD + dropout(sublayer(norm(x_BxLxD)), rate, rngs)
-    else:
-        out_BxLxD = norm(x_BxLxD + dropout(sublayer(x_BxLxD), rate, rngs))
-    return fusion_barrier(constrain(out_BxLxD, ACTIVATION_AXES))
+def residual(x_BxLxD, norm: Norm, pre_norm: bool, rate: float, rngs, sublayer, has_aux: bool = False):
+    """x + dropout(sublayer(norm(x))) for pre-LN; norm(x + dropout(sublayer(x))) for post-LN.
+
+    With `has_aux` (as in jax.grad), `sublayer` returns (out, aux), and so does `residual`.
+    """
+    out = sublayer(norm(x_BxLxD) if pre_norm else x_BxLxD)
+    out, aux = out if has_aux else (out, None)
+    out_BxLxD = x_BxLxD + dropout(out, rate, rngs)
+    if not pre_norm:
+        out_BxLxD = norm(out_BxLxD)
+    out_BxLxD = fusion_barrier(constrain(out_BxLxD, ACTIVATION_AXES))
+    return (out_BxLxD, aux) if has_aux else out_BxLxD
 
 
 class EncoderDecoder(nnx.Module):
@@ -94,6 +113,7 @@ class EncoderDecoder(nnx.Module):
 
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
         self.emb_dim, self.dropout_rate, self.positions = cfg.emb_dim, cfg.dropout_rate, cfg.positions
+        self.max_len = cfg.max_len
         self.pre_norm, self.logits_via_embedding = cfg.norm_position == "pre", cfg.logits_via_embedding
         dtype = jnp.dtype(cfg.dtype)
         self.source_embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype, rngs)
@@ -135,12 +155,35 @@ class EncoderDecoder(nnx.Module):
     def decode(self, encoded_BxSxD, inputs_segment_ids_BxS, decoder_inputs_BxT,
                targets_segment_ids_BxT, targets_positions_BxT, rngs=None):
         """Logits [B, T, V] (float32) for decoder inputs that are already shifted right."""
-        y_BxTxD = self._embed(self.target_embed, getattr(self, "target_positions", None),
-                              decoder_inputs_BxT, targets_positions_BxT, rngs)
         self_mask = attention_mask(targets_segment_ids_BxT, targets_segment_ids_BxT, causal=True)
         cross_mask = attention_mask(targets_segment_ids_BxT, inputs_segment_ids_BxS, causal=False)
-        for layer in self.decoder_layers:
-            y_BxTxD = layer(y_BxTxD, encoded_BxSxD, self_mask, cross_mask, rngs)
+        y_BxTxD, _ = self.decoder_states(decoder_inputs_BxT, targets_positions_BxT,
+                                         self.cross_kv(encoded_BxSxD), self_mask, cross_mask, rngs)
+        return self.logits(y_BxTxD)
+
+    def cross_kv(self, encoded_BxSxD) -> list[tuple[jax.Array, jax.Array]]:
+        """Each decoder layer's cross-attention (keys, values) of the encoder states, [B, S, K, H]."""
+        return [layer.cross_attention.project_kv(encoded_BxSxD) for layer in self.decoder_layers]
+
+    def decoder_states(self, decoder_inputs_BxT, positions_BxT, cross_kv, self_mask_Bx1xTxL,
+                       cross_mask_Bx1xTxS, rngs=None, caches=None, index=0):
+        """The last decoder layer's states [B, T, D], and each layer's self-attention (keys, values).
+
+        For incremental decoding, `caches` holds each layer's (keys, values) of L slots: the T
+        positions are written at slots index..index+T-1 and `self_mask_Bx1xTxL` says which slots
+        each position attends to (see `DecoderLayer`).
+        """
+        y_BxTxD = self._embed(self.target_embed, getattr(self, "target_positions", None),
+                              decoder_inputs_BxT, positions_BxT, rngs)
+        kvs = []
+        for i, layer in enumerate(self.decoder_layers):
+            y_BxTxD, kv = layer(y_BxTxD, cross_kv[i], self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs,
+                                None if caches is None else caches[i], index)
+            kvs.append(kv)
+        return y_BxTxD, kvs
+
+    def logits(self, y_BxTxD) -> jax.Array:
+        """Logits [B, T, V] (float32) of decoder states: the final norm (pre-LN), then the output projection."""
         if self.pre_norm:
             y_BxTxD = self.decoder_norm(y_BxTxD)
         if self.logits_via_embedding:

@@ -1,0 +1,285 @@
+"""Translation: beam search, greedy decoding or sampling, with a key/value cache.
+
+    translate = decode.make_translate(config, graphdef, mesh, params_shardings)
+    tokens_BxT = translate(params, inputs_BxS)  # best hypotheses: EOS-terminated, 0 after
+
+`make_translate` jit-compiles `translate(model, inputs_BxS, options, rng)` (traceable) with the
+batch sharded over the mesh's data axes; `Options.from_config` reads `config.decode`. Token 0
+is padding and the decoder's start token, 1 is EOS; 0 is never generated.
+
+Output length: at most the longest source of the batch (non-pad tokens) plus
+`max_length_offset` tokens, within the model's `max_len`; the last allowed token is EOS.
+
+Incremental decoding: the encoder runs once; each decoder layer's cross-attention keys/values
+are projected once per sentence ([B, S, K, H]); self-attention keys/values (K = num_kv_heads)
+go into a cache. The W hypotheses (beams) of a sentence are decoded as W query positions of one
+row, so cross-attention reads the sentence's keys/values without copying them per beam. The
+self-attention cache of a row has a slot for each (step j, beam w), at j * W + w, written once:
+a beam attends to the slots of its ancestors, which a [B, W, L] table names. Reordering beams
+gathers that table, never the cache (scoring W-fold the slots is cheap next to the projections).
+
+Beam search (as fairseq): each step takes the 2W best extensions of the W beams; those ending
+in EOS among the first W finish, scored with the GNMT length penalty
+log p / ((5 + length) / 6) ** length_penalty (length counts EOS), and the best W others go on.
+A sentence is done when W hypotheses have finished; the loop stops when every sentence is done.
+Sampling draws from softmax(log p / temperature) within the top_k tokens and the top_p mass.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+from tfx import parallel
+from tfx.model.transformer import EncoderDecoder, attention_mask
+
+PAD, EOS = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """`config.decode`, plus two switches for tests and benchmarks."""
+
+    strategy: str  # beam, greedy or sample.
+    beam_size: int
+    length_penalty: float
+    max_length_offset: int
+    temperature: float
+    top_k: int
+    top_p: float
+    forced_length: int = 0  # > 0: exactly this many tokens per hypothesis, EOS forbidden.
+    full_recompute: bool = False  # no cache: rerun the decoder over the whole prefix each step.
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> Options:
+        return cls(**{**config.decode.to_dict(), **overrides})
+
+
+def make_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
+                   params_shardings: nnx.State, **overrides) -> Callable:
+    """jit-compiled `translate(params, inputs_BxS, rng=None) -> tokens_BxT` on `mesh`.
+
+    `overrides` replace fields of `Options.from_config(config)`. `rng` (a PRNG key) only matters
+    for sampling; None means key 0.
+    """
+    options = Options.from_config(config, **overrides)
+    rules = config.logical_axis_rules
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    rows_per_shard = parallel.data_parallel_size(mesh, rules)
+
+    @jax.jit
+    def run(params, inputs_BxS, rng):
+        with parallel.activation_sharding(mesh, rules):
+            return translate(nnx.merge(graphdef, params), inputs_BxS, options, rng)
+
+    def translate_batch(params, inputs_BxS, rng=None):
+        if inputs_BxS.shape[0] % rows_per_shard:
+            raise ValueError(
+                f"a batch of {inputs_BxS.shape[0]} sentences cannot be split over the "
+                f"{rows_per_shard}-way data axes of config.mesh_shape={config.mesh_shape!r}; "
+                f"make the decoding batch a multiple of {rows_per_shard}.")
+        params = jax.device_put(params, params_shardings)
+        inputs_BxS = jax.device_put(inputs_BxS, batch_sharding)
+        return run(params, inputs_BxS, jax.random.PRNGKey(0) if rng is None else rng)
+
+    return translate_batch
+
+
+def translate(model: EncoderDecoder, inputs_BxS: jax.Array, options: Options,
+              rng: jax.Array | None = None) -> jax.Array:
+    """Best translations [B, T] of right-padded sources [B, S] (T: the longest output allowed)."""
+    if options.strategy not in ("beam", "greedy", "sample"):
+        raise ValueError(f"decode strategy {options.strategy!r} is not one of 'beam', 'greedy', 'sample'.")
+    segment_BxS = (inputs_BxS > 0).astype(jnp.int32)
+    encoded_BxSxD = model.encode(inputs_BxS, segment_BxS)
+    length, limit = _output_length(model.max_len, segment_BxS, options)
+    width = options.beam_size if options.strategy == "beam" else 1
+    make_decoder = _full_decoder if options.full_recompute else _cached_decoder
+    decoder = make_decoder(model, encoded_BxSxD, segment_BxS, width, length)
+    if options.strategy == "beam":
+        return _beam_search(decoder, inputs_BxS.shape[0], width, length, limit, options)
+    if options.strategy == "sample" and rng is None:
+        raise ValueError("sampling needs an rng key.")
+    return _sample(decoder, inputs_BxS.shape[0], length, limit, options, rng)
+
+
+def _output_length(max_len: int, segment_BxS, options: Options) -> tuple[int, jax.Array]:
+    """(static buffer length, dynamic number of steps) of the outputs."""
+    if options.forced_length:
+        if options.forced_length > max_len:
+            raise ValueError(f"forced_length={options.forced_length} exceeds config.model.max_len={max_len}.")
+        return options.forced_length, jnp.asarray(options.forced_length)
+    length = min(segment_BxS.shape[1] + options.max_length_offset, max_len)
+    longest_source = jnp.max(jnp.sum(segment_BxS, axis=1))
+    return length, jnp.clip(longest_source + options.max_length_offset, 1, length)
+
+
+class _Decoder(NamedTuple):
+    """Next-token logits of W hypotheses per sentence, step by step.
+
+    `step(state, tokens_BxWxL, t) -> (logits_BxWxV, state)` scores position t of hypotheses
+    whose tokens before t are given; `reorder(state, parents_BxW)` makes beam w continue beam
+    parents[:, w].
+    """
+    state: Any
+    step: Callable
+    reorder: Callable
+
+
+def _cached_decoder(model, encoded_BxSxD, source_segment_BxS, width, length) -> _Decoder:
+    batch = encoded_BxSxD.shape[0]
+    cross_kv = model.cross_kv(encoded_BxSxD)
+    cross_mask_Bx1xWxS = attention_mask(jnp.ones((batch, width), jnp.int32), source_segment_BxS, causal=False)
+    caches = [tuple(parallel.constrain(jnp.zeros((batch, length * width) + k.shape[2:], k.dtype),
+                                       ("batch", "length", "kv_heads", "head_dim")) for _ in "kv")
+              for k, _ in cross_kv]
+    beams_W = jnp.arange(width)
+    ancestors_BxWxL = jnp.broadcast_to(beams_W[None, :, None], (batch, width, length))
+
+    def step(state, tokens_BxWxL, t):
+        caches, ancestors_BxWxL = state
+        ancestors_BxWxL = jax.lax.dynamic_update_slice_in_dim(
+            ancestors_BxWxL, jnp.broadcast_to(beams_W[None, :, None], (batch, width, 1)), t, axis=2)
+        # Beam w sees slot (j, u) if j <= t and u is its ancestor at step j.
+        visible_BxWxLxW = ((ancestors_BxWxL[..., None] == beams_W[None, None, None, :])
+                           & (jnp.arange(length) <= t)[None, None, :, None])
+        self_mask = visible_BxWxLxW.reshape(batch, 1, width, length * width)
+        previous_BxWx1 = jax.lax.dynamic_slice_in_dim(tokens_BxWxL, jnp.maximum(t - 1, 0), 1, axis=2)
+        inputs_BxW = jnp.where(t == 0, PAD, previous_BxWx1[..., 0])
+        y_BxWxD, caches = model.decoder_states(inputs_BxW, jnp.full((batch, width), t), cross_kv,
+                                               self_mask, cross_mask_Bx1xWxS, caches=caches,
+                                               index=t * width)
+        return model.logits(y_BxWxD), (caches, ancestors_BxWxL)
+
+    def reorder(state, parents_BxW):
+        caches, ancestors_BxWxL = state
+        return caches, jnp.take_along_axis(ancestors_BxWxL, parents_BxW[..., None], axis=1)
+
+    return _Decoder((caches, ancestors_BxWxL), step, reorder)
+
+
+def _full_decoder(model, encoded_BxSxD, source_segment_BxS, width, length) -> _Decoder:
+    """No cache: each step reruns the decoder (and its cross-attention projections) on the prefix."""
+    batch = encoded_BxSxD.shape[0]
+    encoded_RxSxD = jnp.repeat(encoded_BxSxD, width, axis=0)
+    segment_RxL = jnp.ones((batch * width, length), jnp.int32)
+    self_mask = attention_mask(segment_RxL, segment_RxL, causal=True)
+    cross_mask = attention_mask(segment_RxL, jnp.repeat(source_segment_BxS, width, axis=0), causal=False)
+    positions_RxL = jnp.broadcast_to(jnp.arange(length), (batch * width, length))
+
+    def step(state, tokens_BxWxL, t):
+        inputs_RxL = jnp.pad(tokens_BxWxL.reshape(batch * width, length), ((0, 0), (1, 0)))[:, :-1]
+        y_RxLxD, _ = model.decoder_states(inputs_RxL, positions_RxL, model.cross_kv(encoded_RxSxD),
+                                          self_mask, cross_mask)
+        logits_Rx1xV = model.logits(jax.lax.dynamic_slice_in_dim(y_RxLxD, t, 1, axis=1))
+        return logits_Rx1xV.reshape(batch, width, -1), state
+
+    return _Decoder((), step, lambda state, parents_BxW: state)
+
+
+def _log_probs(logits_BxWxV, t, limit, options: Options) -> jax.Array:
+    """log p of the next tokens, -inf where not allowed: PAD always; EOS only at the last step,
+    or never with `forced_length`."""
+    vocab_V = jnp.arange(logits_BxWxV.shape[-1])
+    if options.forced_length:
+        banned_V = (vocab_V == PAD) | (vocab_V == EOS)
+    else:
+        banned_V = (vocab_V == PAD) | ((t == limit - 1) & (vocab_V != EOS))
+    return jnp.where(banned_V[None, None, :], -jnp.inf, jax.nn.log_softmax(logits_BxWxV, axis=-1))
+
+
+def _sample(decoder: _Decoder, batch, length, limit, options: Options, rng) -> jax.Array:
+    """Greedy decoding, or sampling: one hypothesis per sentence, until EOS or `limit` tokens."""
+
+    def body(carry):
+        t, tokens_BxL, done_B, state = carry
+        logits_Bx1xV, state = decoder.step(state, tokens_BxL[:, None, :], t)
+        log_probs_BxV = _log_probs(logits_Bx1xV, t, limit, options)[:, 0]
+        if options.strategy == "greedy":
+            token_B = jnp.argmax(log_probs_BxV, axis=-1)
+        else:
+            token_B = jax.random.categorical(jax.random.fold_in(rng, t), _filtered(log_probs_BxV, options))
+        token_B = jnp.where(done_B, PAD, token_B).astype(jnp.int32)
+        tokens_BxL = jax.lax.dynamic_update_slice_in_dim(tokens_BxL, token_B[:, None], t, axis=1)
+        return t + 1, tokens_BxL, done_B | (token_B == EOS), state
+
+    def cond(carry):
+        t, _, done_B, _ = carry
+        return (t < limit) & ~jnp.all(done_B)
+
+    init = (jnp.asarray(0), jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch,), bool), decoder.state)
+    return jax.lax.while_loop(cond, body, init)[1]
+
+
+def _filtered(log_probs_BxV, options: Options) -> jax.Array:
+    """Sampling logits: scaled by 1 / temperature, -inf outside the top_k and the top_p mass."""
+    logits_BxV = log_probs_BxV / options.temperature
+    if options.top_k:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, options.top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if options.top_p < 1.0:
+        sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        # The smallest set of most likely tokens whose mass reaches top_p.
+        keep_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < options.top_p
+        cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+    return logits_BxV
+
+
+class _Beams(NamedTuple):
+    t: jax.Array
+    alive_BxWxL: jax.Array  # tokens of the hypotheses going on, best first.
+    alive_log_probs_BxW: jax.Array
+    finished_BxWxL: jax.Array  # the best finished hypotheses, best first.
+    finished_scores_BxW: jax.Array  # length-penalised log p; -inf: empty.
+    num_finished_B: jax.Array
+    state: Any
+
+
+def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Options) -> jax.Array:
+    def body(b: _Beams) -> _Beams:
+        logits_BxWxV, state = decoder.step(b.state, b.alive_BxWxL, b.t)
+        log_probs_BxWxV = b.alive_log_probs_BxW[..., None] + _log_probs(logits_BxWxV, b.t, limit, options)
+        vocab = log_probs_BxWxV.shape[-1]
+        top_log_probs_Bx2W, top_Bx2W = jax.lax.top_k(log_probs_BxWxV.reshape(batch, -1), 2 * width)
+        parents_Bx2W, tokens_Bx2W = top_Bx2W // vocab, top_Bx2W % vocab
+        candidates_Bx2WxL = jax.lax.dynamic_update_slice_in_dim(
+            jnp.take_along_axis(b.alive_BxWxL, parents_Bx2W[..., None], axis=1),
+            tokens_Bx2W[..., None], b.t, axis=2)
+        ends_Bx2W = (tokens_Bx2W == EOS) | (b.t == limit - 1)
+
+        finishing_Bx2W = ends_Bx2W & (jnp.arange(2 * width) < width)[None, :] & jnp.isfinite(top_log_probs_Bx2W)
+        penalty = ((5.0 + b.t + 1) / 6.0) ** options.length_penalty
+        scores_Bx2W = jnp.where(finishing_Bx2W, top_log_probs_Bx2W / penalty, -jnp.inf)
+        finished_scores_BxW, best_Bx3W = jax.lax.top_k(
+            jnp.concatenate([b.finished_scores_BxW, scores_Bx2W], axis=1), width)
+        finished_BxWxL = jnp.take_along_axis(
+            jnp.concatenate([b.finished_BxWxL, candidates_Bx2WxL], axis=1), best_Bx3W[..., None], axis=1)
+        num_finished_B = b.num_finished_B + jnp.sum(finishing_Bx2W, axis=1)
+
+        alive_log_probs_BxW, keep_BxW = jax.lax.top_k(jnp.where(ends_Bx2W, -jnp.inf, top_log_probs_Bx2W), width)
+        alive_BxWxL = jnp.take_along_axis(candidates_Bx2WxL, keep_BxW[..., None], axis=1)
+        state = decoder.reorder(state, jnp.take_along_axis(parents_Bx2W, keep_BxW, axis=1))
+
+        done_B = b.num_finished_B >= width  # done sentences keep their hypotheses.
+        return _Beams(
+            b.t + 1, alive_BxWxL, alive_log_probs_BxW,
+            jnp.where(done_B[:, None, None], b.finished_BxWxL, finished_BxWxL),
+            jnp.where(done_B[:, None], b.finished_scores_BxW, finished_scores_BxW),
+            jnp.where(done_B, b.num_finished_B, num_finished_B), state)
+
+    def cond(b: _Beams):
+        return (b.t < limit) & jnp.any(b.num_finished_B < width)
+
+    first_W = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)  # one start hypothesis.
+    empty_BxWxL = jnp.zeros((batch, width, length), jnp.int32)
+    init = _Beams(jnp.asarray(0), empty_BxWxL, jnp.broadcast_to(first_W, (batch, width)), empty_BxWxL,
+                  jnp.full((batch, width), -jnp.inf), jnp.zeros((batch,), jnp.int32), decoder.state)
+    return jax.lax.while_loop(cond, body, init).finished_BxWxL[:, 0]
