@@ -18,6 +18,7 @@ POSITIONS = ("sinusoidal", "learned")
 DTYPES = ("float32", "bfloat16")
 DECODE_STRATEGIES = ("beam", "greedy", "sample")
 TOO_LONG_POLICIES = ("drop", "truncate")
+NONFINITE_POLICIES = ("stop", "skip")
 TOKENIZER_MODEL_TYPES = ("unigram", "bpe")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("rsqrt", "cosine")
@@ -125,6 +126,13 @@ def default_config() -> ml_collections.ConfigDict:
             per_device_batch_size=16,
             max_source_length=64,
             max_target_length=64,
+            # Training loop (train.py). Steps count optimizer updates.
+            log_every_steps=50,  # metrics to the JSONL/TensorBoard files and the progress bar.
+            eval_every_steps=1000,  # eval loss and BLEU on data.eval; 0 disables.
+            eval_bleu_examples=0,  # periodic BLEU on the first N eval pairs; 0: all of them.
+            checkpoint_every_steps=1000,
+            keep_checkpoints=3,  # the latest K, plus the best by eval BLEU.
+            nonfinite_loss="stop",  # stop: exit naming the step; skip: leave the state unchanged.
             # Parallelism.
             mesh_shape="data:-1,fsdp:1,tensor:1",
             logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES,
@@ -182,16 +190,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(config, "tokenizer.model_type", TOKENIZER_MODEL_TYPES)
     _check_choice(config, "decode.strategy", DECODE_STRATEGIES)
     _check_choice(config, "data.too_long", TOO_LONG_POLICIES)
+    _check_choice(config, "nonfinite_loss", NONFINITE_POLICIES)
     _check_choice(config, "optimizer", OPTIMIZERS)
     _check_choice(config, "schedule", SCHEDULES)
     for key in ("model.vocab_size", "model.emb_dim", "model.num_heads", "model.num_kv_heads",
                 "model.mlp_dim", "model.max_len", "per_device_batch_size", "max_source_length",
                 "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps",
-                "per_device_eval_batch_size", "decode.beam_size", "decode.temperature"):
+                "per_device_eval_batch_size", "decode.beam_size", "decode.temperature",
+                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _check_positive(config, key)
     for key in ("model.num_encoder_layers", "model.num_decoder_layers", "model.head_dim",
                 "warmup_steps", "weight_decay", "grad_clip_norm", "z_loss", "decode.length_penalty",
-                "decode.max_length_offset", "decode.top_k", "data.worker_count"):
+                "decode.max_length_offset", "decode.top_k", "data.worker_count", "eval_every_steps",
+                "eval_bleu_examples"):
         _check_positive(config, key, allow_zero=True)
     for key in ("model.dropout_rate", "model.attention_dropout_rate",
                 "model.activation_dropout_rate", "label_smoothing"):
