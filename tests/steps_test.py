@@ -118,3 +118,28 @@ def test_batch_with_unknown_keys_is_refused(tiny_config, make_batch):
     batch["inputs_segmentation"] = np.ones_like(batch["inputs"])
     with pytest.raises(ValueError, match=r"unknown keys \['inputs_segmentation'\]"):
         run_steps(tiny_config(), [batch], "data:8")
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_step_is_skipped_or_reported(tiny_config, make_batch, policy):
+    """An infinite embedding makes the loss NaN: 'skip' leaves parameters and moments as they
+    were (the step counter still advances); 'stop' applies the NaN update for the trainer to
+    catch."""
+    config = tiny_config(nonfinite_loss=policy)
+    mesh = parallel.make_mesh("data:8")
+    graphdef, state, shardings = steps.create_train_state(config, mesh)
+    embedding = state.params["source_embed"]["embedding"]
+    embedding.set_value(embedding.get_value().at[5].set(np.inf))
+    before = jax.device_get((state.params, state.opt_state))
+    train_step = steps.make_train_step(config, graphdef, mesh, shardings)
+    batch = make_batch(0, 16, 9, 11, 50)
+    batch["inputs"][:, 0] = 5
+    state, metrics = train_step(state, parallel.shard_batch(batch, mesh, config.logical_axis_rules))
+    assert not np.isfinite(metrics["loss"]) and int(state.step) == 1
+    after = jax.device_get((state.params, state.opt_state))
+    if policy == "skip":
+        assert int(metrics["skipped"]) == 1
+        jax.tree.map(np.testing.assert_array_equal, after, before)
+    else:
+        assert "skipped" not in metrics
+        assert np.isnan(after[0]["decoder_norm"]["scale"].get_value()).any()

@@ -120,6 +120,11 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
             metrics = losses.summarize(sums)
             metrics["grad_norm"] = optax.tree.norm(grads)
             metrics["learning_rate"] = schedule(state.step)
+            if config.nonfinite_loss == "skip":  # keep the old parameters and moments.
+                finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+                params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                 (params, opt_state), (state.params, state.opt_state))
+                metrics["skipped"] = 1 - finite.astype(jnp.int32)
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
