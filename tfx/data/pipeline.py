@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tfx.data.sources import PairSource
 from tfx.data.tokenizer import EOS_ID, Tokenizer
@@ -54,9 +54,11 @@ def process_shard(sharding: NamedSharding, global_rows: int) -> Shard:
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding, shard: Shard
               ) -> dict[str, jax.Array]:
-    """One global jax.Array per key from each process's rows (see `process_shard`)."""
+    """One global jax.Array per key from each process's rows (see `process_shard`); rows are
+    split over the data axes of `sharding` whatever the array's rank."""
+    rows_sharding = NamedSharding(sharding.mesh, PartitionSpec(sharding.spec[0]))
     return {name: jax.make_array_from_process_local_data(
-                sharding, rows, (shard.rows * shard.count,) + rows.shape[1:])
+                rows_sharding, rows, (shard.rows * shard.count,) + rows.shape[1:])
             for name, rows in batch.items()}
 
 

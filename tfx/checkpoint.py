@@ -1,0 +1,64 @@
+"""Checkpoints (orbax): the train state, the data-iterator position and the metrics, per step.
+
+`<workdir>/checkpoints/<step>/` holds `state` (params, optimizer state, step, RNG; each process
+writes its own shards) and `data` (the grain iterator state of every process). Saves are
+asynchronous; orbax writes into a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint as the latest usable one. The latest
+`config.keep_checkpoints` are kept, plus the one with the best eval BLEU.
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from tfx.steps import TrainState
+
+
+class Checkpoints:
+    """The checkpoints of one workdir."""
+
+    def __init__(self, workdir: str, config: ml_collections.ConfigDict | None = None):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        keep = config.keep_checkpoints if config is not None else None
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(n=keep),
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics["bleu"], n=1,
+                                          keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=config is not None,
+                                               read_only=config is None, cleanup_tmp_directories=True)
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "data": grain.checkpoint.CheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, data_iterator, metrics: dict[str, float] | None = None):
+        """Starts an asynchronous save at `state.step`; returns once the state is copied."""
+        self.manager.save(int(state.step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)),
+            metrics=metrics, force=True)
+
+    def restore(self, step: int, state: TrainState, data_iterator=None) -> TrainState:
+        """The state saved at `step`, placed like `state` (its shapes and shardings); the data
+        iterator, if given, continues from where that step left it."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        items = dict(state=ocp.args.StandardRestore(abstract))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def wait(self):
+        """Blocks until the asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()

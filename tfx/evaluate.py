@@ -1,0 +1,64 @@
+"""Translate a split and score it with sacreBLEU (BLEU, chrF2, TER on request).
+
+Scores come from sacrebleu's own metrics and signatures, on detokenized text, so a tfx figure
+equals what the `sacrebleu` command gives for the same hypothesis and reference files.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+import sacrebleu
+import tqdm
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+
+from tfx.data.pipeline import Shard, to_global
+from tfx.data.tokenizer import Tokenizer
+
+
+def translate_batches(translate: Callable, params, batches: Sequence[dict[str, np.ndarray]],
+                      sharding: NamedSharding, shard: Shard, tokenizer: Tokenizer,
+                      progress: bool = False) -> tuple[list[str], dict[str, float]]:
+    """Detokenized translations of the eval `batches` (see pipeline.eval_batches), in the
+    order of their examples, and the decoding speed (sentences/s, generated tokens/s)."""
+    translations: dict[int, str] = {}
+    generated = 0
+    start = time.perf_counter()
+    show = progress and jax.process_index() == 0
+    for batch in tqdm.tqdm(batches, desc="decoding", unit="batch", disable=not show):
+        arrays = to_global({"inputs": batch["inputs"], "index": batch["index"]}, sharding, shard)
+        tokens_BxT = translate(params, arrays["inputs"])
+        tokens_BxT, index_B = (multihost_utils.process_allgather(x, tiled=True)
+                               for x in (tokens_BxT, arrays["index"]))
+        for row, index in enumerate(index_B):
+            if index >= 0:
+                ids = tokens_BxT[row].tolist()
+                generated += ids.index(1) + 1 if 1 in ids else len(ids)
+                translations[int(index)] = tokenizer.decode(ids)
+    elapsed = time.perf_counter() - start
+    speed = {"sentences_per_sec": len(translations) / elapsed,
+             "generated_tokens_per_sec": generated / elapsed}
+    return [translations[i] for i in sorted(translations)], speed
+
+
+def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metrics=("bleu", "chrf"),
+          tokenize: str | None = None, lowercase: bool = False) -> dict[str, dict]:
+    """sacreBLEU scores of `hypotheses` against one or more reference streams:
+    {metric: {"score": float, "signature": str, "text": str}}."""
+    for stream in references:
+        if len(stream) != len(hypotheses):
+            raise ValueError(f"{len(hypotheses)} hypotheses but a reference stream has "
+                             f"{len(stream)} lines; they must be line-aligned.")
+    scorers = {"bleu": lambda: sacrebleu.BLEU(lowercase=lowercase, tokenize=tokenize),
+               "chrf": lambda: sacrebleu.CHRF(lowercase=lowercase),
+               "ter": lambda: sacrebleu.TER(case_sensitive=not lowercase)}
+    results = {}
+    for name in metrics:
+        scorer = scorers[name]()
+        result = scorer.corpus_score(list(hypotheses), [list(r) for r in references])
+        results[name] = {"score": result.score, "signature": str(scorer.get_signature()),
+                         "text": str(result)}
+    return results

@@ -1,0 +1,202 @@
+"""The training loop: data, sharded state, progress, eval, checkpoints, preemption, metrics.
+
+The host never waits for the device to log: step N's metrics are read after step N+1 has been
+dispatched. Only at a checkpoint does it wait for the last step, so that a non-finite loss is
+caught before it could be saved. Restarting with the same workdir resumes from the latest
+checkpoint (state, RNG and data position), so the losses equal an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from tfx import evaluate, parallel, steps
+from tfx.checkpoint import Checkpoints
+from tfx.data import pipeline, sources
+from tfx.data import tokenizer as tokenizer_lib
+from tfx.metrics import MetricWriter
+from tfx.model import decode
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite (config.nonfinite_loss='stop')."""
+
+
+class Preemption:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class Experiment:
+    """Everything a run needs, built once from the config: mesh, data, state and steps."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
+        rules = config.logical_axis_rules
+        self.mesh = parallel.make_mesh(config.mesh_shape)
+        self.splits = sources.open_splits(config)
+        self.tokenizer = tokenizer_lib.from_config(config, self.splits["train"])
+        if self.tokenizer.vocab_size != config.model.vocab_size:
+            raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer "
+                             f"{self.tokenizer.path} has {self.tokenizer.vocab_size} pieces.")
+        self.graphdef, self.state, self.shardings = steps.create_train_state(config, self.mesh)
+        self.sharding = parallel.batch_sharding(self.mesh, rules)
+        data_parallel = parallel.data_parallel_size(self.mesh, rules)
+        self.train_shard = pipeline.process_shard(
+            self.sharding, config.per_device_batch_size * data_parallel)
+        self.eval_shard = pipeline.process_shard(
+            self.sharding, config.per_device_eval_batch_size * data_parallel)
+        self.checkpoints = Checkpoints(workdir, config)
+
+    def eval_batches(self, split: str, limit: int = 0) -> list[dict[str, np.ndarray]]:
+        source = self.splits[split]
+        batches = pipeline.eval_batches(self.config, source, self.tokenizer, self.eval_shard)
+        if limit:
+            rows = self.eval_shard.rows * self.eval_shard.count
+            batches = batches[: -(-limit // rows)]
+        return batches
+
+    def references(self, split: str, batches) -> list[str]:
+        source = self.splits[split]
+        count = min(len(source), len(batches) * self.eval_shard.rows * self.eval_shard.count)
+        return [source[i]["target"] for i in range(count)]
+
+
+def _eval_loss(eval_step, params, batches, experiment: Experiment) -> dict[str, float]:
+    totals = None
+    for batch in batches:
+        arrays = pipeline.to_global({k: v for k, v in batch.items() if k != "index"},
+                                    experiment.sharding, experiment.eval_shard)
+        sums = eval_step(params, arrays)
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    totals = jax.device_get(totals)
+    weight = max(float(totals["weight"]), 1.0)
+    nll = float(totals["nll"]) / weight
+    return {"loss": float(totals["loss"]) / weight, "nll": nll,
+            "accuracy": float(totals["correct"]) / weight, "perplexity": math.exp(min(nll, 50))}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) in `workdir`; returns the last eval metrics (empty if none ran)."""
+    experiment = Experiment(config, workdir)
+    checkpoints = experiment.checkpoints
+    state = experiment.state
+    batches, length_counts = pipeline.train_iterator(
+        config, experiment.splits["train"], experiment.tokenizer, experiment.train_shard)
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        state = checkpoints.restore(latest, state, batches)
+    main_process = jax.process_index() == 0
+    if main_process and latest is not None:
+        print(f"resuming from step {latest} in {checkpoints.directory}")
+    if main_process:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json(indent=2))
+
+    train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
+                                       experiment.shardings)
+    eval_step = steps.make_eval_step(config, experiment.graphdef, experiment.mesh,
+                                     experiment.shardings.params)
+    translate = decode.make_translate(config, experiment.graphdef, experiment.mesh,
+                                      experiment.shardings.params)
+    eval_batches = experiment.eval_batches("eval") if "eval" in experiment.splits else []
+    bleu_batches = (experiment.eval_batches("eval", config.eval_bleu_examples)
+                    if eval_batches else [])
+    writer = MetricWriter(workdir)
+    preemption = Preemption()
+    progress = tqdm.tqdm(total=config.num_train_steps, initial=int(state.step), unit="step",
+                         disable=not main_process, dynamic_ncols=True)
+
+    step = int(state.step)
+    window = []  # the train metrics since the last log line, read one step late.
+    window_start = time.perf_counter()
+    pending = None  # (step, metrics on device) of the step just dispatched
+    eval_metrics: dict[str, float] = {}
+
+    def read(step_metrics):
+        nonlocal window_start
+        done_step, device_metrics = step_metrics
+        metrics = jax.device_get(device_metrics)
+        if not np.isfinite(metrics["loss"]) and config.nonfinite_loss == "stop":
+            raise NonFiniteLossError(
+                f"the training loss is {metrics['loss']} at step {done_step}; stopped without "
+                f"saving it. The last good checkpoint is step {checkpoints.latest_step()} in "
+                f"{checkpoints.directory}. Lower config.learning_rate, or set "
+                "config.nonfinite_loss='skip' to skip such steps.")
+        window.append(metrics)
+        if done_step % config.log_every_steps == 0 or done_step == config.num_train_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens = sum(float(m["weight"]) for m in window)
+            summary = {k: float(np.mean([m[k] for m in window]))
+                       for k in ("loss", "nll", "accuracy", "grad_norm", "learning_rate")}
+            summary.update(perplexity=math.exp(min(summary["nll"], 50)),
+                           target_tokens_per_sec=tokens / elapsed,
+                           step_time_s=elapsed / len(window))
+            if "skipped" in window[0]:
+                summary["skipped_steps"] = sum(int(m["skipped"]) for m in window)
+            writer.write("train", done_step, summary)
+            progress.set_postfix(loss=f"{summary['loss']:.3f}",
+                                 tok_s=f"{summary['target_tokens_per_sec']:.0f}")
+            window.clear()
+            window_start = time.perf_counter()
+
+    try:
+        while step < config.num_train_steps:
+            batch = pipeline.to_global(next(batches), experiment.sharding, experiment.train_shard)
+            state, metrics = train_step(state, batch)
+            step += 1
+            if pending is not None:
+                read(pending)
+            pending = (step, metrics)
+            progress.update(1)
+            last = step == config.num_train_steps
+            evaluate_now = eval_batches and config.eval_every_steps and (
+                step % config.eval_every_steps == 0 or last)
+            if not (evaluate_now or last or preemption.signal
+                    or step % config.checkpoint_every_steps == 0):
+                continue
+            read(pending)
+            pending = None
+            bleu = None
+            if evaluate_now:
+                eval_metrics = _eval_loss(eval_step, state.params, eval_batches, experiment)
+                hypotheses, speed = evaluate.translate_batches(
+                    translate, state.params, bleu_batches, experiment.sharding,
+                    experiment.eval_shard, experiment.tokenizer)
+                references = experiment.references("eval", bleu_batches)
+                bleu = evaluate.score(hypotheses, [references], metrics=("bleu",))["bleu"]["score"]
+                eval_metrics.update(bleu=bleu, **speed)
+                writer.write("eval", step, eval_metrics)
+                progress.write(f"step {step}: eval loss {eval_metrics['loss']:.3f}, "
+                               f"BLEU {bleu:.2f}")
+            checkpoints.save(state, batches, {"bleu": bleu} if bleu is not None else None)
+            if preemption.signal:
+                progress.write(f"{preemption.signal}: saved step {step}, exiting.")
+                break
+    finally:
+        progress.close()
+        preemption.restore()
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+    if main_process:
+        print(f"training data: {length_counts.report()}")
+    return eval_metrics

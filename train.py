@@ -1,0 +1,24 @@
+"""Train (or resume) a translation model.
+
+    python train.py --config configs/multi30k.py --workdir runs/multi30k [--config.seed=1 ...]
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tfx import config as config_lib
+from tfx import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step of their work at INFO.
+    trainer.train(config_lib.validate(_CONFIG.value), _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
