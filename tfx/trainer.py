@@ -7,7 +7,6 @@ checkpoint (state, RNG and data position), so the losses equal an uninterrupted 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
