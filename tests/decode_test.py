@@ -1,0 +1,169 @@
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tfx import parallel
+from tfx.model import decode
+from tfx.model.decode import EOS
+from tfx.model.transformer import EncoderDecoder
+
+# Compiling is most of this file's time: one encoder layer (the decoder is what matters here)
+# and one compiled `translate` per configuration, shared by the tests.
+MODEL = dict(num_encoder_layers=1)
+DECODE = dict(max_length_offset=4, top_k=10, top_p=0.9, temperature=0.8)
+_compiled = {}
+
+
+def build(config, seed=2, eos_boost=3.0):
+    """(graphdef, params) of a random model whose EOS is likely enough to end some outputs early."""
+    model = EncoderDecoder(config.model, nnx.Rngs(params=seed))
+    embedding = model.target_embed.embedding
+    embedding[...] = embedding[...].at[EOS].multiply(eos_boost)
+    return nnx.split(model)
+
+
+def translate(config, model, inputs, mesh_shape="data:1", rng=None, **overrides):
+    graphdef, params = model
+    key = (config.to_json(), mesh_shape, tuple(sorted(overrides.items())))
+    if key not in _compiled:
+        mesh = parallel.make_mesh(mesh_shape, jax.devices()[:1] if mesh_shape == "data:1" else None)
+        shardings = parallel.state_shardings(params, mesh, config.logical_axis_rules)
+        _compiled[key] = decode.make_translate(config, graphdef, mesh, shardings, **overrides)
+    return np.asarray(_compiled[key](params, inputs, rng))
+
+
+def sources(seed, batch, length, vocab):
+    """Right-padded sources of 1..length tokens, the longest exactly `length`."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, vocab, (batch, length)).astype(np.int32)
+    lengths = rng.integers(1, length + 1, (batch,))
+    lengths[0] = length
+    tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+    return tokens
+
+
+def assert_well_formed(tokens, limit):
+    """Each row: tokens > EOS, then EOS, then padding; EOS no later than position limit - 1."""
+    assert tokens.shape[1] >= limit
+    for row in tokens:
+        end = list(row).index(EOS)
+        assert end < limit and (row[:end] > EOS).all() and (row[end + 1:] == 0).all(), row
+
+
+@pytest.mark.parametrize("model_overrides", [
+    dict(), dict(num_kv_heads=1), dict(norm_position="post", positions="learned"),
+])
+def test_cached_greedy_equals_full_recomputation(tiny_config, model_overrides):
+    """tiny_config has 4 query heads and 2 key/value heads (GQA); num_kv_heads=1 is MQA."""
+    config = tiny_config(model={**MODEL, **model_overrides}, decode=DECODE)
+    model, inputs = build(config), sources(0, 8, 8, 50)
+    cached = translate(config, model, inputs, strategy="greedy")
+    np.testing.assert_array_equal(cached, translate(config, model, inputs, strategy="greedy",
+                                                    full_recompute=True))
+    assert_well_formed(cached, limit=8 + 4)
+
+
+def test_cached_beam_search_equals_full_recomputation(tiny_config):
+    """Beams reorder at every step, so this checks the cache's ancestor bookkeeping."""
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config), sources(1, 8, 8, 50)
+    cached = translate(config, model, inputs)
+    np.testing.assert_array_equal(cached, translate(config, model, inputs, full_recompute=True))
+    assert_well_formed(cached, limit=8 + 4)
+    lengths = (cached > 0).sum(axis=1)
+    assert len(set(lengths)) > 2, lengths
+
+
+def test_beam_size_one_equals_greedy(tiny_config):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config), sources(0, 8, 8, 50)
+    np.testing.assert_array_equal(translate(config, model, inputs, beam_size=1),
+                                  translate(config, model, inputs, strategy="greedy"))
+
+
+def brute_force_best(config, model, inputs, limit, alpha):
+    """The highest-scoring output of each source among all that end in EOS within `limit` tokens,
+    scored with the model's teacher-forced log-probabilities and the GNMT length penalty."""
+    vocab = config.model.vocab_size
+    outputs = [list(body) + [EOS] for n in range(limit) for body in itertools.product(range(2, vocab), repeat=n)]
+    targets = np.array([o + [0] * (limit - len(o)) for o in outputs], np.int32)
+    lengths = np.array([len(o) for o in outputs])
+    graphdef, params = model
+    forward = jax.jit(lambda params, inputs, targets: nnx.merge(graphdef, params)(inputs, targets))
+    logits = forward(params, np.repeat(inputs, len(targets), axis=0), np.tile(targets, (len(inputs), 1)))
+    log_probs = jax.nn.log_softmax(logits).reshape(len(inputs), len(targets), limit, -1)
+    log_p = (np.take_along_axis(np.asarray(log_probs), targets[None, ..., None], -1)[..., 0]
+             * (targets > 0)).sum(axis=-1)
+    return targets[np.argmax(log_p / ((5 + lengths) / 6) ** alpha, axis=1)]
+
+
+def exhaustive_setup(tiny_config, limit):
+    """Vocabulary {pad, EOS, 2, 3, 4}, a beam wide enough to keep every hypothesis, and a
+    random untied output projection scaled up: peaked next-token distributions, so the best
+    output is not always the shortest."""
+    beam = sum(3**n for n in range(limit))
+    config = tiny_config(model=dict(MODEL, vocab_size=5, share_embeddings=False, logits_via_embedding=False),
+                         decode=dict(beam_size=beam, max_length_offset=0))
+    graphdef, params = build(config, seed=2, eos_boost=1.0)
+    params["logits_projection"][...] = params["logits_projection"][...] * 4.0
+    return config, (graphdef, params), sources(2, 8, limit, 5)
+
+
+def test_beam_search_finds_the_best_output_by_brute_force(tiny_config):
+    config, model, inputs = exhaustive_setup(tiny_config, limit=3)
+    got = translate(config, model, inputs, length_penalty=0.6)
+    np.testing.assert_array_equal(got[:, :3], brute_force_best(config, model, inputs, 3, 0.6))
+    assert len(set((got > 0).sum(axis=1))) == 3
+
+
+def test_length_penalty_prefers_longer_outputs_as_the_formula_says(tiny_config):
+    config, model, inputs = exhaustive_setup(tiny_config, limit=4)
+    short = translate(config, model, inputs, length_penalty=0.0)
+    long = translate(config, model, inputs, length_penalty=0.6)
+    np.testing.assert_array_equal(short[:, :4], brute_force_best(config, model, inputs, 4, 0.0))
+    np.testing.assert_array_equal(long[:, :4], brute_force_best(config, model, inputs, 4, 0.6))
+    short_lengths, long_lengths = (short > 0).sum(axis=1), (long > 0).sum(axis=1)
+    assert (long_lengths >= short_lengths).all() and (long_lengths > short_lengths).any()
+
+
+def test_sampling_only_the_most_likely_token_equals_greedy(tiny_config):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config), sources(4, 8, 8, 50)
+    greedy = translate(config, model, inputs, strategy="greedy")
+    for only_the_best in (dict(top_k=1), dict(top_p=1e-4), dict(temperature=1e-4)):
+        sampled = translate(config, model, inputs, strategy="sample", rng=jax.random.PRNGKey(5), **only_the_best)
+        np.testing.assert_array_equal(sampled, greedy, err_msg=str(only_the_best))
+
+
+def test_sampling_is_deterministic_for_a_fixed_rng(tiny_config):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config), sources(5, 8, 8, 50)
+    a = translate(config, model, inputs, rng=jax.random.PRNGKey(0), strategy="sample")
+    np.testing.assert_array_equal(a, translate(config, model, inputs, rng=jax.random.PRNGKey(0), strategy="sample"))
+    assert not np.array_equal(a, translate(config, model, inputs, rng=jax.random.PRNGKey(1), strategy="sample"))
+    assert_well_formed(a, limit=8 + 4)
+
+
+@pytest.mark.parametrize("strategy", ["beam", "sample"])
+def test_decoding_on_a_data_mesh_equals_one_device(tiny_config, strategy):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config), sources(6, 8, 8, 50)
+    rng = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(translate(config, model, inputs, "data:8", rng, strategy=strategy),
+                                  translate(config, model, inputs, "data:1", rng, strategy=strategy))
+
+
+def test_forced_length_gives_exactly_that_many_tokens(tiny_config):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config, eos_boost=4.0), sources(7, 8, 8, 50)
+    tokens = translate(config, model, inputs, forced_length=6)
+    assert tokens.shape == (8, 6) and (tokens > EOS).all()
+
+
+def test_batch_that_the_data_axes_cannot_split_is_refused(tiny_config):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        translate(config, build(config), sources(8, 4, 8, 50), "data:8")
