@@ -1,0 +1,146 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tfx import config as config_lib
+from tfx import trainer
+from tfx.checkpoint import Checkpoints
+from tfx.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MULTI30K = os.path.join(ROOT, "configs", "multi30k.py")
+TINY = dict(vocab_size=1000, emb_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2,
+            num_encoder_layers=1, num_decoder_layers=1)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_multi30k(data_dir: str, **overrides) -> config_lib.ml_collections.ConfigDict:
+    config = config_lib.load(MULTI30K)
+    config.model.update(TINY)
+    config.data.data_dir = data_dir
+    config.update(dict(per_device_batch_size=2, per_device_eval_batch_size=4, num_train_steps=8,
+                       log_every_steps=1, checkpoint_every_steps=4, eval_every_steps=0,
+                       warmup_steps=4, max_source_length=32, max_target_length=32))
+    config.update(overrides)
+    return config_lib.validate(config)
+
+
+def flags_for(config_overrides: dict) -> list[str]:
+    return [f"--config.{key}={value}" for key, value in config_overrides.items()]
+
+
+TINY_FLAGS = dict(**{f"model.{k}": v for k, v in TINY.items()}, per_device_batch_size=2,
+                  per_device_eval_batch_size=4, num_train_steps=12, log_every_steps=1,
+                  checkpoint_every_steps=4, eval_every_steps=0, warmup_steps=4,
+                  max_source_length=32, max_target_length=32)
+
+
+def train_py(workdir, data_dir, **overrides) -> subprocess.Popen:
+    flags = flags_for({**TINY_FLAGS, "data.data_dir": data_dir, **overrides})
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--config={MULTI30K}",
+                             f"--workdir={workdir}", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(workdir, step: int, process: subprocess.Popen, timeout: float = 300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        if os.path.exists(path) and any(r["step"] >= step for r in read_metrics(str(workdir))):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if r["split"] == "train"}
+
+
+def test_killed_and_preempted_runs_resume_to_the_uninterrupted_losses(tmp_path, data_dir):
+    """SIGTERM saves and exits; SIGKILL loses the steps since the last checkpoint; the run
+    resumed after both gives the uninterrupted run's losses step for step, bitwise."""
+    uninterrupted = train_py(tmp_path / "straight", data_dir)
+    assert uninterrupted.wait() == 0, uninterrupted.communicate()[1][-3000:]
+
+    workdir = tmp_path / "interrupted"
+    run = train_py(workdir, data_dir)
+    wait_for_step(workdir, 2, run)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    preempted_at = Checkpoints(str(workdir)).latest_step()
+    assert f"SIGTERM: saved step {preempted_at}" in out and 2 <= preempted_at < 12
+
+    run = train_py(workdir, data_dir)
+    wait_for_step(workdir, 9, run)
+    run.kill()
+    run.wait()
+    assert Checkpoints(str(workdir)).latest_step() < 12
+
+    run = train_py(workdir, data_dir)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    assert "resuming from step" in out
+    expected, got = losses(tmp_path / "straight"), losses(workdir)
+    assert sorted(got) == list(range(1, 13)) and got == expected
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    config = tiny_multi30k(data_dir, learning_rate=1e30, warmup_steps=1, grad_clip_norm=0.0,
+                           checkpoint_every_steps=1, num_train_steps=20)
+    with pytest.raises(trainer.NonFiniteLossError, match=r"loss is nan at step (\d+); stopped") as error:
+        trainer.train(config, str(tmp_path))
+    bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
+    checkpoints = Checkpoints(str(tmp_path))
+    assert checkpoints.latest_step() == bad_step - 1
+    experiment = trainer.Experiment(config, str(tmp_path))
+    state = checkpoints.restore(bad_step - 1, experiment.state)
+    for leaf in trainer.jax.tree.leaves(state.params):
+        assert np.isfinite(np.asarray(leaf)).all()
+
+
+def test_a_save_cut_short_leaves_the_previous_checkpoint_usable(tmp_path, data_dir):
+    config = tiny_multi30k(data_dir, num_train_steps=4)
+    trainer.train(config, str(tmp_path))
+    # What a run killed while writing step 8 leaves behind: orbax's temporary directory.
+    partial = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp" / "state"
+    partial.mkdir(parents=True)
+    (partial / "garbage").write_bytes(b"\x00" * 100)
+    assert Checkpoints(str(tmp_path)).latest_step() == 4
+    trainer.train(tiny_multi30k(data_dir, num_train_steps=8), str(tmp_path))
+    assert Checkpoints(str(tmp_path)).steps() == [4, 8]
+    assert sorted(losses(tmp_path)) == list(range(1, 9))
+
+
+def test_eval_reports_loss_and_bleu(tmp_path, data_dir):
+    config = tiny_multi30k(data_dir, num_train_steps=2, eval_every_steps=2, eval_bleu_examples=8)
+    config.decode.strategy = "greedy"
+    config.decode.max_length_offset = 4
+    metrics = trainer.train(config, str(tmp_path))
+    assert {"loss", "accuracy", "perplexity", "bleu", "sentences_per_sec"} <= set(metrics)
+    assert metrics["bleu"] >= 0 and np.isfinite(metrics["loss"])
+    records = [r for r in read_metrics(str(tmp_path)) if r["split"] == "eval"]
+    assert [r["step"] for r in records] == [2] and records[0]["bleu"] == metrics["bleu"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.no_such_key=1", "no_such_key"),
+    ("--config.seed=abc", "seed"),
+    ("--config.mesh_shape=data:16", "mesh_shape"),
+    ("--config.data.train=text:/nowhere/corpus", "/nowhere/corpus.en"),
+])
+def test_bad_configs_are_refused_naming_the_key_or_file(tmp_path, data_dir, flag, message):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--config={MULTI30K}",
+                          f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", flag],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
