@@ -10,6 +10,7 @@ import pytest
 from tfx import config as config_lib
 from tfx import trainer
 from tfx.checkpoint import Checkpoints
+from tfx.experiment import Experiment
 from tfx.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +104,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
     checkpoints = Checkpoints(str(tmp_path))
     assert checkpoints.latest_step() == bad_step - 1
-    experiment = trainer.Experiment(config, str(tmp_path))
+    experiment = Experiment(config)
     state = checkpoints.restore(bad_step - 1, experiment.state)
     for leaf in trainer.jax.tree.leaves(state.params):
         assert np.isfinite(np.asarray(leaf)).all()

@@ -12,6 +12,7 @@ import os
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -55,6 +56,16 @@ class Checkpoints:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def average(self, steps: list[int], state: TrainState) -> TrainState:
+        """`state` of the last of `steps` with its parameters replaced by their mean over
+        `steps` (checkpoint averaging, as in Vaswani et al.)."""
+        total = None
+        for step in steps:
+            restored = self.restore(step, state)
+            total = restored.params if total is None else jax.tree.map(jnp.add, total, restored.params)
+        mean = jax.tree.map(lambda x: x / len(steps), total)
+        return restored.replace(params=mean)
 
     def wait(self):
         """Blocks until the asynchronous saves are on disk."""

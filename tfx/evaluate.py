@@ -5,18 +5,24 @@ equals what the `sacrebleu` command gives for the same hypothesis and reference 
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 import sacrebleu
 import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from tfx.checkpoint import Checkpoints
 from tfx.data.pipeline import Shard, to_global
 from tfx.data.tokenizer import Tokenizer
+from tfx.experiment import Experiment
+from tfx.model import decode
 
 
 def translate_batches(translate: Callable, params, batches: Sequence[dict[str, np.ndarray]],
@@ -61,4 +67,60 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
         result = scorer.corpus_score(list(hypotheses), [list(r) for r in references])
         results[name] = {"score": result.score, "signature": str(scorer.get_signature()),
                          "text": str(result)}
+    return results
+
+
+def restore_params(workdir: str, checkpoint: str, state) -> tuple[str, object]:
+    """(label, params) of `checkpoint` ("latest", a step, or "average:N" for the mean of the
+    last N) in `workdir`, placed like `state`."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir!r} does not exist.")
+    checkpoints = Checkpoints(workdir)
+    saved = checkpoints.steps()
+    if not saved:
+        raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}; train first.")
+    kind, _, count = checkpoint.partition(":")
+    if checkpoint == "latest":
+        steps, label = saved[-1:], f"step{saved[-1]}"
+    elif kind == "average" and count.isdigit() and 0 < int(count) <= len(saved):
+        steps, label = saved[-int(count):], f"average{count}-step{saved[-1]}"
+    elif checkpoint.isdigit() and int(checkpoint) in saved:
+        steps, label = [int(checkpoint)], f"step{checkpoint}"
+    else:
+        raise ValueError(f"--checkpoint={checkpoint!r}: use latest, a saved step, or average:N with "
+                         f"N <= {len(saved)}; saved steps in {checkpoints.directory}: {saved}.")
+    try:
+        restored = checkpoints.average(steps, state)
+    except ValueError as error:
+        raise ValueError(f"the checkpoint at step {steps[-1]} in {checkpoints.directory} does not "
+                         f"fit this config's model (was it trained with another config?): {error}"
+                         ) from None
+    return label, restored.params
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str = "test",
+                        checkpoint: str = "latest", metrics=("bleu", "chrf")) -> dict:
+    """Decodes `split` with a checkpoint of `workdir`, scores it, and writes the hypotheses
+    (`<split>-<checkpoint>.hyp.txt`, one per line in source order), the references and a JSON
+    results file into the workdir. Returns the results."""
+    if not config.data[split]:
+        raise ValueError(f"config.data.{split} is empty; there is no {split} split to evaluate.")
+    experiment = Experiment(config)
+    label, params = restore_params(workdir, checkpoint, experiment.state)
+    translate = decode.make_translate(config, experiment.graphdef, experiment.mesh,
+                                      experiment.shardings.params)
+    batches = experiment.eval_batches(split)
+    hypotheses, speed = translate_batches(translate, params, batches, experiment.sharding,
+                                          experiment.eval_shard, experiment.tokenizer, progress=True)
+    references = experiment.references(split, batches)
+    results = {"split": split, "spec": config.data[split], "checkpoint": label,
+               "scores": score(hypotheses, [references], metrics), **speed}
+    if jax.process_index() == 0:
+        prefix = os.path.join(workdir, f"{split}-{label}")
+        results.update(hypotheses=f"{prefix}.hyp.txt", references=os.path.join(workdir, f"{split}.ref.txt"))
+        for path, lines in ((results["hypotheses"], hypotheses), (results["references"], references)):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in lines))
+        with open(f"{prefix}.json", "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
     return results

@@ -17,10 +17,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from tfx import evaluate, parallel, steps
+from tfx import evaluate, steps
+from tfx.data import pipeline
 from tfx.checkpoint import Checkpoints
-from tfx.data import pipeline, sources
-from tfx.data import tokenizer as tokenizer_lib
+from tfx.experiment import Experiment
 from tfx.metrics import MetricWriter
 from tfx.model import decode
 
@@ -44,41 +44,6 @@ class Preemption:
             signal.signal(signum, handler)
 
 
-class Experiment:
-    """Everything a run needs, built once from the config: mesh, data, state and steps."""
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        self.config, self.workdir = config, workdir
-        rules = config.logical_axis_rules
-        self.mesh = parallel.make_mesh(config.mesh_shape)
-        self.splits = sources.open_splits(config)
-        self.tokenizer = tokenizer_lib.from_config(config, self.splits["train"])
-        if self.tokenizer.vocab_size != config.model.vocab_size:
-            raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer "
-                             f"{self.tokenizer.path} has {self.tokenizer.vocab_size} pieces.")
-        self.graphdef, self.state, self.shardings = steps.create_train_state(config, self.mesh)
-        self.sharding = parallel.batch_sharding(self.mesh, rules)
-        data_parallel = parallel.data_parallel_size(self.mesh, rules)
-        self.train_shard = pipeline.process_shard(
-            self.sharding, config.per_device_batch_size * data_parallel)
-        self.eval_shard = pipeline.process_shard(
-            self.sharding, config.per_device_eval_batch_size * data_parallel)
-        self.checkpoints = Checkpoints(workdir, config)
-
-    def eval_batches(self, split: str, limit: int = 0) -> list[dict[str, np.ndarray]]:
-        source = self.splits[split]
-        batches = pipeline.eval_batches(self.config, source, self.tokenizer, self.eval_shard)
-        if limit:
-            rows = self.eval_shard.rows * self.eval_shard.count
-            batches = batches[: -(-limit // rows)]
-        return batches
-
-    def references(self, split: str, batches) -> list[str]:
-        source = self.splits[split]
-        count = min(len(source), len(batches) * self.eval_shard.rows * self.eval_shard.count)
-        return [source[i]["target"] for i in range(count)]
-
-
 def _eval_loss(eval_step, params, batches, experiment: Experiment) -> dict[str, float]:
     totals = None
     for batch in batches:
@@ -95,8 +60,8 @@ def _eval_loss(eval_step, params, batches, experiment: Experiment) -> dict[str, 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) in `workdir`; returns the last eval metrics (empty if none ran)."""
-    experiment = Experiment(config, workdir)
-    checkpoints = experiment.checkpoints
+    experiment = Experiment(config)
+    checkpoints = Checkpoints(workdir, config)
     state = experiment.state
     batches, length_counts = pipeline.train_iterator(
         config, experiment.splits["train"], experiment.tokenizer, experiment.train_shard)

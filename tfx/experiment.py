@@ -1,0 +1,44 @@
+"""What a run needs, built once from the config: mesh, splits, tokenizer, the sharded state
+and the batch shardings. Shared by training and evaluation."""
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+
+from tfx import parallel, steps
+from tfx.data import pipeline, sources
+from tfx.data import tokenizer as tokenizer_lib
+
+
+class Experiment:
+    """Mesh, splits, tokenizer, initial sharded state and the train/eval batch layouts."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        rules = config.logical_axis_rules
+        self.mesh = parallel.make_mesh(config.mesh_shape)
+        self.splits = sources.open_splits(config)
+        self.tokenizer = tokenizer_lib.from_config(config, self.splits["train"])
+        if self.tokenizer.vocab_size != config.model.vocab_size:
+            raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer "
+                             f"{self.tokenizer.path} has {self.tokenizer.vocab_size} pieces.")
+        self.graphdef, self.state, self.shardings = steps.create_train_state(config, self.mesh)
+        self.sharding = parallel.batch_sharding(self.mesh, rules)
+        data_parallel = parallel.data_parallel_size(self.mesh, rules)
+        self.train_shard = pipeline.process_shard(
+            self.sharding, config.per_device_batch_size * data_parallel)
+        self.eval_shard = pipeline.process_shard(
+            self.sharding, config.per_device_eval_batch_size * data_parallel)
+
+    def eval_batches(self, split: str, limit: int = 0) -> list[dict[str, np.ndarray]]:
+        source = self.splits[split]
+        batches = pipeline.eval_batches(self.config, source, self.tokenizer, self.eval_shard)
+        if limit:
+            rows = self.eval_shard.rows * self.eval_shard.count
+            batches = batches[: -(-limit // rows)]
+        return batches
+
+    def references(self, split: str, batches) -> list[str]:
+        source = self.splits[split]
+        count = min(len(source), len(batches) * self.eval_shard.rows * self.eval_shard.count)
+        return [source[i]["target"] for i in range(count)]
