@@ -18,30 +18,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from peak import measure_peak_gflops
 
 from tfx import config as config_lib
 from tfx import parallel, steps
 from tfx.model.transformer import count_params
-
-
-def measure_peak_gflops(devices, dtype=jnp.float32, n: int = 2048, repeats: int = 10) -> float:
-    """Matmul GFLOP/s of `devices` together (one n x n x n product per device) with `dtype`
-    operands and float32 accumulation, as the model's projections compute."""
-    mesh = jax.make_mesh((len(devices),), ("d",), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    sharding = NamedSharding(mesh, PartitionSpec("d"))
-    a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (len(devices), n, n), dtype), sharding)
-    b = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (len(devices), n, n), dtype), sharding)
-    matmul = jax.jit(lambda x, y: jnp.einsum("bij,bjk->bik", x, y, preferred_element_type=jnp.float32),
-                     out_shardings=sharding)
-    matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 * len(devices) / best / 1e9
 
 
 def packed_rows(rng, rows: int, source_len: int, target_len: int, vocab: int, tries: int = 8):
