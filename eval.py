@@ -49,7 +49,7 @@ def main(argv):
               f"{results['sentences_per_sec']:.1f} sentences/s, "
               f"{results['generated_tokens_per_sec']:.0f} tokens/s; hypotheses in "
               f"{results['hypotheses']}")
-    for name, result in scores.items():
+    for result in scores.values():
         print(f"{result['text']}  ({result['signature']})")
     print(json.dumps({name: round(result["score"], 2) for name, result in scores.items()}))
 

@@ -52,10 +52,22 @@ class Checkpoints:
         """The state saved at `step`, placed like `state` (its shapes and shardings); the data
         iterator, if given, continues from where that step left it."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        self._check_shapes(step, abstract)
         items = dict(state=ocp.args.StandardRestore(abstract))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def _check_shapes(self, step: int, abstract: TrainState):
+        """Names the first array whose saved shape differs from the config's."""
+        saved = {_path_name(path): leaf.shape for path, leaf in
+                 jax.tree_util.tree_leaves_with_path(self.manager.item_metadata(step)["state"])}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+            name = _path_name(path)
+            if saved.get(name, leaf.shape) != leaf.shape:
+                raise ValueError(
+                    f"{self.directory}/{step}: {name} has shape {saved[name]} in the checkpoint but "
+                    f"{leaf.shape} in the config; was it trained with another config?")
 
     def average(self, steps: list[int], state: TrainState) -> TrainState:
         """`state` of the last of `steps` with its parameters replaced by their mean over
@@ -73,3 +85,8 @@ class Checkpoints:
 
     def close(self):
         self.manager.close()
+
+
+def _path_name(path) -> str:
+    parts = (getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))) for key in path)
+    return "/".join(str(part) for part in parts)

@@ -1,0 +1,100 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tfx import evaluate, trainer
+from tfx.checkpoint import Checkpoints
+from tfx.experiment import Experiment
+
+from trainer_test import ROOT, tiny_multi30k  # noqa: E402  (tests/ is on sys.path under pytest)
+
+EVAL_PY = os.path.join(ROOT, "eval.py")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny Multi30k run with checkpoints at steps 2, 4 and 6."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny_multi30k(data_dir, num_train_steps=6, checkpoint_every_steps=2, keep_checkpoints=3,
+                           learning_rate=3e-3)
+    config.decode.update(strategy="greedy", max_length_offset=4)
+    trainer.train(config, workdir)
+    return config, workdir
+
+
+def test_averaged_checkpoint_is_the_mean_of_its_parts(trained):
+    config, workdir = trained
+    experiment = Experiment(config)
+    checkpoints = Checkpoints(workdir)
+    assert checkpoints.steps() == [2, 4, 6]
+    parts = [checkpoints.restore(step, experiment.state).params for step in (4, 6)]
+    label, averaged = evaluate.restore_params(workdir, "average:2", experiment.state)
+    assert label == "average2-step6"
+    jax.tree.map(lambda a, b, mean: np.testing.assert_allclose(mean, (a + b) / 2, rtol=1e-6),
+                 *parts, averaged)
+    label, latest = evaluate.restore_params(workdir, "latest", experiment.state)
+    assert label == "step6"
+    jax.tree.map(np.testing.assert_array_equal, latest, parts[1])
+
+
+def test_eval_bleu_equals_the_sacrebleu_command_on_the_written_files(trained):
+    config, workdir = trained
+    results = evaluate.evaluate_checkpoint(config, workdir, "eval", "average:3", ("bleu", "chrf", "ter"))
+    with open(results["hypotheses"], encoding="utf-8") as f:
+        assert len(f.read().split("\n")) - 1 == 1014  # every valid sentence, in order
+    command = [sys.executable, "-m", "sacrebleu", results["references"], "-i", results["hypotheses"],
+               "-m", "bleu", "chrf", "ter", "-b", "-w", "4"]
+    figures = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    expected = [results["scores"][m]["score"] for m in ("bleu", "chrf", "ter")]
+    np.testing.assert_allclose(figures, expected, atol=1e-4)
+    assert os.path.exists(os.path.join(workdir, "eval-average3-step6.json"))
+
+    score_mode = subprocess.run([sys.executable, EVAL_PY, f"--hyp={results['hypotheses']}",
+                                 f"--ref={results['references']}", "--metrics=bleu,chrf,ter"],
+                                capture_output=True, text=True, check=True).stdout
+    for metric in ("bleu", "chrf", "ter"):
+        assert f'"{metric}": {round(results["scores"][metric]["score"], 2)}' in score_mode
+
+
+def test_multi_reference_scores_use_every_stream():
+    hypotheses = ["the cat sat on the mat", "a dog runs"]
+    one = evaluate.score(hypotheses, [["the cat is on the mat", "a dog runs"]])
+    two = evaluate.score(hypotheses, [["the cat is on the mat", "a dog runs"],
+                                      ["the cat sat on the mat", "the dog is running"]])
+    assert two["bleu"]["score"] > one["bleu"]["score"] and "nrefs:2" in two["bleu"]["signature"]
+
+
+@pytest.mark.parametrize("checkpoint, message", [
+    ("5", r"saved steps in .*: \[2, 4, 6\]"), ("average:9", "average:N with N <= 3"),
+])
+def test_unknown_checkpoints_are_named(trained, checkpoint, message):
+    config, workdir = trained
+    with pytest.raises(ValueError, match=message):
+        evaluate.restore_params(workdir, checkpoint, Experiment(config).state)
+
+
+def test_missing_workdir_and_mismatched_config_are_named(trained, tmp_path):
+    config, workdir = trained
+    with pytest.raises(FileNotFoundError, match="workdir .*nowhere.* does not exist"):
+        evaluate.restore_params(str(tmp_path / "nowhere"), "latest", Experiment(config).state)
+    with pytest.raises(FileNotFoundError, match="no checkpoints in"):
+        evaluate.restore_params(str(tmp_path), "latest", Experiment(config).state)
+    wider = config.copy_and_resolve_references()
+    wider.model.mlp_dim = 128
+    with pytest.raises(ValueError, match=r"params/.*/wi/value has shape \(32, 64\) in the checkpoint "
+                                         r"but \(32, 128\) in the config"):
+        evaluate.restore_params(workdir, "latest", Experiment(wider).state)
+
+
+def test_score_mode_refuses_files_of_different_lengths(tmp_path):
+    (tmp_path / "hyp").write_text("a\nb\n")
+    (tmp_path / "ref").write_text("a\n")
+    run = subprocess.run([sys.executable, EVAL_PY, f"--hyp={tmp_path / 'hyp'}",
+                          f"--ref={tmp_path / 'ref'}"], capture_output=True, text=True)
+    assert run.returncode != 0 and "has 2 lines but" in run.stderr and "has 1" in run.stderr
