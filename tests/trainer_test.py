@@ -12,6 +12,7 @@ from tfx import trainer
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
 from tfx.metrics import read_metrics
+from tfx.plot import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI30K = os.path.join(ROOT, "configs", "multi30k.py")
@@ -132,6 +133,8 @@ def test_eval_reports_loss_and_bleu(tmp_path, data_dir):
     assert metrics["bleu"] >= 0 and np.isfinite(metrics["loss"])
     records = [r for r in read_metrics(str(tmp_path)) if r["split"] == "eval"]
     assert [r["step"] for r in records] == [2] and records[0]["bleu"] == metrics["bleu"]
+    with open(plot(str(tmp_path)), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -21,7 +21,7 @@ from tfx import evaluate, steps
 from tfx.data import pipeline
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
-from tfx.metrics import MetricWriter
+from tfx.metrics import METRICS_FILE, MetricWriter, read_metrics
 from tfx.model import decode
 
 
@@ -58,6 +58,14 @@ def _eval_loss(eval_step, params, batches, experiment: Experiment) -> dict[str, 
             "accuracy": float(totals["correct"]) / weight, "perplexity": math.exp(min(nll, 50))}
 
 
+def previous_wall_time(workdir: str) -> float:
+    """Seconds the runs before this one spent (from their metrics), so a resumed run's
+    wall-clock axis continues theirs."""
+    if not os.path.exists(os.path.join(workdir, METRICS_FILE)):
+        return 0.0
+    return max((r.get("wall_time_s", 0.0) for r in read_metrics(workdir)), default=0.0)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) in `workdir`; returns the last eval metrics (empty if none ran)."""
     experiment = Experiment(config)
@@ -85,6 +93,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     bleu_batches = (experiment.eval_batches("eval", config.eval_bleu_examples)
                     if eval_batches else [])
     writer = MetricWriter(workdir)
+    start_time = time.perf_counter() - previous_wall_time(workdir)
     preemption = Preemption()
     progress = tqdm.tqdm(total=config.num_train_steps, initial=int(state.step), unit="step",
                          disable=not main_process, dynamic_ncols=True)
@@ -113,7 +122,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                        for k in ("loss", "nll", "accuracy", "grad_norm", "learning_rate")}
             summary.update(perplexity=math.exp(min(summary["nll"], 50)),
                            target_tokens_per_sec=tokens / elapsed,
-                           step_time_s=elapsed / len(window))
+                           step_time_s=elapsed / len(window),
+                           wall_time_s=time.perf_counter() - start_time)
             if "skipped" in window[0]:
                 summary["skipped_steps"] = sum(int(m["skipped"]) for m in window)
             writer.write("train", done_step, summary)
@@ -147,7 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     experiment.eval_shard, experiment.tokenizer)
                 references = experiment.references("eval", bleu_batches)
                 bleu = evaluate.score(hypotheses, [references], metrics=("bleu",))["bleu"]["score"]
-                eval_metrics.update(bleu=bleu, **speed)
+                eval_metrics.update(bleu=bleu, wall_time_s=time.perf_counter() - start_time, **speed)
                 writer.write("eval", step, eval_metrics)
                 progress.write(f"step {step}: eval loss {eval_metrics['loss']:.3f}, "
                                f"BLEU {bleu:.2f}")

@@ -1,0 +1,44 @@
+"""Loss and BLEU curves of a run: `python -m tfx.plot WORKDIR` writes WORKDIR/curves.png.
+
+Left: train and eval loss against steps. Right: eval BLEU against wall-clock minutes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tfx.metrics import read_metrics  # noqa: E402
+
+
+def plot(workdir: str) -> str:
+    """Writes and returns the path of `<workdir>/curves.png`."""
+    records = read_metrics(workdir)
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"]
+    figure, (loss_axes, bleu_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    loss_axes.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
+    loss_axes.set(xlabel="step", ylabel="loss (label-smoothed)", title="loss")
+    loss_axes.legend()
+    with_bleu = [r for r in evals if "bleu" in r]
+    bleu_axes.plot([r.get("wall_time_s", 0) / 60 for r in with_bleu], [r["bleu"] for r in with_bleu], "o-")
+    for r in with_bleu[-1:]:
+        bleu_axes.annotate(f"{r['bleu']:.1f} (step {r['step']})", (r.get("wall_time_s", 0) / 60, r["bleu"]))
+    bleu_axes.set(xlabel="wall-clock minutes", ylabel="sacreBLEU", title="eval BLEU")
+    figure.suptitle(os.path.abspath(workdir))
+    figure.tight_layout()
+    path = os.path.join(workdir, "curves.png")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m tfx.plot WORKDIR")
+    print(plot(sys.argv[1]))
