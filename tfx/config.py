@@ -7,7 +7,10 @@ that is wrong.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
+import re
+import sys
 
 import ml_collections
 
@@ -44,20 +47,20 @@ def model_config() -> ml_collections.ConfigDict:
     """Architecture keys (`config.model.*`); the defaults are a tiny Transformer."""
     return ml_collections.ConfigDict(
         dict(
-            vocab_size=32000,
-            emb_dim=64,
+            vocab_size=32000,  # SentencePiece pieces, shared by source and target.
+            emb_dim=64,  # d_model.
             num_heads=4,
             num_kv_heads=4,  # = num_heads: MHA; 1: MQA; in between: GQA.
             head_dim=0,  # 0: emb_dim // num_heads.
-            mlp_dim=256,
+            mlp_dim=256,  # hidden width of the position-wise MLP.
             num_encoder_layers=2,
             num_decoder_layers=2,
-            activation="relu",
-            norm="layernorm",
-            norm_position="pre",
+            activation="relu",  # relu, gelu, swiglu or squared_relu (Primer).
+            norm="layernorm",  # layernorm or rmsnorm.
+            norm_position="pre",  # pre (pre-LN, stable) or post (the original Transformer).
             norm_epsilon=1e-6,
-            positions="sinusoidal",
-            max_len=256,
+            positions="sinusoidal",  # sinusoidal or learned.
+            max_len=256,  # longest sequence the model accepts (learned positions, decoding).
             share_embeddings=True,  # one embedding for source and target.
             logits_via_embedding=True,  # output projection tied to the target embedding.
             dropout_rate=0.1,  # embeddings and residual branches, as in Vaswani et al.
@@ -77,18 +80,18 @@ def default_config() -> ml_collections.ConfigDict:
             # SentencePiece vocabulary of model.vocab_size pieces, joint over source and target.
             tokenizer=dict(
                 model_path="",  # "": train on the training split on first use, then cache.
-                model_type="unigram",
-                character_coverage=1.0,
+                model_type="unigram",  # unigram or bpe.
+                character_coverage=1.0,  # characters covered; the rest fall back to bytes.
                 input_sentence_size=0,  # > 0: train on that many sampled lines (big corpora).
             ),
             # Data: each split is "tfds:NAME[/CONFIG]:SPLIT" or "text:PATH_PREFIX" (the files
             # PATH_PREFIX.<source_lang> and PATH_PREFIX.<target_lang>, line-aligned).
             data=dict(
-                source_lang="en",
-                target_lang="de",
-                train="",
+                source_lang="en",  # translate from this language ...
+                target_lang="de",  # ... into this one.
+                train="",  # split spec of the training data (required).
                 eval="",  # validation: eval loss and BLEU during training.
-                test="",
+                test="",  # split spec eval.py scores by default.
                 data_dir="",  # "": $TFDS_DATA_DIR or ~/tensorflow_datasets.
                 too_long="drop",  # pairs over max_source/target_length: drop or truncate.
                 pack=True,  # several pairs per row (segment ids + positions); False pads.
@@ -96,46 +99,46 @@ def default_config() -> ml_collections.ConfigDict:
             ),
             # Decoding (eval.py, periodic BLEU). Max output length is source length + offset.
             decode=dict(
-                strategy="beam",
-                beam_size=4,
+                strategy="beam",  # beam, greedy or sample.
+                beam_size=4,  # hypotheses kept per sentence.
                 length_penalty=0.6,  # GNMT alpha: ((5 + length) / 6) ** alpha.
-                max_length_offset=50,
+                max_length_offset=50,  # outputs stop at source length + this many tokens.
                 temperature=1.0,  # sampling only.
                 top_k=0,  # sampling only; 0: no top-k cut.
                 top_p=1.0,  # sampling only; 1.0: no nucleus cut.
             ),
             per_device_eval_batch_size=32,  # eval loss and decoding, separate from training.
-            seed=0,
+            seed=0,  # parameters, dropout and data order.
             # Optimisation.
-            optimizer="adamw",
+            optimizer="adamw",  # adamw or adafactor.
             learning_rate=1e-3,  # peak, reached at the end of warmup.
-            schedule="rsqrt",
-            warmup_steps=4000,
-            num_train_steps=100_000,
-            cosine_end_fraction=0.0,
+            schedule="rsqrt",  # rsqrt (inverse square root) or cosine, both after a linear warmup.
+            warmup_steps=4000,  # linear warmup from 0 to learning_rate.
+            num_train_steps=100_000,  # optimizer updates to train for.
+            cosine_end_fraction=0.0,  # cosine schedule ends at this fraction of learning_rate.
             adam_b1=0.9,
             adam_b2=0.98,
             adam_eps=1e-9,
-            weight_decay=0.0,
+            weight_decay=0.0,  # decoupled (AdamW) weight decay.
             grad_clip_norm=1.0,  # 0 disables clipping.
-            grad_accum_steps=1,
+            grad_accum_steps=1,  # microbatches per update (the global batch is split into these).
             # Loss.
             label_smoothing=0.1,
-            z_loss=0.0,
+            z_loss=0.0,  # weight of log(Z)^2, which keeps the softmax normaliser near 1.
             # Batch shape.
-            per_device_batch_size=16,
-            max_source_length=64,
-            max_target_length=64,
+            per_device_batch_size=16,  # rows per data-parallel device; global = this x (data x fsdp).
+            max_source_length=64,  # row length of the source side (packed rows hold several pairs).
+            max_target_length=64,  # row length of the target side.
             # Training loop (train.py). Steps count optimizer updates.
             log_every_steps=50,  # metrics to the JSONL/TensorBoard files and the progress bar.
             eval_every_steps=1000,  # eval loss and BLEU on data.eval; 0 disables.
             eval_bleu_examples=0,  # periodic BLEU on the first N eval pairs; 0: all of them.
-            checkpoint_every_steps=1000,
+            checkpoint_every_steps=1000,  # also at the end and on SIGTERM/SIGINT.
             keep_checkpoints=3,  # the latest K, plus the best by eval BLEU.
             nonfinite_loss="stop",  # stop: exit naming the step; skip: leave the state unchanged.
             # Parallelism.
-            mesh_shape="data:-1,fsdp:1,tensor:1",
-            logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES,
+            mesh_shape="data:-1,fsdp:1,tensor:1",  # device mesh; -1: the devices left over.
+            logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES,  # logical axis -> mesh axes (see above).
         )
     )
     config.lock()  # configs may change values, not invent keys: a typo fails loudly.
@@ -231,3 +234,31 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"{config.max_target_length}) exceed config.model.max_len={m.max_len}."
         )
     return config
+
+
+def reference_table() -> str:
+    """Markdown table of every key, its default and the comment beside it in this file (the
+    README's config reference is this output: `python -m tfx.config`)."""
+    comments = {}
+    for line in inspect.getsource(sys.modules[__name__]).splitlines():
+        match = re.match(r"\s+(\w+)=.*?,\s+# (.*)$", line)
+        if match:
+            comments.setdefault(match.group(1), match.group(2))
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, value in _flatten(default_config()):
+        shown = "see DEFAULT_LOGICAL_AXIS_RULES" if key == "logical_axis_rules" else repr(value)
+        rows.append(f"| `{key}` | `{shown}` | {comments.get(key.split('.')[-1], '')} |")
+    return "\n".join(rows) + "\n"
+
+
+def _flatten(config: ml_collections.ConfigDict, prefix: str = ""):
+    for key in sorted(config.keys(), key=lambda k: isinstance(config[k], ml_collections.ConfigDict)):
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+if __name__ == "__main__":
+    print(reference_table(), end="")

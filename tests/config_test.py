@@ -1,0 +1,44 @@
+import os
+
+import pytest
+
+from tfx import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_config_reference_is_the_generated_table():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    table = readme[start:readme.index("<!-- config-reference:end -->")]
+    assert table == config_lib.reference_table(), "regenerate it with: python -m tfx.config"
+
+
+def test_every_default_key_is_in_the_reference():
+    table = config_lib.reference_table()
+    for key in ("model.num_kv_heads", "data.train", "decode.length_penalty", "nonfinite_loss"):
+        assert f"| `{key}` |" in table
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("decode.strategy", "nucleus", "config.decode.strategy='nucleus' is not one of"),
+    ("decode.top_p", 0.0, r"config.decode.top_p=0.0 must be in \(0, 1\]"),
+    ("nonfinite_loss", "ignore", "config.nonfinite_loss='ignore' is not one of 'stop', 'skip'"),
+    ("data.too_long", "wrap", "config.data.too_long='wrap' is not one of 'drop', 'truncate'"),
+    ("per_device_eval_batch_size", 0, "config.per_device_eval_batch_size=0 must be a positive"),
+    ("eval_every_steps", -1, "config.eval_every_steps=-1 must be a non-negative"),
+])
+def test_bad_values_name_the_key(key, value, message):
+    config = config_lib.default_config()
+    section, _, leaf = key.rpartition(".")
+    (config[section] if section else config)[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(config)
+
+
+def test_configs_load_with_their_variants():
+    assert config_lib.load(os.path.join(ROOT, "configs/multi30k.py:de-en")).data.source_lang == "de"
+    assert config_lib.load(os.path.join(ROOT, "configs/wmt_base.py:big")).model.emb_dim == 1024
+    with pytest.raises(ValueError, match="unknown direction"):
+        config_lib.load(os.path.join(ROOT, "configs/multi30k.py:fr-en"))
