@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tfx import evaluate, trainer
+from tfx.average import average_last
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
 
@@ -41,6 +42,17 @@ def test_averaged_checkpoint_is_the_mean_of_its_parts(trained):
     label, latest = evaluate.restore_params(workdir, "latest", experiment.state)
     assert label == "step6"
     jax.tree.map(np.testing.assert_array_equal, latest, parts[1])
+
+
+def test_average_command_writes_a_checkpoint_eval_can_read(trained, tmp_path):
+    config, workdir = trained
+    experiment = Experiment(config)
+    assert average_last(config, workdir, 2, str(tmp_path)) == 6
+    _, written = evaluate.restore_params(str(tmp_path), "latest", experiment.state)
+    _, on_the_fly = evaluate.restore_params(workdir, "average:2", experiment.state)
+    jax.tree.map(np.testing.assert_array_equal, written, on_the_fly)
+    with pytest.raises(ValueError, match=r"--last=4, but .* has 3 checkpoints"):
+        average_last(config, workdir, 4, str(tmp_path / "other"))
 
 
 def test_eval_bleu_equals_the_sacrebleu_command_on_the_written_files(trained):

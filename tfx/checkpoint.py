@@ -42,11 +42,14 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: TrainState, data_iterator, metrics: dict[str, float] | None = None):
-        """Starts an asynchronous save at `state.step`; returns once the state is copied."""
-        self.manager.save(int(state.step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)),
-            metrics=metrics, force=True)
+    def save(self, state: TrainState, data_iterator=None, metrics: dict[str, float] | None = None):
+        """Starts an asynchronous save at `state.step`; returns once the state is copied.
+        Without a data iterator (an averaged checkpoint) the run cannot resume from it."""
+        items = dict(state=ocp.args.StandardSave(state))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(int(state.step), args=ocp.args.Composite(**items), metrics=metrics,
+                          force=True)
 
     def restore(self, step: int, state: TrainState, data_iterator=None) -> TrainState:
         """The state saved at `step`, placed like `state` (its shapes and shardings); the data
