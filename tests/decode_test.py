@@ -167,3 +167,12 @@ def test_batch_that_the_data_axes_cannot_split_is_refused(tiny_config):
     config = tiny_config(model=MODEL, decode=DECODE)
     with pytest.raises(ValueError, match="multiple of 8"):
         translate(config, build(config), sources(8, 4, 8, 50), "data:8")
+
+
+def test_chunked_top_k_equals_lax_top_k():
+    x = np.array(jax.random.normal(jax.random.PRNGKey(0), (2, 3, 1000)))
+    x[0, 0, :500] = -np.inf
+    values, indices = decode._top_k(x, 8, chunk=16)
+    expected_values, expected_indices = jax.lax.top_k(x, 8)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(indices, expected_indices)

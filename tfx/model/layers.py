@@ -167,7 +167,9 @@ class Attention(nnx.Module):
     """Multi-head attention with grouped key/value heads (MHA, GQA or MQA).
 
     Keys/values come from `project_kv` so a decoder can compute them once (cross-attention)
-    or append them to a cache (self-attention) and call `attend` directly.
+    and call `attend` directly. Decoding, a few queries at a time, uses `attend_few` on
+    keys/values in a layout of its own (`project_kv(..., for_decoding=True)`), and
+    `attend_cached` for self-attention over a key/value cache.
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -183,7 +185,13 @@ class Attention(nnx.Module):
         self.out = param(rngs, dense_init((0, 1), 2), (num_heads, head_dim, dim),
                          ("heads", "head_dim", "embed"))
 
-    def project_kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def project_kv(self, x_BxSxD: jax.Array, for_decoding: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B, S, K, H]; `for_decoding`: keys [B, K, H, S] and values [B, K, S, H]."""
+        if for_decoding:
+            k = project("bsd,dkh->bkhs", x_BxSxD, self.key, self.dtype)
+            v = project("bsd,dkh->bksh", x_BxSxD, self.value, self.dtype)
+            return (constrain(k, ("batch", "kv_heads", "head_dim", "length")),
+                    constrain(v, ("batch", "kv_heads", "length", "head_dim")))
         k = project("bsd,dkh->bskh", x_BxSxD, self.key, self.dtype)
         v = project("bsd,dkh->bskh", x_BxSxD, self.value, self.dtype)
         axes = ("batch", "length", "kv_heads", "head_dim")
@@ -220,6 +228,43 @@ class Attention(nnx.Module):
     def __call__(self, x_BxTxD, kv_BxSxD, mask_Bx1xTxS, rngs=None) -> jax.Array:
         k, v = self.project_kv(kv_BxSxD)
         return self.attend(x_BxTxD, k, v, mask_Bx1xTxS, rngs)
+
+    def attend_few(self, x_BxTxD: jax.Array, k_BxKxHxS: jax.Array, v_BxKxSxH: jax.Array,
+                   mask_Bx1xTxS: jax.Array) -> jax.Array:
+        """`attend` without dropout, for a few queries (decoding) and keys/values in the decoding
+        layout of `project_kv`.
+
+        The queries of a key/value head's group are side by side, so both products are plain
+        batched matmuls: on XLA:CPU 3-5x faster than `dot_product_attention`, which transposes
+        [B, S, K, H] keys and values at every call.
+        """
+        q = project("btd,dnh->btnh", x_BxTxD, self.query, self.dtype)
+        b, t, n, h = q.shape
+        k, groups, s = self.num_kv_heads, n // self.num_kv_heads, k_BxKxHxS.shape[-1]
+        q_BxKxGTxH = q.reshape(b, t, k, groups, h).transpose(0, 2, 3, 1, 4).reshape(b, k, groups * t, h)
+        scores = jnp.einsum("bkqh,bkhs->bkqs", q_BxKxGTxH * h**-0.5, k_BxKxHxS,
+                            preferred_element_type=jnp.float32)
+        scores_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], scores.reshape(b, k, groups, t, s), -1e30)
+        weights = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(self.dtype).reshape(b, k, groups * t, s)
+        ctx_BxKxGTxH = jnp.einsum("bkqs,bksh->bkqh", weights, v_BxKxSxH)
+        ctx_BxTxNxH = ctx_BxKxGTxH.reshape(b, k, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+        out = project("btnh,nhd->btd", ctx_BxTxNxH, self.out, self.dtype)
+        return constrain(out, ("batch", "length", "embed"))
+
+    def empty_cache(self, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
+        """Zero self-attention keys and values of `length` slots, in the decoding layout."""
+        k, h = self.key.shape[1:]
+        return (constrain(jnp.zeros((batch, k, h, length), self.dtype), ("batch", "kv_heads", "head_dim", "length")),
+                constrain(jnp.zeros((batch, k, length, h), self.dtype), ("batch", "kv_heads", "length", "head_dim")))
+
+    def attend_cached(self, x_BxTxD: jax.Array, cache: tuple[jax.Array, jax.Array], index,
+                      mask_Bx1xTxL: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Self-attention of T new positions over a cache of L slots (see `empty_cache`), once their
+        keys/values are written at slots index..index+T-1; returns the output and the cache."""
+        k_new, v_new = self.project_kv(x_BxTxD, for_decoding=True)
+        k_BxKxHxL = jax.lax.dynamic_update_slice_in_dim(cache[0], k_new, index, axis=3)
+        v_BxKxLxH = jax.lax.dynamic_update_slice_in_dim(cache[1], v_new, index, axis=2)
+        return self.attend_few(x_BxTxD, k_BxKxHxL, v_BxKxLxH, mask_Bx1xTxL), (k_BxKxHxL, v_BxKxLxH)
 
 
 def _activation(name: str, h: jax.Array) -> jax.Array:

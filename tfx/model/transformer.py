@@ -74,24 +74,32 @@ class DecoderLayer(nnx.Module):
     def __call__(self, y_BxTxD, cross_kv, self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs, cache=None, index=0):
         """The layer over T positions, given its cross-attention (keys, values) of the encoder states.
 
-        Returns y and the self-attention (keys, values) attended, [B, L, K, H] each: the T
-        positions' own (L = T), or, given a `cache` of L slots, the cache with the T new ones
-        written at slots index..index+T-1 (incremental decoding).
+        Returns y and the updated self-attention cache (None without one). In incremental
+        decoding, `cache` holds the self-attention keys/values of L slots (the T positions'
+        are written at slots index..index+T-1, and `self_mask_Bx1xTxL` says which slots each
+        attends to), and it and `cross_kv` are in `Attention`'s decoding layout.
         """
-        def self_attention(h_BxTxD):
-            k, v = self.self_attention.project_kv(h_BxTxD)
-            if cache is not None:
-                k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, index, axis=1)
-                v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, index, axis=1)
-            return self.self_attention.attend(h_BxTxD, k, v, self_mask_Bx1xTxL, rngs), (k, v)
+        if cache is None:
+            def self_attention(h_BxTxD):
+                k, v = self.self_attention.project_kv(h_BxTxD)
+                return self.self_attention.attend(h_BxTxD, k, v, self_mask_Bx1xTxL, rngs), None
 
-        y_BxTxD, kv = residual(y_BxTxD, self.self_attention_norm, self.pre_norm, self.dropout_rate, rngs,
-                               self_attention, has_aux=True)
+            def cross_attention(h_BxTxD):
+                return self.cross_attention.attend(h_BxTxD, *cross_kv, cross_mask_Bx1xTxS, rngs)
+        else:
+            def self_attention(h_BxTxD):
+                return self.self_attention.attend_cached(h_BxTxD, cache, index, self_mask_Bx1xTxL)
+
+            def cross_attention(h_BxTxD):
+                return self.cross_attention.attend_few(h_BxTxD, *cross_kv, cross_mask_Bx1xTxS)
+
+        y_BxTxD, cache = residual(y_BxTxD, self.self_attention_norm, self.pre_norm, self.dropout_rate, rngs,
+                                  self_attention, has_aux=True)
         y_BxTxD = residual(y_BxTxD, self.cross_attention_norm, self.pre_norm, self.dropout_rate, rngs,
-                           lambda h: self.cross_attention.attend(h, *cross_kv, cross_mask_Bx1xTxS, rngs))
+                           cross_attention)
         y_BxTxD = residual(y_BxTxD, self.mlp_norm, self.pre_norm, self.dropout_rate, rngs,
                            lambda h: self.mlp(h, rngs))
-        return y_BxTxD, kv
+        return y_BxTxD, cache
 
 
 def residual(x_BxLxD, norm: Norm, pre_norm: bool, rate: float, rngs, sublayer, has_aux: bool = False):
@@ -161,26 +169,31 @@ class EncoderDecoder(nnx.Module):
                                          self.cross_kv(encoded_BxSxD), self_mask, cross_mask, rngs)
         return self.logits(y_BxTxD)
 
-    def cross_kv(self, encoded_BxSxD) -> list[tuple[jax.Array, jax.Array]]:
-        """Each decoder layer's cross-attention (keys, values) of the encoder states, [B, S, K, H]."""
-        return [layer.cross_attention.project_kv(encoded_BxSxD) for layer in self.decoder_layers]
+    def cross_kv(self, encoded_BxSxD, for_decoding: bool = False) -> list[tuple[jax.Array, jax.Array]]:
+        """Each decoder layer's cross-attention (keys, values) of the encoder states, in the
+        decoding layout if `for_decoding` (see `Attention.project_kv`)."""
+        return [layer.cross_attention.project_kv(encoded_BxSxD, for_decoding) for layer in self.decoder_layers]
+
+    def empty_cache(self, batch: int, length: int) -> list[tuple[jax.Array, jax.Array]]:
+        """Each decoder layer's self-attention cache of `length` slots, for `decoder_states`."""
+        return [layer.self_attention.empty_cache(batch, length) for layer in self.decoder_layers]
 
     def decoder_states(self, decoder_inputs_BxT, positions_BxT, cross_kv, self_mask_Bx1xTxL,
                        cross_mask_Bx1xTxS, rngs=None, caches=None, index=0):
-        """The last decoder layer's states [B, T, D], and each layer's self-attention (keys, values).
+        """The last decoder layer's states [B, T, D], and the updated caches (None without).
 
-        For incremental decoding, `caches` holds each layer's (keys, values) of L slots: the T
-        positions are written at slots index..index+T-1 and `self_mask_Bx1xTxL` says which slots
-        each position attends to (see `DecoderLayer`).
+        Incremental decoding passes `cross_kv(..., for_decoding=True)` and `caches` from
+        `empty_cache`: the T positions are written at slots index..index+T-1 and
+        `self_mask_Bx1xTxL` says which slots each position attends to (see `DecoderLayer`).
         """
         y_BxTxD = self._embed(self.target_embed, getattr(self, "target_positions", None),
                               decoder_inputs_BxT, positions_BxT, rngs)
-        kvs = []
+        new_caches = []
         for i, layer in enumerate(self.decoder_layers):
-            y_BxTxD, kv = layer(y_BxTxD, cross_kv[i], self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs,
-                                None if caches is None else caches[i], index)
-            kvs.append(kv)
-        return y_BxTxD, kvs
+            y_BxTxD, cache = layer(y_BxTxD, cross_kv[i], self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs,
+                                   None if caches is None else caches[i], index)
+            new_caches.append(cache)
+        return y_BxTxD, None if caches is None else new_caches
 
     def logits(self, y_BxTxD) -> jax.Array:
         """Logits [B, T, V] (float32) of decoder states: the final norm (pre-LN), then the output projection."""
