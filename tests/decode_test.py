@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from tfx import parallel
-from tfx.model import decode
+from tfx.model import decode, layers
 from tfx.model.decode import EOS
 from tfx.model.transformer import EncoderDecoder
 
@@ -27,7 +27,7 @@ def build(config, seed=2, eos_boost=3.0):
 
 def translate(config, model, inputs, mesh_shape="data:1", rng=None, **overrides):
     graphdef, params = model
-    key = (config.to_json(), mesh_shape, tuple(sorted(overrides.items())))
+    key = (config.to_json(), mesh_shape, decode.Options.from_config(config, **overrides))
     if key not in _compiled:
         mesh = parallel.make_mesh(mesh_shape, jax.devices()[:1] if mesh_shape == "data:1" else None)
         shardings = parallel.state_shardings(params, mesh, config.logical_axis_rules)
@@ -88,7 +88,8 @@ def brute_force_best(config, model, inputs, limit, alpha):
     """The highest-scoring output of each source among all that end in EOS within `limit` tokens,
     scored with the model's teacher-forced log-probabilities and the GNMT length penalty."""
     vocab = config.model.vocab_size
-    outputs = [list(body) + [EOS] for n in range(limit) for body in itertools.product(range(2, vocab), repeat=n)]
+    outputs = [list(body) + [EOS] for n in range(limit)
+               for body in itertools.product(range(2, vocab), repeat=n)]
     targets = np.array([o + [0] * (limit - len(o)) for o in outputs], np.int32)
     lengths = np.array([len(o) for o in outputs])
     graphdef, params = model
@@ -100,7 +101,7 @@ def brute_force_best(config, model, inputs, limit, alpha):
     return targets[np.argmax(log_p / ((5 + lengths) / 6) ** alpha, axis=1)]
 
 
-def exhaustive_setup(tiny_config, limit):
+def exhaustive_setup(tiny_config, limit=3):
     """Vocabulary {pad, EOS, 2, 3, 4}, a beam wide enough to keep every hypothesis, and a
     random untied output projection scaled up: peaked next-token distributions, so the best
     output is not always the shortest."""
@@ -113,37 +114,41 @@ def exhaustive_setup(tiny_config, limit):
 
 
 def test_beam_search_finds_the_best_output_by_brute_force(tiny_config):
-    config, model, inputs = exhaustive_setup(tiny_config, limit=3)
+    config, model, inputs = exhaustive_setup(tiny_config)
     got = translate(config, model, inputs, length_penalty=0.6)
     np.testing.assert_array_equal(got[:, :3], brute_force_best(config, model, inputs, 3, 0.6))
     assert len(set((got > 0).sum(axis=1))) == 3
 
 
 def test_length_penalty_prefers_longer_outputs_as_the_formula_says(tiny_config):
-    config, model, inputs = exhaustive_setup(tiny_config, limit=4)
-    short = translate(config, model, inputs, length_penalty=0.0)
-    long = translate(config, model, inputs, length_penalty=0.6)
-    np.testing.assert_array_equal(short[:, :4], brute_force_best(config, model, inputs, 4, 0.0))
-    np.testing.assert_array_equal(long[:, :4], brute_force_best(config, model, inputs, 4, 0.6))
-    short_lengths, long_lengths = (short > 0).sum(axis=1), (long > 0).sum(axis=1)
-    assert (long_lengths >= short_lengths).all() and (long_lengths > short_lengths).any()
+    config, model, inputs = exhaustive_setup(tiny_config)
+    lengths = {}
+    for alpha in (0.0, 0.6):
+        got = translate(config, model, inputs, length_penalty=alpha)
+        np.testing.assert_array_equal(got[:, :3], brute_force_best(config, model, inputs, 3, alpha))
+        lengths[alpha] = (got > 0).sum(axis=1)
+    assert (lengths[0.6] >= lengths[0.0]).all() and (lengths[0.6] > lengths[0.0]).any()
 
 
 def test_sampling_only_the_most_likely_token_equals_greedy(tiny_config):
     config = tiny_config(model=MODEL, decode=DECODE)
     model, inputs = build(config), sources(4, 8, 8, 50)
     greedy = translate(config, model, inputs, strategy="greedy")
-    for only_the_best in (dict(top_k=1), dict(top_p=1e-4), dict(temperature=1e-4)):
-        sampled = translate(config, model, inputs, strategy="sample", rng=jax.random.PRNGKey(5), **only_the_best)
+    for only_the_best in (dict(top_k=1), dict(top_p=1e-4)):
+        sampled = translate(config, model, inputs, rng=jax.random.PRNGKey(5), strategy="sample",
+                            **only_the_best)
         np.testing.assert_array_equal(sampled, greedy, err_msg=str(only_the_best))
 
 
 def test_sampling_is_deterministic_for_a_fixed_rng(tiny_config):
     config = tiny_config(model=MODEL, decode=DECODE)
     model, inputs = build(config), sources(5, 8, 8, 50)
-    a = translate(config, model, inputs, rng=jax.random.PRNGKey(0), strategy="sample")
-    np.testing.assert_array_equal(a, translate(config, model, inputs, rng=jax.random.PRNGKey(0), strategy="sample"))
-    assert not np.array_equal(a, translate(config, model, inputs, rng=jax.random.PRNGKey(1), strategy="sample"))
+    def sample(seed):
+        return translate(config, model, inputs, rng=jax.random.PRNGKey(seed), strategy="sample")
+
+    a = sample(0)
+    np.testing.assert_array_equal(a, sample(0))
+    assert not np.array_equal(a, sample(1))
     assert_well_formed(a, limit=8 + 4)
 
 
@@ -176,3 +181,19 @@ def test_chunked_top_k_equals_lax_top_k():
     expected_values, expected_indices = jax.lax.top_k(x, 8)
     np.testing.assert_array_equal(values, expected_values)
     np.testing.assert_array_equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_attention_in_the_decoding_layout_equals_attend(num_kv_heads):
+    attention = layers.Attention(32, 4, num_kv_heads, 8, 0.0, np.float32, nnx.Rngs(params=0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 32))
+    source = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 32))
+    mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.6, (2, 1, 3, 7)).at[..., 0].set(True)
+
+    @nnx.jit
+    def both(attention, x, source, mask):
+        return (attention.attend(x, *attention.project_kv(source), mask, None),
+                attention.attend_few(x, *attention.project_kv(source, for_decoding=True), mask))
+
+    expected, got = both(attention, x, source, mask)
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -4,25 +4,26 @@
     tokens_BxT = translate(params, inputs_BxS)  # best hypotheses: EOS-terminated, 0 after
 
 `make_translate` jit-compiles `translate(model, inputs_BxS, options, rng)` (traceable) with the
-batch sharded over the mesh's data axes; `Options.from_config` reads `config.decode`. Token 0
-is padding and the decoder's start token, 1 is EOS; 0 is never generated.
-
-Output length: at most the longest source of the batch (non-pad tokens) plus
-`max_length_offset` tokens, within the model's `max_len`; the last allowed token is EOS.
+batch sharded over the mesh's data axes; `Options.from_config` reads `config.decode`, and
+`full_recompute=True` (no cache) or `forced_length=n` (benchmarks) may be added. Token 0 is
+padding and the decoder's start token, 1 is EOS; 0 is never generated. Outputs have at most
+(longest source of the batch, in non-pad tokens) + max_length_offset tokens, within the model's
+max_len; the last one allowed is EOS.
 
 Incremental decoding: the encoder runs once; each decoder layer's cross-attention keys/values
-are projected once per sentence ([B, S, K, H]); self-attention keys/values (K = num_kv_heads)
-go into a cache. The W hypotheses (beams) of a sentence are decoded as W query positions of one
-row, so cross-attention reads the sentence's keys/values without copying them per beam. The
-self-attention cache of a row has a slot for each (step j, beam w), at j * W + w, written once:
-a beam attends to the slots of its ancestors, which a [B, W, L] table names. Reordering beams
-gathers that table, never the cache (scoring W-fold the slots is cheap next to the projections).
+are projected once per sentence; self-attention keys/values (num_kv_heads heads) go into a
+cache, both in `Attention`'s decoding layout. The W hypotheses (beams) of a sentence are
+decoded as W query positions of one row, so cross-attention reads the sentence's keys/values
+without copying them per beam. The self-attention cache of a row has a slot for each (step j,
+beam w), at j * W + w, written once: a beam attends to the slots of its ancestors, which a
+[B, W, L] table names, so reordering beams gathers that table, never the cache (scoring W-fold
+the slots costs less than gathering the cache every step).
 
-Beam search (as fairseq): each step takes the 2W best extensions of the W beams; those ending
-in EOS among the first W finish, scored with the GNMT length penalty
+Beam search (as fairseq): each step takes the 2W most likely extensions of the W beams; those
+ending in EOS among the first W finish, scored with the GNMT length penalty
 log p / ((5 + length) / 6) ** length_penalty (length counts EOS), and the best W others go on.
 A sentence is done when W hypotheses have finished; the loop stops when every sentence is done.
-Sampling draws from softmax(log p / temperature) within the top_k tokens and the top_p mass.
+Sampling draws from softmax(logits / temperature) within the top_k tokens and the top_p mass.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tfx import parallel
+from tfx.config import DECODE_STRATEGIES, choice_error
 from tfx.model.transformer import EncoderDecoder, attention_mask
 
 PAD, EOS = 0, 1
@@ -94,8 +96,8 @@ def make_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, me
 def translate(model: EncoderDecoder, inputs_BxS: jax.Array, options: Options,
               rng: jax.Array | None = None) -> jax.Array:
     """Best translations [B, T] of right-padded sources [B, S] (T: the longest output allowed)."""
-    if options.strategy not in ("beam", "greedy", "sample"):
-        raise ValueError(f"decode strategy {options.strategy!r} is not one of 'beam', 'greedy', 'sample'.")
+    if options.strategy not in DECODE_STRATEGIES:
+        raise choice_error("decode.strategy", options.strategy, DECODE_STRATEGIES)
     segment_BxS = (inputs_BxS > 0).astype(jnp.int32)
     encoded_BxSxD = model.encode(inputs_BxS, segment_BxS)
     length, limit = _output_length(model.max_len, segment_BxS, options)
@@ -133,6 +135,7 @@ class _Decoder(NamedTuple):
 
 
 def _cached_decoder(model, encoded_BxSxD, source_segment_BxS, width, length) -> _Decoder:
+    """Incremental decoding: W beams per row, a self-attention cache of length * W slots."""
     batch = encoded_BxSxD.shape[0]
     cross_kv = model.cross_kv(encoded_BxSxD, for_decoding=True)
     cross_mask_Bx1xWxS = attention_mask(jnp.ones((batch, width), jnp.int32), source_segment_BxS, causal=False)
@@ -238,8 +241,8 @@ def _best_extensions(log_probs_BxW, logits_BxWxV, allowed_BxWxV, k):
     per_beam = min(k, vocab)
     top_logits_BxWxK, tokens_BxWxK = _top_k(allowed_BxWxV, per_beam)
     log_norm_BxW = jax.nn.logsumexp(logits_BxWxV, axis=-1)
-    log_probs_BxWK = (log_probs_BxW[..., None] + top_logits_BxWxK - log_norm_BxW[..., None]).reshape(batch, -1)
-    top_log_probs_BxK, top_BxK = jax.lax.top_k(log_probs_BxWK, k)
+    log_probs_BxWxK = log_probs_BxW[..., None] + top_logits_BxWxK - log_norm_BxW[..., None]
+    top_log_probs_BxK, top_BxK = jax.lax.top_k(log_probs_BxWxK.reshape(batch, -1), k)
     return (top_log_probs_BxK, top_BxK // per_beam,
             jnp.take_along_axis(tokens_BxWxK.reshape(batch, -1), top_BxK, axis=1))
 
@@ -254,8 +257,8 @@ def _top_k(x_BxWxV, k: int, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
     padded = jnp.pad(x_BxWxV, ((0, 0), (0, 0), (0, -v % chunk)), constant_values=-jnp.inf)
     chunks_BxWxCxZ = padded.reshape(batch, width, -1, chunk)
     _, best_BxWxK = jax.lax.top_k(jnp.max(chunks_BxWxCxZ, axis=-1), k)
-    candidates_BxWxKZ = jnp.take_along_axis(chunks_BxWxCxZ, best_BxWxK[..., None], axis=2).reshape(batch, width, -1)
-    values_BxWxK, i_BxWxK = jax.lax.top_k(candidates_BxWxKZ, k)
+    candidates_BxWxKxZ = jnp.take_along_axis(chunks_BxWxCxZ, best_BxWxK[..., None], axis=2)
+    values_BxWxK, i_BxWxK = jax.lax.top_k(candidates_BxWxKxZ.reshape(batch, width, -1), k)
     return values_BxWxK, jnp.take_along_axis(best_BxWxK, i_BxWxK // chunk, axis=-1) * chunk + i_BxWxK % chunk
 
 
@@ -279,7 +282,8 @@ def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Option
             tokens_Bx2W[..., None], b.t, axis=2)
         ends_Bx2W = (tokens_Bx2W == EOS) | (b.t == limit - 1)
 
-        finishing_Bx2W = ends_Bx2W & (jnp.arange(2 * width) < width)[None, :] & jnp.isfinite(top_log_probs_Bx2W)
+        ranked_in_top_W_1x2W = (jnp.arange(2 * width) < width)[None, :]
+        finishing_Bx2W = ends_Bx2W & ranked_in_top_W_1x2W & jnp.isfinite(top_log_probs_Bx2W)
         penalty = ((5.0 + b.t + 1) / 6.0) ** options.length_penalty
         scores_Bx2W = jnp.where(finishing_Bx2W, top_log_probs_Bx2W / penalty, -jnp.inf)
         finished_scores_BxW, best_Bx3W = jax.lax.top_k(
@@ -288,7 +292,8 @@ def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Option
             jnp.concatenate([b.finished_BxWxL, candidates_Bx2WxL], axis=1), best_Bx3W[..., None], axis=1)
         num_finished_B = b.num_finished_B + jnp.sum(finishing_Bx2W, axis=1)
 
-        alive_log_probs_BxW, keep_BxW = jax.lax.top_k(jnp.where(ends_Bx2W, -jnp.inf, top_log_probs_Bx2W), width)
+        going_on_Bx2W = jnp.where(ends_Bx2W, -jnp.inf, top_log_probs_Bx2W)
+        alive_log_probs_BxW, keep_BxW = jax.lax.top_k(going_on_Bx2W, width)
         alive_BxWxL = jnp.take_along_axis(candidates_Bx2WxL, keep_BxW[..., None], axis=1)
         state = decoder.reorder(state, jnp.take_along_axis(parents_Bx2W, keep_BxW, axis=1))
 

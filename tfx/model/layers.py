@@ -235,8 +235,8 @@ class Attention(nnx.Module):
         layout of `project_kv`.
 
         The queries of a key/value head's group are side by side, so both products are plain
-        batched matmuls: on XLA:CPU 3-5x faster than `dot_product_attention`, which transposes
-        [B, S, K, H] keys and values at every call.
+        batched matmuls: on XLA:CPU, for 4 queries over 32-328 keys, 2-8x faster than `attend`,
+        whose `dot_product_attention` transposes [B, S, K, H] keys and values at every call.
         """
         q = project("btd,dnh->btnh", x_BxTxD, self.query, self.dtype)
         b, t, n, h = q.shape
@@ -254,8 +254,10 @@ class Attention(nnx.Module):
     def empty_cache(self, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
         """Zero self-attention keys and values of `length` slots, in the decoding layout."""
         k, h = self.key.shape[1:]
-        return (constrain(jnp.zeros((batch, k, h, length), self.dtype), ("batch", "kv_heads", "head_dim", "length")),
-                constrain(jnp.zeros((batch, k, length, h), self.dtype), ("batch", "kv_heads", "length", "head_dim")))
+        keys = jnp.zeros((batch, k, h, length), self.dtype)
+        values = jnp.zeros((batch, k, length, h), self.dtype)
+        return (constrain(keys, ("batch", "kv_heads", "head_dim", "length")),
+                constrain(values, ("batch", "kv_heads", "length", "head_dim")))
 
     def attend_cached(self, x_BxTxD: jax.Array, cache: tuple[jax.Array, jax.Array], index,
                       mask_Bx1xTxL: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:

@@ -172,7 +172,8 @@ class EncoderDecoder(nnx.Module):
     def cross_kv(self, encoded_BxSxD, for_decoding: bool = False) -> list[tuple[jax.Array, jax.Array]]:
         """Each decoder layer's cross-attention (keys, values) of the encoder states, in the
         decoding layout if `for_decoding` (see `Attention.project_kv`)."""
-        return [layer.cross_attention.project_kv(encoded_BxSxD, for_decoding) for layer in self.decoder_layers]
+        return [layer.cross_attention.project_kv(encoded_BxSxD, for_decoding)
+                for layer in self.decoder_layers]
 
     def empty_cache(self, batch: int, length: int) -> list[tuple[jax.Array, jax.Array]]:
         """Each decoder layer's self-attention cache of `length` slots, for `decoder_states`."""
@@ -196,7 +197,7 @@ class EncoderDecoder(nnx.Module):
         return y_BxTxD, None if caches is None else new_caches
 
     def logits(self, y_BxTxD) -> jax.Array:
-        """Logits [B, T, V] (float32) of decoder states: the final norm (pre-LN), then the output projection."""
+        """Logits [B, T, V] (float32) of decoder states: final norm (pre-LN), output projection."""
         if self.pre_norm:
             y_BxTxD = self.decoder_norm(y_BxTxD)
         if self.logits_via_embedding:
