@@ -186,14 +186,16 @@ class Attention(nnx.Module):
                          ("heads", "head_dim", "embed"))
 
     def project_kv(self, x_BxSxD: jax.Array, for_decoding: bool = False) -> tuple[jax.Array, jax.Array]:
-        """Keys and values [B, S, K, H]; `for_decoding`: keys [B, K, H, S] and values [B, K, S, H]."""
-        if for_decoding:
-            k = project("bsd,dkh->bkhs", x_BxSxD, self.key, self.dtype)
-            v = project("bsd,dkh->bksh", x_BxSxD, self.value, self.dtype)
-            return (constrain(k, ("batch", "kv_heads", "head_dim", "length")),
-                    constrain(v, ("batch", "kv_heads", "length", "head_dim")))
+        """Keys and values [B, S, K, H]; `for_decoding`: keys [B, K, H, S] and values [B, K, S, H].
+
+        The decoding layout transposes the projections: projecting straight into it makes XLA:CPU
+        transpose the weights instead, at every decoding step.
+        """
         k = project("bsd,dkh->bskh", x_BxSxD, self.key, self.dtype)
         v = project("bsd,dkh->bskh", x_BxSxD, self.value, self.dtype)
+        if for_decoding:
+            return (constrain(k.transpose(0, 2, 3, 1), ("batch", "kv_heads", "head_dim", "length")),
+                    constrain(v.transpose(0, 2, 1, 3), ("batch", "kv_heads", "length", "head_dim")))
         axes = ("batch", "length", "kv_heads", "head_dim")
         return constrain(k, axes), constrain(v, axes)
 
