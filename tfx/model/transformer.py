@@ -117,7 +117,11 @@ def residual(x_BxLxD, norm: Norm, pre_norm: bool, rate: float, rngs, sublayer, h
 
 
 class EncoderDecoder(nnx.Module):
-    """The full translation model: `encode` a source batch, `decode` target logits from it."""
+    """The full translation model: `encode` a source batch, `decode` target logits from it.
+
+    `cross_kv`, `empty_cache`, `decoder_states` and `logits` are the parts of `decode` that
+    incremental decoding (tfx/model/decode.py) calls step by step.
+    """
 
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
         self.emb_dim, self.dropout_rate, self.positions = cfg.emb_dim, cfg.dropout_rate, cfg.positions
