@@ -83,9 +83,11 @@ def test_adafactor_state_shards_and_matches_one_device(tiny_config, make_batch):
 
 
 def test_batch_that_microbatches_cannot_split_is_refused(tiny_config, make_batch):
-    config = tiny_config(grad_accum_steps=3)
-    with pytest.raises(ValueError, match="config.grad_accum_steps=3"):
-        run_steps(config, [make_batch(0, 16, 9, 11, 50)], "data:8")
+    with pytest.raises(ValueError, match="per_device_batch_size=2 is not divisible by config.grad_accum_steps=3"):
+        tiny_config(grad_accum_steps=3)
+    config = tiny_config(grad_accum_steps=2)  # a batch of other rows than the config's
+    with pytest.raises(ValueError, match="config.grad_accum_steps=2"):
+        run_steps(config, [make_batch(0, 24, 9, 11, 50)], "data:8")
 
 
 def test_every_option_shards_like_one_device(tiny_config, make_batch):

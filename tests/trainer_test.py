@@ -141,6 +141,7 @@ def test_eval_reports_loss_and_bleu(tmp_path, data_dir):
     ("--config.no_such_key=1", "no_such_key"),
     ("--config.seed=abc", "seed"),
     ("--config.mesh_shape=data:16", "mesh_shape"),
+    ("--config.grad_accum_steps=3", "config.grad_accum_steps=3"),
     ("--config.data.train=text:/nowhere/corpus", "/nowhere/corpus.en"),
 ])
 def test_bad_configs_are_refused_naming_the_key_or_file(tmp_path, data_dir, flag, message):

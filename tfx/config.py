@@ -211,6 +211,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "model.activation_dropout_rate", "label_smoothing"):
         if not 0.0 <= _lookup(config, key) < 1.0:
             raise ValueError(f"config.{key}={_lookup(config, key)!r} must be in [0, 1).")
+    if config.per_device_batch_size % config.grad_accum_steps:
+        raise ValueError(
+            f"config.per_device_batch_size={config.per_device_batch_size} is not divisible by "
+            f"config.grad_accum_steps={config.grad_accum_steps}: each microbatch must still split "
+            "evenly over the data axes.")
     if not 0.0 < config.decode.top_p <= 1.0:
         raise ValueError(f"config.decode.top_p={config.decode.top_p!r} must be in (0, 1].")
     if m.num_heads % m.num_kv_heads:

@@ -1,0 +1,37 @@
+import jax.numpy as jnp
+import numpy as np
+
+from tfx import config as config_lib
+from tfx.checkpoint import Checkpoints
+from tfx.steps import TrainState
+
+
+def state_at(step: int) -> TrainState:
+    return TrainState(step=jnp.asarray(step, jnp.int32), params={"w": jnp.full((4,), float(step))},
+                      opt_state=(), rng=jnp.zeros((2,), jnp.uint32))
+
+
+def test_keeps_the_latest_k_and_the_best_by_bleu(tmp_path):
+    config = config_lib.default_config()
+    config.keep_checkpoints = 2
+    checkpoints = Checkpoints(str(tmp_path), config)
+    for step, bleu in zip(range(1, 7), [5.0, 9.0, 3.0, None, 4.0, 2.0]):
+        checkpoints.save(state_at(step), metrics=None if bleu is None else {"bleu": bleu})
+    checkpoints.wait()
+    assert checkpoints.steps() == [2, 5, 6]  # best BLEU (step 2) and the latest two
+    restored = checkpoints.restore(2, state_at(0))
+    np.testing.assert_array_equal(restored.params["w"], np.full((4,), 2.0))
+    assert int(restored.step) == 2
+    checkpoints.close()
+
+
+def test_average_is_the_mean_of_the_parameters_and_keeps_the_last_state(tmp_path):
+    config = config_lib.default_config()
+    checkpoints = Checkpoints(str(tmp_path), config)
+    for step in (2, 4, 9):
+        checkpoints.save(state_at(step))
+    checkpoints.wait()
+    averaged = checkpoints.average([2, 4, 9], state_at(0))
+    np.testing.assert_allclose(averaged.params["w"], np.full((4,), 5.0))
+    assert int(averaged.step) == 9
+    checkpoints.close()
