@@ -28,7 +28,8 @@ def plot(workdir: str) -> str:
     with_bleu = [r for r in evals if "bleu" in r]
     bleu_axes.plot([r.get("wall_time_s", 0) / 60 for r in with_bleu], [r["bleu"] for r in with_bleu], "o-")
     for r in with_bleu[-1:]:
-        bleu_axes.annotate(f"{r['bleu']:.1f} (step {r['step']})", (r.get("wall_time_s", 0) / 60, r["bleu"]))
+        bleu_axes.annotate(f"{r['bleu']:.1f} (step {r['step']})", (r.get("wall_time_s", 0) / 60, r["bleu"]),
+                           ha="right", va="bottom")
     bleu_axes.set(xlabel="wall-clock minutes", ylabel="sacreBLEU", title="eval BLEU")
     figure.suptitle(os.path.abspath(workdir))
     figure.tight_layout()
