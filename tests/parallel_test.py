@@ -4,7 +4,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tfx import config as config_lib
-from tfx import parallel
+from tfx import parallel, steps
 
 RULES = config_lib.DEFAULT_LOGICAL_AXIS_RULES
 
@@ -66,3 +66,17 @@ def test_shard_batch_splits_rows_and_refuses_uneven_batches():
 def test_constrain_is_identity_outside_a_mesh_context():
     x = jax.numpy.ones((4, 3))
     assert parallel.constrain(x, ("batch", "length")) is x
+
+
+@pytest.mark.parametrize("mesh_shape, factor", [("fsdp:8,data:1", 8), ("data:2,fsdp:2,tensor:2", 4)])
+def test_fsdp_cuts_per_device_state_bytes_by_about_its_factor(tiny_config, mesh_shape, factor):
+    config = tiny_config(model=dict(vocab_size=64, emb_dim=64, num_heads=8, num_kv_heads=8, mlp_dim=128))
+    _, abstract, shardings = steps.abstract_train_state(config, parallel.make_mesh("data:8"))
+    replicated = parallel.per_device_bytes(abstract.params, shardings.params)
+    _, abstract, shardings = steps.abstract_train_state(config, parallel.make_mesh(mesh_shape))
+    sharded = parallel.per_device_bytes((abstract.params, abstract.opt_state),
+                                        (shardings.params, shardings.opt_state))
+    assert replicated == 4 * sum(x.size for x in jax.tree.leaves(abstract.params))
+    # Adam keeps two moments: 3x the parameters, split `factor` ways except the small
+    # norm scales and biases that stay whole.
+    assert 3 * replicated / factor <= sharded < 1.15 * 3 * replicated / factor

@@ -161,3 +161,14 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[
                 f"split evenly ({size} ways); make the global batch size a multiple of {size}."
             )
     return jax.device_put(batch, batch_sharding(mesh, rules))
+
+
+def per_device_bytes(abstract_tree: Any, shardings: Any) -> int:
+    """Bytes of the largest per-device shard set of `abstract_tree` placed by `shardings`."""
+    totals = {}
+    for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+        itemsize = np.dtype(leaf.dtype).itemsize
+        for device, index in sharding.devices_indices_map(leaf.shape).items():
+            shape = [len(range(*s.indices(n))) for s, n in zip(index, leaf.shape)]
+            totals[device] = totals.get(device, 0) + int(np.prod(shape)) * itemsize
+    return max(totals.values())

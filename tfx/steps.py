@@ -31,22 +31,28 @@ class TrainState:
     rng: jax.Array
 
 
+def _init_state(config: ml_collections.ConfigDict) -> TrainState:
+    tx = optim.make_optimizer(config)
+    params_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    model = EncoderDecoder(config.model, nnx.Rngs(params=params_key))
+    params = nnx.state(model, nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=dropout_key)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh
+                         ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """(graphdef, state shapes and dtypes, state_shardings), without allocating anything."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: EncoderDecoder(config.model, nnx.Rngs(0))))
+    abstract = jax.eval_shape(lambda: _init_state(config))
+    return graphdef, abstract, parallel.state_shardings(abstract, mesh, config.logical_axis_rules)
+
+
 def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
                        ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """(graphdef, state, state_shardings): the state is initialised directly on its shards."""
-    tx = optim.make_optimizer(config)
-    rules = config.logical_axis_rules
-
-    def init() -> TrainState:
-        params_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
-        model = EncoderDecoder(config.model, nnx.Rngs(params=params_key))
-        params = nnx.state(model, nnx.Param)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=dropout_key)
-
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: EncoderDecoder(config.model, nnx.Rngs(0))))
-    shardings = parallel.state_shardings(jax.eval_shape(init), mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)()
+    graphdef, _, shardings = abstract_train_state(config, mesh)
+    state = jax.jit(lambda: _init_state(config), out_shardings=shardings)()
     return graphdef, state, shardings
 
 

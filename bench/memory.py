@@ -1,0 +1,50 @@
+"""Per-device memory of the train state and the compiled train step: prints one JSON line.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/memory.py \\
+        --config configs/wmt_base.py:base --mesh data:2,fsdp:2,tensor:2
+
+Parameter and optimizer bytes are the largest per-device shard under the config's logical-axis
+rules on that mesh; the step's temporary bytes come from XLA's memory analysis of the compiled
+train step (nothing is allocated or run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import numpy as np
+
+from tfx import config as config_lib
+from tfx import parallel, steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/wmt_base.py:base")
+    parser.add_argument("--mesh", default=None, help="overrides config.mesh_shape")
+    args = parser.parse_args()
+    config = config_lib.load(args.config)
+    if args.mesh:
+        config.mesh_shape = args.mesh
+    mesh = parallel.make_mesh(config.mesh_shape)
+    graphdef, abstract, shardings = steps.abstract_train_state(config, mesh)
+    train_step = steps.make_train_step(config, graphdef, mesh, shardings)
+    rows = config.per_device_batch_size * parallel.data_parallel_size(mesh, config.logical_axis_rules)
+    batch_sharding = parallel.batch_sharding(mesh, config.logical_axis_rules)
+    batch = {k: jax.ShapeDtypeStruct((rows, length), np.int32, sharding=batch_sharding)
+             for k, length in (("inputs", config.max_source_length),
+                               ("targets", config.max_target_length))}
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    memory = train_step.lower(state, batch).compile().memory_analysis()
+    print(json.dumps(dict(
+        variant=config.variant, mesh=dict(mesh.shape), devices=mesh.size, global_batch_rows=rows,
+        param_bytes_per_device=parallel.per_device_bytes(abstract.params, shardings.params),
+        optimizer_bytes_per_device=parallel.per_device_bytes(abstract.opt_state, shardings.opt_state),
+        step_temp_bytes_per_device=int(memory.temp_size_in_bytes),
+        step_argument_bytes_per_device=int(memory.argument_size_in_bytes),
+    )))
+
+
+if __name__ == "__main__":
+    main()
