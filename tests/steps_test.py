@@ -56,7 +56,8 @@ def test_state_is_created_sharded_by_the_rules(tiny_config):
 def test_gradient_accumulation_equals_one_big_batch(tiny_config, make_batch):
     batches = [make_batch(seed, 16, 9, 11, 50) for seed in range(2)]
     big_params, big_history = run_steps(tiny_config(), batches, "data:8")
-    acc_params, acc_history = run_steps(tiny_config(grad_accum_steps=4), batches, "data:2,fsdp:2,tensor:2")
+    acc_params, acc_history = run_steps(tiny_config(grad_accum_steps=4, per_device_batch_size=4), batches,
+                                        "data:2,fsdp:2,tensor:2")
     for big, acc in zip(big_history, acc_history):
         for key in ("loss", "accuracy", "weight", "grad_norm"):
             np.testing.assert_allclose(acc[key], big[key], rtol=1e-5)
