@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 
 from tfx.checkpoint import Checkpoints
 from tfx.data.pipeline import Shard, to_global
-from tfx.data.tokenizer import Tokenizer
+from tfx.data.tokenizer import EOS_ID, Tokenizer
 from tfx.experiment import Experiment
 from tfx.model import decode
 
@@ -42,7 +42,7 @@ def translate_batches(translate: Callable, params, batches: Sequence[dict[str, n
         for row, index in enumerate(index_B):
             if index >= 0:
                 ids = tokens_BxT[row].tolist()
-                generated += ids.index(1) + 1 if 1 in ids else len(ids)
+                generated += ids.index(EOS_ID) + 1 if EOS_ID in ids else len(ids)
                 translations[int(index)] = tokenizer.decode(ids)
     elapsed = time.perf_counter() - start
     speed = {"sentences_per_sec": len(translations) / elapsed,

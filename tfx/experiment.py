@@ -30,13 +30,14 @@ class Experiment:
         self.eval_shard = pipeline.process_shard(
             self.sharding, config.per_device_eval_batch_size * data_parallel)
 
-    def eval_batches(self, split: str, limit: int = 0) -> list[dict[str, np.ndarray]]:
-        source = self.splits[split]
-        batches = pipeline.eval_batches(self.config, source, self.tokenizer, self.eval_shard)
-        if limit:
-            rows = self.eval_shard.rows * self.eval_shard.count
-            batches = batches[: -(-limit // rows)]
-        return batches
+    def eval_batches(self, split: str) -> list[dict[str, np.ndarray]]:
+        return pipeline.eval_batches(self.config, self.splits[split], self.tokenizer, self.eval_shard)
+
+    def first_batches(self, batches: list, examples: int) -> list:
+        """The leading `batches` that hold the first `examples` examples (all if 0)."""
+        if not examples:
+            return batches
+        return batches[: -(-examples // (self.eval_shard.rows * self.eval_shard.count))]
 
     def references(self, split: str, batches) -> list[str]:
         source = self.splits[split]

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from tfx import evaluate, steps
+from tfx import evaluate, losses, steps
 from tfx.data import pipeline
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
@@ -51,11 +51,8 @@ def _eval_loss(eval_step, params, batches, experiment: Experiment) -> dict[str, 
                                     experiment.sharding, experiment.eval_shard)
         sums = eval_step(params, arrays)
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    totals = jax.device_get(totals)
-    weight = max(float(totals["weight"]), 1.0)
-    nll = float(totals["nll"]) / weight
-    return {"loss": float(totals["loss"]) / weight, "nll": nll,
-            "accuracy": float(totals["correct"]) / weight, "perplexity": math.exp(min(nll, 50))}
+    summary = jax.device_get(losses.summarize(totals))
+    return {name: float(value) for name, value in summary.items() if name != "weight"}
 
 
 def previous_wall_time(workdir: str) -> float:
@@ -90,8 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     translate = decode.make_translate(config, experiment.graphdef, experiment.mesh,
                                       experiment.shardings.params)
     eval_batches = experiment.eval_batches("eval") if "eval" in experiment.splits else []
-    bleu_batches = (experiment.eval_batches("eval", config.eval_bleu_examples)
-                    if eval_batches else [])
+    bleu_batches = experiment.first_batches(eval_batches, config.eval_bleu_examples)
     writer = MetricWriter(workdir)
     start_time = time.perf_counter() - previous_wall_time(workdir)
     preemption = Preemption()
