@@ -26,6 +26,7 @@ TOKENIZER_MODEL_TYPES = ("unigram", "bpe")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("rsqrt", "cosine")
 MESH_AXES = ("data", "fsdp", "tensor")
+REMAT_POLICIES = ("none", "full", "dots")
 
 # Logical axis -> mesh axes, first match that is still free wins (see tfx/parallel.py).
 # Parameters: embed over fsdp (ZeRO-3 style), heads/mlp/vocab over tensor.
@@ -40,6 +41,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("position", None),
+    ("layers", None),  # the stacked-layer axis of model.scan_layers.
 )
 
 
@@ -67,6 +69,8 @@ def model_config() -> ml_collections.ConfigDict:
             attention_dropout_rate=0.0,  # attention weights; > 0 leaves the fused kernel.
             activation_dropout_rate=0.0,  # MLP hidden activations (fairseq's default is 0).
             dtype="float32",  # computation dtype; parameters are always float32.
+            remat="none",  # recompute activations in the backward pass: none, full, or dots (keep matmul outputs).
+            scan_layers=False,  # one lax.scan over stacked layers: compile time flat in depth.
         )
     )
 
@@ -96,6 +100,8 @@ def default_config() -> ml_collections.ConfigDict:
                 too_long="drop",  # pairs over max_source/target_length: drop or truncate.
                 pack=True,  # several pairs per row (segment ids + positions); False pads.
                 worker_count=0,  # grain worker processes for the train split (0: in-process).
+                shards=0,  # fixed train-data shards (a multiple of the process count) keep batches and resume across slice sizes; 0: one per process.
+                reset_position=False,  # on resume, start the data afresh instead of refusing a changed global batch.
             ),
             # Decoding (eval.py, periodic BLEU). Max output length is source length + offset.
             decode=dict(
@@ -136,6 +142,14 @@ def default_config() -> ml_collections.ConfigDict:
             checkpoint_every_steps=1000,  # also at the end and on SIGTERM/SIGINT.
             keep_checkpoints=3,  # the latest K, plus the best by eval BLEU.
             nonfinite_loss="stop",  # stop: exit naming the step; skip: leave the state unchanged.
+            # Multi-process (multi-host) runs; every process runs the same command.
+            distributed=dict(
+                coordinator_address="",  # host:port of process 0; "": $JAX_COORDINATOR_ADDRESS or the detected cluster (TPU VM, SLURM, Open MPI).
+                num_processes=0,  # 0: from the cluster; 1 with no coordinator: single process.
+                process_id=-1,  # -1: from the cluster.
+                heartbeat_timeout_s=100,  # a process silent this long is declared dead and the others stop.
+                initialization_timeout_s=300,  # how long to wait for all processes to connect.
+            ),
             # Parallelism.
             mesh_shape="data:-1,fsdp:1,tensor:1",  # device mesh; -1: the devices left over.
             logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES,  # logical axis -> mesh axes (see above).
@@ -196,16 +210,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(config, "nonfinite_loss", NONFINITE_POLICIES)
     _check_choice(config, "optimizer", OPTIMIZERS)
     _check_choice(config, "schedule", SCHEDULES)
+    _check_choice(config, "model.remat", REMAT_POLICIES)
     for key in ("model.vocab_size", "model.emb_dim", "model.num_heads", "model.num_kv_heads",
                 "model.mlp_dim", "model.max_len", "per_device_batch_size", "max_source_length",
                 "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps",
                 "per_device_eval_batch_size", "decode.beam_size", "decode.temperature",
-                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "distributed.heartbeat_timeout_s", "distributed.initialization_timeout_s"):
         _check_positive(config, key)
     for key in ("model.num_encoder_layers", "model.num_decoder_layers", "model.head_dim",
                 "warmup_steps", "weight_decay", "grad_clip_norm", "z_loss", "decode.length_penalty",
                 "decode.max_length_offset", "decode.top_k", "data.worker_count", "eval_every_steps",
-                "eval_bleu_examples"):
+                "eval_bleu_examples", "data.shards", "distributed.num_processes"):
         _check_positive(config, key, allow_zero=True)
     for key in ("model.dropout_rate", "model.attention_dropout_rate",
                 "model.activation_dropout_rate", "label_smoothing"):
