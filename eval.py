@@ -6,11 +6,12 @@
 """
 import json
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tfx import config as config_lib
-from tfx import evaluate
+from tfx import distributed, evaluate
 from tfx.data.sources import read_lines
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
@@ -42,8 +43,12 @@ def main(argv):
     else:
         if _CONFIG.value is None or not _WORKDIR.value:
             raise app.UsageError("give --config and --workdir, or --hyp and --ref.")
-        results = evaluate.evaluate_checkpoint(config_lib.validate(_CONFIG.value), _WORKDIR.value,
-                                               _SPLIT.value, _CHECKPOINT.value, metrics)
+        config = config_lib.validate(_CONFIG.value)
+        distributed.initialize(config)  # before any other JAX call.
+        results = evaluate.evaluate_checkpoint(config, _WORKDIR.value, _SPLIT.value,
+                                               _CHECKPOINT.value, metrics)
+        if jax.process_index() != 0:
+            return
         scores = results["scores"]
         print(f"{results['split']} ({results['spec']}), {results['checkpoint']}: "
               f"{results['sentences_per_sec']:.1f} sentences/s, "

@@ -6,7 +6,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tfx import config as config_lib
-from tfx import trainer
+from tfx import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
@@ -17,7 +17,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step of their work at INFO.
-    trainer.train(config_lib.validate(_CONFIG.value), _WORKDIR.value)
+    config = config_lib.validate(_CONFIG.value)
+    distributed.initialize(config)  # before any other JAX call.
+    trainer.train(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

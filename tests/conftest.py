@@ -22,6 +22,12 @@ import pytest  # noqa: E402
 from tfx import config as config_lib  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A TFDS data dir shared by the tests that prepare the bundled Multi30k."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
 @pytest.fixture
 def tiny_config():
     """Factory for a validated tiny config: tiny_config(model={...}, key=value, ...)."""

@@ -7,11 +7,6 @@ from tfx.data.sources import open_split, open_splits, read_lines
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def text_split(prefix, data_dir, source_lang="en", target_lang="de"):
     return open_split(f"text:{prefix}", "data.train", source_lang, target_lang, str(data_dir))
 

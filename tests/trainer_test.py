@@ -2,7 +2,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,15 +13,7 @@ from tfx.experiment import Experiment
 from tfx.metrics import read_metrics
 from tfx.plot import plot
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MULTI30K = os.path.join(ROOT, "configs", "multi30k.py")
-TINY = dict(vocab_size=1000, emb_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2,
-            num_encoder_layers=1, num_decoder_layers=1)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
+from runs import MULTI30K, ROOT, TINY, losses, train_py, wait_for_step
 
 
 def tiny_multi30k(data_dir: str, **overrides) -> config_lib.ml_collections.ConfigDict:
@@ -34,38 +25,6 @@ def tiny_multi30k(data_dir: str, **overrides) -> config_lib.ml_collections.Confi
                        warmup_steps=4, max_source_length=32, max_target_length=32))
     config.update(overrides)
     return config_lib.validate(config)
-
-
-def flags_for(config_overrides: dict) -> list[str]:
-    return [f"--config.{key}={value}" for key, value in config_overrides.items()]
-
-
-TINY_FLAGS = dict(**{f"model.{k}": v for k, v in TINY.items()}, per_device_batch_size=2,
-                  per_device_eval_batch_size=4, num_train_steps=12, log_every_steps=1,
-                  checkpoint_every_steps=4, eval_every_steps=0, warmup_steps=4,
-                  max_source_length=32, max_target_length=32)
-
-
-def train_py(workdir, data_dir, **overrides) -> subprocess.Popen:
-    flags = flags_for({**TINY_FLAGS, "data.data_dir": data_dir, **overrides})
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--config={MULTI30K}",
-                             f"--workdir={workdir}", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_step(workdir, step: int, process: subprocess.Popen, timeout: float = 300):
-    path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        if os.path.exists(path) and any(r["step"] >= step for r in read_metrics(str(workdir))):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"step {step} not reached")
-
-
-def losses(workdir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if r["split"] == "train"}
 
 
 def test_killed_and_preempted_runs_resume_to_the_uninterrupted_losses(tmp_path, data_dir):

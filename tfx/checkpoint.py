@@ -1,22 +1,86 @@
 """Checkpoints (orbax): the train state, the data-iterator position and the metrics, per step.
 
 `<workdir>/checkpoints/<step>/` holds `state` (params, optimizer state, step, RNG; each process
-writes its own shards) and `data` (the grain iterator state of every process). Saves are
-asynchronous; orbax writes into a temporary directory and renames it when complete, so a run
-killed mid-save leaves the previous checkpoint as the latest usable one. The latest
-`config.keep_checkpoints` are kept, plus the one with the best eval BLEU.
+writes its own shards) and `data` (the grain iterator state of every data shard, written by the
+process that reads it). Saves are asynchronous and collective; orbax writes into a temporary
+directory and renames it once every process has written, so a run killed mid-save leaves the
+previous checkpoint as the latest usable one. The latest `config.keep_checkpoints` are kept,
+plus the one with the best eval BLEU.
+
+A checkpoint restores onto any mesh and process count: arrays are resharded to the shardings
+of the state they are restored into, and the data position continues as long as the number
+of data shards and the global batch are the same (`DataPositionError` otherwise).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from tfx.data.pipeline import TrainBatches
 from tfx.steps import TrainState
+
+
+class DataPositionError(ValueError):
+    """The saved data position does not fit this run's data shards or global batch."""
+
+
+class DataPositionHandler(ocp.CheckpointHandler):
+    """The position of `TrainBatches`: `shard_<i>-of-<n>.json` per data shard, each with the
+    global batch rows it was saved with. A process reads the files of the shards it reads
+    now, whichever process wrote them."""
+
+    def save(self, directory, args: DataPositionSave):
+        batches = args.batches
+        for index, state in batches.get_state().items():
+            record = {"global_rows": batches.global_rows, "state": state}
+            (directory / f"shard_{index}-of-{batches.shards}.json").write_text(json.dumps(record))
+
+    def restore(self, directory, args: DataPositionRestore) -> TrainBatches:
+        batches = args.batches
+        states = {}
+        for index in batches.iterators:
+            path = directory / f"shard_{index}-of-{batches.shards}.json"
+            if not path.exists():
+                saved = {p.name.split("-of-")[1].removesuffix(".json")
+                         for p in directory.glob("shard_*-of-*.json")}
+                raise DataPositionError(
+                    f"{directory} holds the data position of {' or '.join(sorted(saved)) or 'no'} "
+                    f"data shards, but this run reads {batches.shards} (config.data.shards, "
+                    "0 = one per process). Set config.data.shards to the saved number, or "
+                    "config.data.reset_position=True to restore the model and start the data "
+                    "afresh.")
+            record = json.loads(path.read_text())
+            if record["global_rows"] != batches.global_rows:
+                raise DataPositionError(
+                    f"{path} was saved with a global batch of {record['global_rows']} rows, but "
+                    f"this run's is {batches.global_rows} (config.per_device_batch_size x the "
+                    "data-parallel devices), so the saved data position does not apply. Keep "
+                    "the global batch, or set config.data.reset_position=True to restore the "
+                    "model and start the data afresh.")
+            states[index] = record["state"]
+        batches.set_state(states)
+        return batches
+
+    def metadata(self, directory):
+        return None
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_save=True)
+@dataclasses.dataclass
+class DataPositionSave(ocp.args.CheckpointArgs):
+    batches: TrainBatches
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_restore=True)
+@dataclasses.dataclass
+class DataPositionRestore(ocp.args.CheckpointArgs):
+    batches: TrainBatches
 
 
 class Checkpoints:
@@ -33,7 +97,7 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=config is not None,
                                                read_only=config is None, cleanup_tmp_directories=True)
         handlers = {"state": ocp.StandardCheckpointHandler(),
-                    "data": grain.checkpoint.CheckpointHandler()}
+                    "data": DataPositionHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def steps(self) -> list[int]:
@@ -42,23 +106,25 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: TrainState, data_iterator=None, metrics: dict[str, float] | None = None):
+    def save(self, state: TrainState, batches: TrainBatches | None = None,
+             metrics: dict[str, float] | None = None):
         """Starts an asynchronous save at `state.step`; returns once the state is copied.
-        Without a data iterator (an averaged checkpoint) the run cannot resume from it."""
+        Without the train batches (an averaged checkpoint) the run cannot resume from it."""
         items = dict(state=ocp.args.StandardSave(state))
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if batches is not None:
+            items["data"] = DataPositionSave(batches)
         self.manager.save(int(state.step), args=ocp.args.Composite(**items), metrics=metrics,
                           force=True)
 
-    def restore(self, step: int, state: TrainState, data_iterator=None) -> TrainState:
-        """The state saved at `step`, placed like `state` (its shapes and shardings); the data
-        iterator, if given, continues from where that step left it."""
+    def restore(self, step: int, state: TrainState, batches: TrainBatches | None = None
+                ) -> TrainState:
+        """The state saved at `step`, placed like `state` (its shapes and shardings, on any
+        mesh); the train batches, if given, continue from where that step left them."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         self._check_shapes(step, abstract)
         items = dict(state=ocp.args.StandardRestore(abstract))
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if batches is not None:
+            items["data"] = DataPositionRestore(batches)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def _check_shapes(self, step: int, abstract: TrainState):

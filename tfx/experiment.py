@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from tfx import parallel, steps
+from tfx import distributed, parallel, steps
 from tfx.data import pipeline, sources
 from tfx.data import tokenizer as tokenizer_lib
 
@@ -17,8 +17,9 @@ class Experiment:
         self.config = config
         rules = config.logical_axis_rules
         self.mesh = parallel.make_mesh(config.mesh_shape)
-        self.splits = sources.open_splits(config)
-        self.tokenizer = tokenizer_lib.from_config(config, self.splits["train"])
+        with distributed.process_0_first("tfx: data and tokenizer ready"):
+            self.splits = sources.open_splits(config)
+            self.tokenizer = tokenizer_lib.from_config(config, self.splits["train"])
         if self.tokenizer.vocab_size != config.model.vocab_size:
             raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer "
                              f"{self.tokenizer.path} has {self.tokenizer.vocab_size} pieces.")

@@ -71,11 +71,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     batches, length_counts = pipeline.train_iterator(
         config, experiment.splits["train"], experiment.tokenizer, experiment.train_shard)
     latest = checkpoints.latest_step()
+    reset_data = config.data.reset_position
     if latest is not None:
-        state = checkpoints.restore(latest, state, batches)
+        state = checkpoints.restore(latest, state, None if reset_data else batches)
     main_process = jax.process_index() == 0
     if main_process and latest is not None:
-        print(f"resuming from step {latest} in {checkpoints.directory}")
+        print(f"resuming from step {latest} in {checkpoints.directory}"
+              + (" with the data afresh (config.data.reset_position)" if reset_data else ""))
     if main_process:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2))

@@ -1,9 +1,10 @@
 """The input pipeline (grain): tokenize, drop or truncate long pairs, shuffle, pack or pad, batch,
 and give each process only its own rows of the global batch.
 
-Train batches never end: each epoch is a fresh shuffle of this process's shard, seeded by
-config.seed. The grain iterator's `get_state()` / `set_state()` is saved with checkpoints, so a
-restore continues with exactly the batch that would have come next.
+Train batches never end: each epoch is a fresh shuffle of each data shard, seeded by
+config.seed. The grain iterators' `get_state()` / `set_state()` is saved with checkpoints, so a
+restore continues with exactly the batch that would have come next, also on another number of
+processes when config.data.shards is fixed.
 
 Eval and test batches are finite and in order; every example is seen exactly once. Rows past
 the end of the split are empty (all padding, `index` -1), so nothing is dropped and an empty
@@ -120,25 +121,73 @@ def pad_to(tokens: np.ndarray, length: int) -> np.ndarray:
     return np.pad(tokens, (0, length - len(tokens)))
 
 
+class TrainBatches:
+    """This process's endless train batches: the batches of the data shards it reads, side by
+    side, and their position (`get_state`/`set_state`: one grain iterator state per shard)."""
+
+    def __init__(self, iterators: dict[int, grain.DatasetIterator], shards: int, global_rows: int):
+        self.iterators = iterators
+        self.shards = shards  # data shards of the whole run (config.data.shards).
+        self.global_rows = global_rows
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(iterator) for iterator in self.iterators.values()]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def get_state(self) -> dict[int, dict]:
+        return {index: iterator.get_state() for index, iterator in self.iterators.items()}
+
+    def set_state(self, states: dict[int, dict]):
+        for index, iterator in self.iterators.items():
+            iterator.set_state(states[index])
+
+
+def data_shards(config: ml_collections.ConfigDict, shard: Shard) -> tuple[int, range]:
+    """How many data shards the run has (config.data.shards, or one per process), and those
+    whose rows `shard` holds."""
+    shards = config.data.shards or shard.count
+    global_rows = shard.rows * shard.count
+    if shards % shard.count or global_rows % shards:
+        raise ValueError(
+            f"config.data.shards={config.data.shards} must be a multiple of the number of "
+            f"processes that feed the batch ({shard.count}) and divide the global batch of "
+            f"{global_rows} rows.")
+    per_process = shards // shard.count
+    return shards, range(shard.index * per_process, (shard.index + 1) * per_process)
+
+
 def train_iterator(config: ml_collections.ConfigDict, source: PairSource, tokenizer: Tokenizer,
-                   shard: Shard) -> tuple[grain.DatasetIterator, LengthCounts]:
+                   shard: Shard) -> tuple[TrainBatches, LengthCounts]:
     """This process's endless train batches of `shard.rows` rows, and the length-policy counts.
 
-    Each process shuffles its own 1/shard.count of the split, every epoch anew.
+    The split is cut into data shards (`config.data.shards`, default one per process); data
+    shard i shuffles the examples [i::shards], every epoch anew, and fills rows
+    [i * r, (i + 1) * r) of each global batch (r = global rows / shards). A process reads only
+    the shards whose rows its devices hold. With a fixed number of shards the global batches
+    do not depend on how many processes share them.
     """
+    shards, owned = data_shards(config, shard)
+    global_rows = shard.rows * shard.count
+    rows = global_rows // shards
     lengths = {"inputs": config.max_source_length, "targets": config.max_target_length}
     policy = LengthPolicy(config.max_source_length, config.max_target_length, config.data.too_long)
-    pairs = (grain.MapDataset.source(source)[shard.index::shard.count]
-             .shuffle(seed=config.seed).repeat(None).map(Tokenize(tokenizer)))
-    dataset = pairs.to_iter_dataset()
-    if config.data.worker_count:
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; callers may not use absl.
-            flags.FLAGS.mark_as_parsed()
-        dataset = dataset.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=config.data.worker_count))
-    dataset = dataset.map(policy).filter(lambda pair: pair is not None)
-    rows = pack_or_pad(dataset, lengths, config.data.pack, 2 * shard.rows, config.seed)
-    return iter(rows.batch(shard.rows, drop_remainder=True)), policy.counts
+    iterators = {}
+    for index in owned:
+        pairs = (grain.MapDataset.source(source)[index::shards]
+                 .shuffle(seed=config.seed + index).repeat(None).map(Tokenize(tokenizer)))
+        dataset = pairs.to_iter_dataset()
+        if config.data.worker_count:
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; callers may not use absl.
+                flags.FLAGS.mark_as_parsed()
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+        dataset = dataset.map(policy).filter(lambda pair: pair is not None)
+        packed = pack_or_pad(dataset, lengths, config.data.pack, 2 * rows, config.seed)
+        iterators[index] = iter(packed.batch(rows, drop_remainder=True))
+    return TrainBatches(iterators, shards, global_rows), policy.counts
 
 
 def pack_or_pad(pairs: grain.IterDataset, lengths: dict[str, int], pack: bool, num_bins: int,

@@ -1,0 +1,65 @@
+"""Running train.py in subprocesses for the tests: a tiny model on the bundled Multi30k."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from tfx.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MULTI30K = os.path.join(ROOT, "configs", "multi30k.py")
+TINY = dict(vocab_size=1000, emb_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2,
+            num_encoder_layers=1, num_decoder_layers=1)
+TINY_FLAGS = dict(**{f"model.{k}": v for k, v in TINY.items()}, per_device_batch_size=2,
+                  per_device_eval_batch_size=4, num_train_steps=12, log_every_steps=1,
+                  checkpoint_every_steps=4, eval_every_steps=0, warmup_steps=4,
+                  max_source_length=32, max_target_length=32)
+
+
+def flags_for(config_overrides: dict) -> list[str]:
+    return [f"--config.{key}={value}" for key, value in config_overrides.items()]
+
+
+def train_py(workdir, data_dir, devices: int = 8, **overrides) -> subprocess.Popen:
+    """train.py on `devices` fake CPU devices with the tiny flags and `overrides`."""
+    flags = flags_for({**TINY_FLAGS, "data.data_dir": data_dir, **overrides})
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--config={MULTI30K}",
+                             f"--workdir={workdir}", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def train_py_processes(workdir, data_dir, processes: int, devices: int, **overrides
+                       ) -> list[subprocess.Popen]:
+    """`processes` train.py processes of `devices` devices each, connected on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [train_py(workdir, data_dir, devices, **overrides,
+                     **{"distributed.coordinator_address": f"127.0.0.1:{port}",
+                        "distributed.num_processes": processes, "distributed.process_id": i})
+            for i in range(processes)]
+
+
+def finish(run: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    """Waits for `run`; returns (stdout, stderr) and asserts it succeeded."""
+    out, err = run.communicate(timeout=timeout)
+    assert run.returncode == 0, err[-3000:]
+    return out, err
+
+
+def wait_for_step(workdir, step: int, process: subprocess.Popen, timeout: float = 300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        if os.path.exists(path) and any(r["step"] >= step for r in read_metrics(str(workdir))):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if r["split"] == "train"}
