@@ -98,6 +98,36 @@ def test_two_processes_split_an_epoch_between_them_exactly(corpus, config):
     assert sorted(epochs[0] + epochs[1]) == sorted(tokenized(corpus))
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_fixed_data_shards_give_the_same_global_batches_on_any_process_count(corpus, config, pack):
+    config.data.pack = pack
+    config.data.shards = 4
+    source, tokenizer = corpus
+
+    def global_batches(processes: int) -> list[dict]:
+        iterators = [pipeline.train_iterator(config, source, tokenizer,
+                                             pipeline.Shard(i, processes, 8 // processes))[0]
+                     for i in range(processes)]
+        return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+                for parts in ([next(it) for it in iterators] for _ in range(10))]
+
+    one, two, four = global_batches(1), global_batches(2), global_batches(4)
+    for a, b, c in zip(one, two, four):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+            np.testing.assert_array_equal(a[key], c[key])
+
+
+def test_data_shards_must_fit_the_processes_and_the_batch(corpus, config):
+    source, tokenizer = corpus
+    config.data.shards = 3
+    with pytest.raises(ValueError, match=r"config.data.shards=3 .* processes that feed the batch \(2\)"):
+        pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(0, 2, 3))
+    config.data.shards = 4
+    with pytest.raises(ValueError, match=r"divide the global batch of 6 rows"):
+        pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(0, 2, 3))
+
+
 def test_shuffle_follows_the_seed(corpus, config):
     config.data.pack = False
     source, tokenizer = corpus
