@@ -1,16 +1,17 @@
 """Per-device memory of the train state and the compiled train step: prints one JSON line.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/memory.py \\
-        --config configs/wmt_base.py:base --mesh data:2,fsdp:2,tensor:2
+        --config configs/wmt_base.py:base --mesh data:2,fsdp:2,tensor:2 [--remat full] [--scan-layers]
 
 Parameter and optimizer bytes are the largest per-device shard under the config's logical-axis
 rules on that mesh; the step's temporary bytes come from XLA's memory analysis of the compiled
-train step (nothing is allocated or run).
+train step (nothing is allocated or run), and compile_s is the time to lower and compile it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import jax
 import numpy as np
@@ -23,10 +24,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/wmt_base.py:base")
     parser.add_argument("--mesh", default=None, help="overrides config.mesh_shape")
+    parser.add_argument("--remat", default=None, choices=config_lib.REMAT_POLICIES,
+                        help="overrides config.model.remat")
+    parser.add_argument("--scan-layers", action="store_true", help="sets config.model.scan_layers")
     args = parser.parse_args()
     config = config_lib.load(args.config)
     if args.mesh:
         config.mesh_shape = args.mesh
+    if args.remat:
+        config.model.remat = args.remat
+    if args.scan_layers:
+        config.model.scan_layers = True
     mesh = parallel.make_mesh(config.mesh_shape)
     graphdef, abstract, shardings = steps.abstract_train_state(config, mesh)
     train_step = steps.make_train_step(config, graphdef, mesh, shardings)
@@ -36,13 +44,17 @@ def main():
              for k, length in (("inputs", config.max_source_length),
                                ("targets", config.max_target_length))}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    start = time.perf_counter()
     memory = train_step.lower(state, batch).compile().memory_analysis()
+    compile_s = time.perf_counter() - start
     print(json.dumps(dict(
         variant=config.variant, mesh=dict(mesh.shape), devices=mesh.size, global_batch_rows=rows,
+        remat=config.model.remat, scan_layers=config.model.scan_layers,
         param_bytes_per_device=parallel.per_device_bytes(abstract.params, shardings.params),
         optimizer_bytes_per_device=parallel.per_device_bytes(abstract.opt_state, shardings.opt_state),
         step_temp_bytes_per_device=int(memory.temp_size_in_bytes),
         step_argument_bytes_per_device=int(memory.argument_size_in_bytes),
+        compile_s=round(compile_s, 1),
     )))
 
 

@@ -1,6 +1,7 @@
 """Train-step throughput and MFU: prints one JSON line (its last line).
 
     python bench/train.py --config configs/wmt_base.py:base [--mesh data:-1] [--steps 10] [--dtype bfloat16]
+        [--remat none|full|dots] [--scan-layers]
 
 Batches are synthetic sentence pairs of realistic, varied lengths packed into rows of
 max_source_length/max_target_length, so the figures reflect the real step. Model FLOPs count
@@ -80,6 +81,9 @@ def main():
     parser.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                         help="overrides config.model.dtype (the computation dtype)")
+    parser.add_argument("--remat", default=None, choices=config_lib.REMAT_POLICIES,
+                        help="overrides config.model.remat")
+    parser.add_argument("--scan-layers", action="store_true", help="sets config.model.scan_layers")
     args = parser.parse_args()
 
     config = config_lib.load(args.config)
@@ -87,6 +91,10 @@ def main():
         config.mesh_shape = args.mesh
     if args.dtype:
         config.model.dtype = args.dtype
+    if args.remat:
+        config.model.remat = args.remat
+    if args.scan_layers:
+        config.model.scan_layers = True
     mesh = parallel.make_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
     global_batch = config.per_device_batch_size * jax.device_count()
@@ -133,7 +141,8 @@ def main():
         variant=config.variant or args.config, params=count_params(state.params),
         mesh=dict(mesh.shape), devices=jax.device_count(), platform=jax.devices()[0].platform,
         global_batch=global_batch, source_length=config.max_source_length,
-        target_length=config.max_target_length, dtype=config.model.dtype, steps=args.steps,
+        target_length=config.max_target_length, dtype=config.model.dtype,
+        remat=config.model.remat, scan_layers=config.model.scan_layers, steps=args.steps,
         step_time_s=round(step_time, 4),
         target_tokens_per_sec=round(tokens_per_step / step_time, 1),
         non_padding_fraction=round(tokens_per_step / (global_batch * config.max_target_length), 3),

@@ -10,6 +10,8 @@ from tfx.model import decode, layers
 from tfx.model.decode import EOS
 from tfx.model.transformer import EncoderDecoder
 
+from transformer_test import stack_layer_lists
+
 # Compiling is most of this file's time: one encoder layer (the decoder is what matters here)
 # and one compiled `translate` per configuration, shared by the tests.
 MODEL = dict(num_encoder_layers=1)
@@ -82,6 +84,19 @@ def test_beam_size_one_equals_greedy(tiny_config):
     model, inputs = build(config), sources(0, 8, 8, 50)
     np.testing.assert_array_equal(translate(config, model, inputs, beam_size=1),
                                   translate(config, model, inputs, strategy="greedy"))
+
+
+@pytest.mark.parametrize("strategy", ["beam", "greedy"])
+def test_scanned_layers_decode_like_unrolled_layers(tiny_config, strategy):
+    """With scan_layers the cached decoder scans over stacked caches; same parameters, same outputs."""
+    config = tiny_config(model=MODEL, decode=DECODE)
+    scanned_config = tiny_config(model=dict(MODEL, scan_layers=True), decode=DECODE)
+    model, inputs = build(config), sources(9, 8, 8, 50)
+    graphdef, params = build(scanned_config, seed=3)
+    nnx.replace_by_pure_dict(params, stack_layer_lists(nnx.to_pure_dict(model[1])))
+    scanned = translate(scanned_config, (graphdef, params), inputs, strategy=strategy)
+    np.testing.assert_array_equal(scanned, translate(config, model, inputs, strategy=strategy))
+    assert_well_formed(scanned, limit=8 + 4)
 
 
 def brute_force_best(config, model, inputs, limit, alpha):

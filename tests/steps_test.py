@@ -1,9 +1,12 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tfx import parallel, steps
+
+from transformer_test import stack_layer_lists
 
 
 def run_steps(config, batches, mesh_shape, devices=None):
@@ -51,6 +54,27 @@ def test_state_is_created_sharded_by_the_rules(tiny_config):
     adam_mu = state.opt_state[1][0].mu["encoder_layers"][0]["mlp"]["wi"][...]
     assert adam_mu.sharding.spec == P("fsdp", "tensor")
     assert state.params["source_embed"]["embedding"][...].sharding.spec == P("tensor", "fsdp")
+
+
+def test_scanned_layers_train_on_a_mesh_like_unrolled_layers(tiny_config, make_batch):
+    """Same initialisation, same steps; stacked parameters keep the layers axis whole."""
+    model = dict(vocab_size=64, emb_dim=32, num_heads=8, num_kv_heads=8, mlp_dim=64)
+    config, scanned = tiny_config(model=model), tiny_config(model=dict(model, scan_layers=True))
+    batches = [make_batch(seed, 16, 9, 11, 64) for seed in range(2)]
+    params, history = run_steps(config, batches, "data:2,fsdp:2,tensor:2")
+    scanned_params, scanned_history = run_steps(scanned, batches, "data:2,fsdp:2,tensor:2")
+    for ref, got in zip(history, scanned_history):
+        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
+        np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 nnx.to_pure_dict(scanned_params), stack_layer_lists(nnx.to_pure_dict(params)))
+
+    _, state, _ = steps.create_train_state(scanned, parallel.make_mesh("data:2,fsdp:2,tensor:2"))
+    wi = state.params["decoder_layers"]["mlp"]["wi"][...]
+    assert wi.sharding.spec == P(None, "fsdp", "tensor")
+    assert {s.data.shape for s in wi.addressable_shards} == {(2, 16, 32)}
+    adam_mu = state.opt_state[1][0].mu["decoder_layers"]["mlp"]["wi"][...]
+    assert adam_mu.sharding.spec == P(None, "fsdp", "tensor")
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_config, make_batch):

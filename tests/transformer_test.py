@@ -3,8 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from tfx import config as config_lib
+from tfx import losses
 from tfx.model import layers
 from tfx.model.transformer import EncoderDecoder, attention_mask, count_params, shift_right
 
@@ -205,3 +207,103 @@ def test_fusion_barrier_is_the_identity_with_identity_gradient():
     np.testing.assert_array_equal(grad, jnp.full_like(x, 3.0))
     poisoned = x.at[0, 0, 0].set(jnp.nan)
     assert np.isnan(np.asarray(layers.fusion_barrier(poisoned))).all()
+
+
+def stack_layer_lists(params: dict) -> dict:
+    """An unrolled model's parameters (or gradients), as a pure dict, in the scan_layers layout.
+
+    Also used by decode_test.py and steps_test.py.
+    """
+    for name in ("encoder_layers", "decoder_layers"):
+        params[name] = jax.tree.map(lambda *xs: np.stack(xs), *params[name].values())
+    return params
+
+
+def to_scanned(config, model):
+    """A scan_layers model holding `model`'s parameters."""
+    config = config.copy_and_resolve_references()
+    config.model.scan_layers = True
+    scanned = build(config, seed=1)
+    state = nnx.state(scanned, nnx.Param)
+    nnx.replace_by_pure_dict(state, stack_layer_lists(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    nnx.update(scanned, state)
+    return scanned
+
+
+def loss_and_grads(model, batch, dropout_seed=None):
+    def loss(model):
+        rngs = None if dropout_seed is None else nnx.Rngs(dropout=dropout_seed)
+        logits = model(batch["inputs"], batch["targets"], rngs=rngs)
+        return losses.metric_sums(logits, batch["targets"], batch["targets"] > 0, 0.1, 0.0)["loss"]
+    return nnx.value_and_grad(loss)(model)
+
+
+def assert_trees_close(actual, expected):
+    """Equal to float32 rounding, relative to each array's largest entry."""
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
+                 actual, expected)
+
+
+DROPOUT = dict(dropout_rate=0.2, attention_dropout_rate=0.2, activation_dropout_rate=0.2)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_loss_and_gradients(tiny_config, make_batch, remat, scan_layers):
+    batch = make_batch(4, 2, 7, 6, 50)
+    results = []
+    for policy in ("none", remat):
+        model = build(tiny_config(model=dict(DROPOUT, remat=policy, scan_layers=scan_layers)))
+        results.append(loss_and_grads(model, batch, dropout_seed=0))
+    (loss, grads), (remat_loss, remat_grads) = results
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    assert_trees_close(remat_grads, grads)
+
+
+def test_remat_saves_fewer_residuals_for_the_backward_pass(tiny_config, make_batch, capsys):
+    """Counts what autodiff keeps from the forward pass: full < dots (matmul outputs too) < none."""
+    batch = make_batch(5, 2, 7, 6, 50)
+    counts = {}
+    for remat in ("none", "dots", "full"):
+        graphdef, params = nnx.split(build(tiny_config(model=dict(remat=remat))))
+        print_saved_residuals(
+            lambda p, g=graphdef: jnp.sum(nnx.merge(g, p)(batch["inputs"], batch["targets"])), params)
+        counts[remat] = len(capsys.readouterr().out.splitlines())
+    assert counts["full"] < counts["dots"] < counts["none"], counts
+
+
+def test_scanned_layers_stack_the_parameters_with_a_layers_axis(tiny_config):
+    model = build(tiny_config(model=dict(scan_layers=True, num_encoder_layers=3)))
+    query = model.encoder_layers.attention.query
+    assert query.shape == (3, 32, 4, 8)
+    assert query.get_metadata()["logical_axes"] == ("layers", "embed", "heads", "head_dim")
+    assert model.decoder_layers.mlp_norm.scale.shape == (2, 32)
+    # The same seed gives the same parameters in both layouts.
+    unrolled = build(tiny_config(model=dict(num_encoder_layers=3)))
+    np.testing.assert_array_equal(query[2], unrolled.encoder_layers[2].attention.query[...])
+
+
+@pytest.mark.parametrize("model_overrides", [dict(), dict(norm_position="post", remat="dots")])
+def test_scanned_layers_equal_unrolled_layers_with_the_same_parameters(tiny_config, make_batch,
+                                                                       model_overrides):
+    config = tiny_config(model=model_overrides)
+    model = build(config)
+    scanned = to_scanned(config, model)
+    batch = make_batch(6, 2, 7, 6, 50)
+    np.testing.assert_allclose(scanned(batch["inputs"], batch["targets"]),
+                               model(batch["inputs"], batch["targets"]), atol=1e-5)
+    loss, grads = loss_and_grads(model, batch)
+    scanned_loss, scanned_grads = loss_and_grads(scanned, batch)
+    np.testing.assert_allclose(scanned_loss, loss, rtol=1e-5)
+    assert_trees_close(nnx.to_pure_dict(scanned_grads), stack_layer_lists(nnx.to_pure_dict(grads)))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_each_layer_draws_its_own_dropout_mask(tiny_config, scan_layers):
+    model = build(tiny_config(model=dict(scan_layers=scan_layers)))
+
+    def mask_of_layer(layer, x, _, rngs):
+        return x, layers.dropout(jnp.ones((64,)), 0.5, rngs)
+
+    _, masks = model._run_layers(model.encoder_layers, mask_of_layer, jnp.zeros(()), (), nnx.Rngs(dropout=0))
+    assert not np.array_equal(masks[0], masks[1])

@@ -2,8 +2,14 @@
 
 Packed rows: `*_segment_ids` ids (0 = padding) keep pairs that share a row from attending to
 each other, and `*_positions` restarts at 0 for each pair. Unpacked batches may omit both.
+
+`config.model.remat` recomputes each layer's activations in the backward pass, and
+`config.model.scan_layers` stacks the parameters of the encoder's (decoder's) layers on a
+leading "layers" axis and runs them with one `lax.scan`, so compile time stays flat in depth.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +21,16 @@ from tfx.model.layers import (Attention, Embed, LearnedPositions, Mlp, Norm, den
 from tfx.parallel import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
+
+# What the backward pass keeps of a layer: "full" only its inputs; "dots" also the outputs of
+# matmuls without batch dimensions, i.e. the projections by weights (most of a layer's FLOPs),
+# while the attention scores and weights, batched matmuls of [B, N, T, S] that grow with the
+# square of the length, are recomputed with the elementwise rest (norms, activations, dropout).
+REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+# Per-layer values (cross-attention keys/values, self-attention caches): a list with an entry per
+# layer, or with scan_layers a single entry whose arrays are stacked on a leading layers axis.
+PerLayer = Any
 
 
 def attention_mask(q_segment_BxT: jax.Array, kv_segment_BxS: jax.Array, causal: bool) -> jax.Array:
@@ -116,17 +132,33 @@ def residual(x_BxLxD, norm: Norm, pre_norm: bool, rate: float, rngs, sublayer, h
     return (out_BxLxD, aux) if has_aux else out_BxLxD
 
 
+def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
+    """One module like `layers[0]` whose parameters are those of `layers` stacked on a leading axis.
+
+    The axis is named "layers" in each parameter's `logical_axes`, so the other axes are
+    sharded as in one layer (see tfx/parallel.py).
+    """
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers])
+    module = nnx.merge(nnx.graphdef(layers[0]), stacked)
+    for _, variable in nnx.iter_graph(module):
+        if isinstance(variable, nnx.Param):
+            variable.set_metadata(logical_axes=("layers", *variable.get_metadata()["logical_axes"]))
+    return module
+
+
 class EncoderDecoder(nnx.Module):
     """The full translation model: `encode` a source batch, `decode` target logits from it.
 
     `cross_kv`, `empty_cache`, `decoder_states` and `logits` are the parts of `decode` that
-    incremental decoding (tfx/model/decode.py) calls step by step.
+    incremental decoding (tfx/model/decode.py) calls step by step; it passes their `PerLayer`
+    values on as they are.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
         self.emb_dim, self.dropout_rate, self.positions = cfg.emb_dim, cfg.dropout_rate, cfg.positions
         self.max_len = cfg.max_len
         self.pre_norm, self.logits_via_embedding = cfg.norm_position == "pre", cfg.logits_via_embedding
+        self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
         dtype = jnp.dtype(cfg.dtype)
         self.source_embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype, rngs)
         self.target_embed = (self.source_embed if cfg.share_embeddings
@@ -134,8 +166,11 @@ class EncoderDecoder(nnx.Module):
         if cfg.positions == "learned":
             self.source_positions = LearnedPositions(cfg.max_len, cfg.emb_dim, rngs)
             self.target_positions = LearnedPositions(cfg.max_len, cfg.emb_dim, rngs)
-        self.encoder_layers = nnx.List([EncoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_encoder_layers)])
-        self.decoder_layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_decoder_layers)])
+        # Built one by one in both layouts, so scan_layers does not change the initialisation.
+        encoder_layers = [EncoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_encoder_layers)]
+        decoder_layers = [DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_decoder_layers)]
+        layout = stack_layers if cfg.scan_layers else nnx.List
+        self.encoder_layers, self.decoder_layers = layout(encoder_layers), layout(decoder_layers)
         if cfg.norm_position == "pre":
             self.encoder_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
             self.decoder_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
@@ -158,8 +193,11 @@ class EncoderDecoder(nnx.Module):
         x_BxSxD = self._embed(self.source_embed, getattr(self, "source_positions", None),
                               inputs_BxS, position_BxS, rngs)
         mask_Bx1xSxS = attention_mask(segment_BxS, segment_BxS, causal=False)
-        for layer in self.encoder_layers:
-            x_BxSxD = layer(x_BxSxD, mask_Bx1xSxS, rngs)
+
+        def encoder_layer(layer, x_BxSxD, _, rngs):
+            return layer(x_BxSxD, mask_Bx1xSxS, rngs), None
+
+        x_BxSxD, _ = self._run_layers(self.encoder_layers, encoder_layer, x_BxSxD, (), rngs)
         if self.pre_norm:
             x_BxSxD = self.encoder_norm(x_BxSxD)
         return x_BxSxD
@@ -173,15 +211,16 @@ class EncoderDecoder(nnx.Module):
                                          self.cross_kv(encoded_BxSxD), self_mask, cross_mask, rngs)
         return self.logits(y_BxTxD)
 
-    def cross_kv(self, encoded_BxSxD, for_decoding: bool = False) -> list[tuple[jax.Array, jax.Array]]:
+    def cross_kv(self, encoded_BxSxD, for_decoding: bool = False) -> PerLayer:
         """Each decoder layer's cross-attention (keys, values) of the encoder states, in the
         decoding layout if `for_decoding` (see `Attention.project_kv`)."""
-        return [layer.cross_attention.project_kv(encoded_BxSxD, for_decoding)
-                for layer in self.decoder_layers]
+        return self._each_layer(self.decoder_layers,
+                                lambda layer: layer.cross_attention.project_kv(encoded_BxSxD, for_decoding))
 
-    def empty_cache(self, batch: int, length: int) -> list[tuple[jax.Array, jax.Array]]:
+    def empty_cache(self, batch: int, length: int) -> PerLayer:
         """Each decoder layer's self-attention cache of `length` slots, for `decoder_states`."""
-        return [layer.self_attention.empty_cache(batch, length) for layer in self.decoder_layers]
+        return self._each_layer(self.decoder_layers,
+                                lambda layer: layer.self_attention.empty_cache(batch, length))
 
     def decoder_states(self, decoder_inputs_BxT, positions_BxT, cross_kv, self_mask_Bx1xTxL,
                        cross_mask_Bx1xTxS, rngs=None, caches=None, index=0):
@@ -193,12 +232,49 @@ class EncoderDecoder(nnx.Module):
         """
         y_BxTxD = self._embed(self.target_embed, getattr(self, "target_positions", None),
                               decoder_inputs_BxT, positions_BxT, rngs)
-        new_caches = []
-        for i, layer in enumerate(self.decoder_layers):
-            y_BxTxD, cache = layer(y_BxTxD, cross_kv[i], self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs,
-                                   None if caches is None else caches[i], index)
-            new_caches.append(cache)
+
+        def decoder_layer(layer, y_BxTxD, kv_and_cache, rngs):
+            return layer(y_BxTxD, kv_and_cache[0], self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs,
+                         kv_and_cache[1], index)
+
+        y_BxTxD, new_caches = self._run_layers(self.decoder_layers, decoder_layer, y_BxTxD,
+                                               (cross_kv, caches), rngs)
         return y_BxTxD, None if caches is None else new_caches
+
+    def _each_layer(self, layers, fn):
+        """[fn(layer) for each layer], or with `scan_layers` its results stacked (one vmap)."""
+        if self.scan_layers:
+            return nnx.vmap(fn)(layers)
+        return [fn(layer) for layer in layers]
+
+    def _run_layers(self, layers, fn, x, xs: tuple[PerLayer, ...], rngs):
+        """x through each layer in turn, `x, out = fn(layer, x, xs_i, rngs)`: final x and the outs.
+
+        `xs` holds per-layer inputs (None: none) and `xs_i` the layer's entries. Unrolled, they
+        and the outs are lists and every layer draws from `rngs`; with `scan_layers`, they are
+        stacked on a leading axis like the parameters, and each layer gets its own dropout key
+        split from `rngs`. Each layer is rematerialised as `config.model.remat` says.
+        """
+        if self.remat != "none":
+            # JAX's default prevent_cse=True guards the recomputation against XLA merging it into
+            # the forward pass; on XLA:CPU it doubled the :base step time (remat=full) and saved
+            # no memory over False, and a scan rules that merge out by construction.
+            fn = nnx.remat(fn, policy=REMAT_POLICY[self.remat], prevent_cse=False)
+        if not self.scan_layers:
+            outs = []
+            for i, layer in enumerate(layers):
+                x, out = fn(layer, x, tuple(None if a is None else a[i] for a in xs), rngs)
+                outs.append(out)
+            return x, outs
+        graphdef, params = nnx.split(layers)
+        num_layers = jax.tree.leaves(params)[0].shape[0]
+        keys = None if rngs is None else jax.random.split(rngs.dropout(), num_layers)
+
+        def step(x, params_xs_key):
+            params_i, xs_i, key = params_xs_key
+            return fn(nnx.merge(graphdef, params_i), x, xs_i, None if key is None else nnx.Rngs(dropout=key))
+
+        return jax.lax.scan(step, x, (params, xs, keys))
 
     def logits(self, y_BxTxD) -> jax.Array:
         """Logits [B, T, V] (float32) of decoder states: final norm (pre-LN), output projection."""
