@@ -9,32 +9,19 @@ train step (nothing is allocated or run), and compile_s is the time to lower and
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import jax
 import numpy as np
+import options
 
-from tfx import config as config_lib
 from tfx import parallel, steps
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/wmt_base.py:base")
-    parser.add_argument("--mesh", default=None, help="overrides config.mesh_shape")
-    parser.add_argument("--remat", default=None, choices=config_lib.REMAT_POLICIES,
-                        help="overrides config.model.remat")
-    parser.add_argument("--scan-layers", action="store_true", help="sets config.model.scan_layers")
-    args = parser.parse_args()
-    config = config_lib.load(args.config)
-    if args.mesh:
-        config.mesh_shape = args.mesh
-    if args.remat:
-        config.model.remat = args.remat
-    if args.scan_layers:
-        config.model.scan_layers = True
+    args = options.parser(__doc__).parse_args()
+    config = options.load_config(args)
     mesh = parallel.make_mesh(config.mesh_shape)
     graphdef, abstract, shardings = steps.abstract_train_state(config, mesh)
     train_step = steps.make_train_step(config, graphdef, mesh, shardings)

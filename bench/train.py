@@ -12,16 +12,15 @@ the same devices; `fraction_of_f32_peak` also relates the achieved rate to the f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import options
 from peak import measure_peak_gflops
 
-from tfx import config as config_lib
 from tfx import parallel, steps
 from tfx.model.transformer import count_params
 
@@ -74,27 +73,11 @@ def model_flops_per_step(cfg, pairs) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/wmt_base.py:base")
-    parser.add_argument("--mesh", default=None, help="overrides config.mesh_shape, e.g. data:-1")
+    parser = options.parser(__doc__)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                        help="overrides config.model.dtype (the computation dtype)")
-    parser.add_argument("--remat", default=None, choices=config_lib.REMAT_POLICIES,
-                        help="overrides config.model.remat")
-    parser.add_argument("--scan-layers", action="store_true", help="sets config.model.scan_layers")
     args = parser.parse_args()
-
-    config = config_lib.load(args.config)
-    if args.mesh:
-        config.mesh_shape = args.mesh
-    if args.dtype:
-        config.model.dtype = args.dtype
-    if args.remat:
-        config.model.remat = args.remat
-    if args.scan_layers:
-        config.model.scan_layers = True
+    config = options.load_config(args)
     mesh = parallel.make_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
     global_batch = config.per_device_batch_size * jax.device_count()

@@ -199,18 +199,14 @@ def _lookup(config: ml_collections.ConfigDict, key: str):
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks values and their combinations; raises ValueError naming the config key."""
     m = config.model
-    _check_choice(config, "model.activation", ACTIVATIONS)
-    _check_choice(config, "model.norm", NORMS)
-    _check_choice(config, "model.norm_position", NORM_POSITIONS)
-    _check_choice(config, "model.positions", POSITIONS)
-    _check_choice(config, "model.dtype", DTYPES)
-    _check_choice(config, "tokenizer.model_type", TOKENIZER_MODEL_TYPES)
-    _check_choice(config, "decode.strategy", DECODE_STRATEGIES)
-    _check_choice(config, "data.too_long", TOO_LONG_POLICIES)
-    _check_choice(config, "nonfinite_loss", NONFINITE_POLICIES)
-    _check_choice(config, "optimizer", OPTIMIZERS)
-    _check_choice(config, "schedule", SCHEDULES)
-    _check_choice(config, "model.remat", REMAT_POLICIES)
+    for key, choices in (("model.activation", ACTIVATIONS), ("model.norm", NORMS),
+                         ("model.norm_position", NORM_POSITIONS), ("model.positions", POSITIONS),
+                         ("model.dtype", DTYPES), ("model.remat", REMAT_POLICIES),
+                         ("tokenizer.model_type", TOKENIZER_MODEL_TYPES),
+                         ("decode.strategy", DECODE_STRATEGIES), ("data.too_long", TOO_LONG_POLICIES),
+                         ("nonfinite_loss", NONFINITE_POLICIES), ("optimizer", OPTIMIZERS),
+                         ("schedule", SCHEDULES)):
+        _check_choice(config, key, choices)
     for key in ("model.vocab_size", "model.emb_dim", "model.num_heads", "model.num_kv_heads",
                 "model.mlp_dim", "model.max_len", "per_device_batch_size", "max_source_length",
                 "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps",

@@ -1,0 +1,36 @@
+"""The command-line options the model benchmarks share: a config and what to override in it."""
+from __future__ import annotations
+
+import argparse
+
+import ml_collections
+
+from tfx import config as config_lib
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with --config, --mesh, --dtype, --remat and --scan-layers."""
+    result = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    result.add_argument("--config", default="configs/wmt_base.py:base")
+    result.add_argument("--mesh", default=None, help="overrides config.mesh_shape, e.g. data:-1")
+    result.add_argument("--dtype", default=None, choices=config_lib.DTYPES,
+                        help="overrides config.model.dtype (the computation dtype)")
+    result.add_argument("--remat", default=None, choices=config_lib.REMAT_POLICIES,
+                        help="overrides config.model.remat")
+    result.add_argument("--scan-layers", action="store_true", help="sets config.model.scan_layers")
+    return result
+
+
+def load_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """The config of --config with the other options applied, validated."""
+    config = config_lib.load(args.config)
+    if args.mesh:
+        config.mesh_shape = args.mesh
+    if args.dtype:
+        config.model.dtype = args.dtype
+    if args.remat:
+        config.model.remat = args.remat
+    if args.scan_layers:
+        config.model.scan_layers = True
+    return config_lib.validate(config)
