@@ -9,11 +9,14 @@ from tfx import config as config_lib
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with --config, --mesh, --dtype, --remat and --scan-layers."""
+    """An argument parser with --config, --mesh, --per-device-batch-size, --dtype, --remat and
+    --scan-layers."""
     result = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     result.add_argument("--config", default="configs/wmt_base.py:base")
     result.add_argument("--mesh", default=None, help="overrides config.mesh_shape, e.g. data:-1")
+    result.add_argument("--per-device-batch-size", type=int, default=None,
+                        help="overrides config.per_device_batch_size (rows per data-parallel device)")
     result.add_argument("--dtype", default=None, choices=config_lib.DTYPES,
                         help="overrides config.model.dtype (the computation dtype)")
     result.add_argument("--remat", default=None, choices=config_lib.REMAT_POLICIES,
@@ -27,6 +30,8 @@ def load_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     config = config_lib.load(args.config)
     if args.mesh:
         config.mesh_shape = args.mesh
+    if args.per_device_batch_size:
+        config.per_device_batch_size = args.per_device_batch_size
     if args.dtype:
         config.model.dtype = args.dtype
     if args.remat:

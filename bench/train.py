@@ -80,7 +80,7 @@ def main():
     config = options.load_config(args)
     mesh = parallel.make_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
-    global_batch = config.per_device_batch_size * jax.device_count()
+    global_batch = config.per_device_batch_size * parallel.data_parallel_size(mesh, rules)
 
     rng = np.random.default_rng(0)
     data = [packed_rows(rng, global_batch, config.max_source_length, config.max_target_length,
