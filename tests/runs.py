@@ -22,10 +22,13 @@ def flags_for(config_overrides: dict) -> list[str]:
 
 
 def train_py(workdir, data_dir, devices: int = 8, **overrides) -> subprocess.Popen:
-    """train.py on `devices` fake CPU devices with the tiny flags and `overrides`."""
+    """train.py on `devices` fake CPU devices with the tiny flags and `overrides` (and the
+    session's other XLA flags and compilation cache, see conftest.py)."""
     flags = flags_for({**TINY_FLAGS, "data.data_dir": data_dir, **overrides})
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+    xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count=")]
+    xla_flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=" ".join(xla_flags), JAX_PLATFORMS="cpu")
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--config={MULTI30K}",
                              f"--workdir={workdir}", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -235,7 +235,7 @@ def loss_and_grads(model, batch, dropout_seed=None):
         rngs = None if dropout_seed is None else nnx.Rngs(dropout=dropout_seed)
         logits = model(batch["inputs"], batch["targets"], rngs=rngs)
         return losses.metric_sums(logits, batch["targets"], batch["targets"] > 0, 0.1, 0.0)["loss"]
-    return nnx.value_and_grad(loss)(model)
+    return nnx.jit(nnx.value_and_grad(loss))(model)  # jitted: op by op, remat compiles slowly.
 
 
 def assert_trees_close(actual, expected):
