@@ -1,5 +1,7 @@
 """Test set-up: 8 fake CPU devices and loud shape errors, before JAX starts."""
+import atexit
 import os
+import shutil
 import tempfile
 
 # The tests' steps are tiny, so compiling dominates: LLVM's cheapest optimisation level
@@ -11,7 +13,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the session, inherited by the train.py subprocesses: the many
 # identical tiny train/eval steps (reference runs, resumed runs) compile once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="tfx-test-jit-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tfx-test-jit-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
