@@ -64,11 +64,15 @@ def _model_kwargs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
+def _target_weights(targets_BxT: jax.Array) -> jax.Array:
+    """1 for real target tokens, 0 for padding."""
+    return (targets_BxT > 0).astype(jnp.float32)
+
+
 def _metric_sums(graphdef, params, batch, config, rngs) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, params)
     logits_BxTxV = model(batch["inputs"], batch["targets"], **_model_kwargs(batch), rngs=rngs)
-    weights_BxT = (batch["targets"] > 0).astype(jnp.float32)
-    return losses.metric_sums(logits_BxTxV, batch["targets"], weights_BxT,
+    return losses.metric_sums(logits_BxTxV, batch["targets"], _target_weights(batch["targets"]),
                               config.label_smoothing, config.z_loss)
 
 
@@ -76,8 +80,11 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
                     state_shardings: TrainState) -> Callable:
     """jit-compiled `train_step(state, batch) -> (state, metrics)`, state buffers donated.
 
-    Gradients are of the summed token loss, added over `grad_accum_steps` microbatches and
-    divided once by the total target-token count, so accumulation equals one big batch.
+    Gradients are of the summed token loss divided by the batch's target-token count (known
+    from the batch before any microbatch runs), added over `grad_accum_steps` microbatches, so
+    accumulation equals one big batch. Dividing the loss, not the gradients, scales the
+    backward pass's first cotangent instead of every gradient afterwards (a pass over all
+    parameters saved).
     """
     tx = optim.make_optimizer(config)
     schedule = optim.learning_rate_schedule(config)
@@ -85,10 +92,10 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
     accum = config.grad_accum_steps
     data_parallel = parallel.data_parallel_size(mesh, rules)
 
-    def grads_and_sums(params, batch, key):
+    def grads_and_sums(params, batch, key, tokens):
         def loss_fn(p):
             sums = _metric_sums(graphdef, p, batch, config, nnx.Rngs(dropout=key))
-            return sums["loss"], sums
+            return sums["loss"] / tokens, sums
         return jax.grad(loss_fn, has_aux=True)(params)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -101,8 +108,9 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
                     f"{accum} microbatches that each divide over the {data_parallel}-way data "
                     f"axes of config.mesh_shape={config.mesh_shape!r}."
                 )
+            tokens = jnp.maximum(jnp.sum(_target_weights(batch["targets"])), 1.0)
             if accum == 1:
-                grads, sums = grads_and_sums(state.params, batch, key)
+                grads, sums = grads_and_sums(state.params, batch, key, tokens)
             else:
                 # Row r goes to microbatch r % accum, so each microbatch stays evenly sharded.
                 micro = jax.tree.map(
@@ -113,14 +121,14 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
                     i, micro_batch = xs
                     micro_batch = jax.tree.map(
                         lambda x: parallel.constrain(x, ("batch", "length")), micro_batch)
-                    grads, sums = grads_and_sums(state.params, micro_batch, jax.random.fold_in(key, i))
+                    grads, sums = grads_and_sums(state.params, micro_batch, jax.random.fold_in(key, i),
+                                                 tokens)
                     return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
                 zeros = jax.eval_shape(grads_and_sums, state.params,
-                                       jax.tree.map(lambda x: x[0], micro), key)
+                                       jax.tree.map(lambda x: x[0], micro), key, tokens)
                 zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
                 (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
-            grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics = losses.summarize(sums)
