@@ -16,17 +16,17 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tfx.model.layers import (Attention, Embed, LearnedPositions, Mlp, Norm, dense_init, dropout,
-                              fusion_barrier, param, project, sinusoidal_positions)
+from tfx.model.layers import (PROJECTION, Attention, Embed, LearnedPositions, Mlp, Norm, dense_init,
+                              dropout, fusion_barrier, param, project, sinusoidal_positions)
 from tfx.parallel import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 
 # What the backward pass keeps of a layer: "full" only its inputs; "dots" also the outputs of
-# matmuls without batch dimensions, i.e. the projections by weights (most of a layer's FLOPs),
-# while the attention scores and weights, batched matmuls of [B, N, T, S] that grow with the
-# square of the length, are recomputed with the elementwise rest (norms, activations, dropout).
-REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# its projections by weights (`project`, most of a layer's FLOPs), while the attention scores
+# and weights, batched matmuls of [B, N, T, S] that grow with the square of the length, are
+# recomputed with the elementwise rest (norms, activations, dropout).
+REMAT_POLICY = {"full": None, "dots": jax.checkpoint_policies.save_only_these_names(PROJECTION)}
 
 # Per-layer values (cross-attention keys/values, self-attention caches): a list with an entry per
 # layer, or with scan_layers a single entry whose arrays are stacked on a leading layers axis.
