@@ -26,23 +26,9 @@ from peak import measure_peak_gflops
 
 from tfx import config as config_lib
 from tfx import parallel
+from tfx.flops import decode_flops
 from tfx.model import decode
 from tfx.model.transformer import EncoderDecoder, count_params
-
-
-def decode_flops(cfg, batch: int, beam: int, source_len: int, gen_len: int) -> float:
-    """Model FLOPs (2 per multiply-add) of encoding `batch` sources and `gen_len` cached beam steps."""
-    d, f, v, n, k = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size, cfg.num_heads, cfg.num_kv_heads
-    h = cfg.head_dim or d // n
-    attention_params = d * h * (2 * n + 2 * k)
-    mlp_params = d * f * (3 if cfg.activation == "swiglu" else 2)
-    encoder = cfg.num_encoder_layers * (2 * (attention_params + mlp_params) + 4 * n * h * source_len)
-    cross_kv = cfg.num_decoder_layers * 2 * 2 * d * k * h
-    # Per beam and step: self-attention, cross-attention queries/outputs and MLP projections.
-    step_params = cfg.num_decoder_layers * (attention_params + 2 * d * n * h + mlp_params) + d * v
-    attended = cfg.num_decoder_layers * (gen_len * (gen_len + 1) / 2 + gen_len * source_len)
-    return (batch * source_len * (encoder + cross_kv)
-            + batch * beam * (gen_len * 2 * step_params + 4 * n * h * attended))
 
 
 def time_runs(translate, params, inputs, runs: int) -> tuple[float, np.ndarray]:

@@ -4,9 +4,10 @@
         [--remat none|full|dots] [--scan-layers]
 
 Batches are synthetic sentence pairs of realistic, varied lengths packed into rows of
-max_source_length/max_target_length, so the figures reflect the real step. Model FLOPs count
-only non-padding tokens: 6 x matmul parameters per source/target token, plus the attention
-score/value products within each pair (causal half for decoder self-attention). The peak is a
+max_source_length/max_target_length, so the figures reflect the real step. Model FLOPs
+(`tfx/flops.py`) count only non-padding tokens: 6 x the weights each source/target token
+meets, plus the attention score/value products within each pair (causal half for decoder
+self-attention). The peak is a
 large matmul in the model's compute dtype (float32 accumulation) measured in the same run on
 the same devices; `fraction_of_f32_peak` also relates the achieved rate to the float32 peak.
 """
@@ -22,6 +23,7 @@ import options
 from peak import measure_peak_gflops
 
 from tfx import parallel, steps
+from tfx.flops import train_flops
 from tfx.model.transformer import count_params
 
 
@@ -53,25 +55,6 @@ def packed_rows(rng, rows: int, source_len: int, target_len: int, vocab: int, tr
     return batch, pairs
 
 
-def model_flops_per_step(cfg, pairs) -> float:
-    """Training FLOPs (forward + backward = 3 x forward) of the non-padding work in a batch."""
-    d, f, v = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
-    h = cfg.head_dim or d // cfg.num_heads
-    attn_params = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    mlp_params = d * f * (3 if cfg.activation == "swiglu" else 2)
-    enc_params = cfg.num_encoder_layers * (attn_params + mlp_params)
-    dec_params = cfg.num_decoder_layers * (2 * attn_params + mlp_params) + d * v
-    source_tokens = sum(s for s, _ in pairs)
-    target_tokens = sum(t for _, t in pairs)
-    qk_width = cfg.num_heads * h
-    # 2 matmuls (scores, weighted values) x 2 FLOPs per multiply-add.
-    attention = sum(
-        4 * qk_width * (cfg.num_encoder_layers * s * s
-                        + cfg.num_decoder_layers * (t * (t + 1) / 2 + t * s))
-        for s, t in pairs)
-    return 6 * (enc_params * source_tokens + dec_params * target_tokens) + 3 * attention
-
-
 def main():
     parser = options.parser(__doc__)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
@@ -86,7 +69,7 @@ def main():
     data = [packed_rows(rng, global_batch, config.max_source_length, config.max_target_length,
                         config.model.vocab_size) for _ in range(args.batches)]
     batches = [parallel.shard_batch(b, mesh, rules) for b, _ in data]
-    flops = [model_flops_per_step(config.model, pairs) for _, pairs in data]
+    flops = [train_flops(config.model, pairs) for _, pairs in data]
     target_tokens = [sum(t for _, t in pairs) for _, pairs in data]
 
     graphdef, state, shardings = steps.create_train_state(config, mesh)

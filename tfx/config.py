@@ -159,6 +159,11 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def head_dim(model: ml_collections.ConfigDict) -> int:
+    """`model.head_dim`, or emb_dim // num_heads when it is 0."""
+    return model.head_dim or model.emb_dim // model.num_heads
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
     """Loads and validates `path/to/config.py[:variant]` (the variant goes to get_config)."""
     path, _, variant = spec.partition(":")

@@ -141,6 +141,13 @@ def activation_sharding(mesh: Mesh, rules: Rules):
         _ACTIVE.reset(token)
 
 
+def target_platform() -> str:
+    """The platform the step being traced is compiled for: that of the active mesh's devices
+    (a TPU when compiling ahead of time on a CPU host, see tfx/aot.py), else JAX's default."""
+    active = _ACTIVE.get()
+    return jax.default_backend() if active is None else active[0].devices.flat[0].platform
+
+
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     """Constrains an activation to the sharding its logical axes map to (no-op outside a mesh)."""
     active = _ACTIVE.get()

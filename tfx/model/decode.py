@@ -4,7 +4,8 @@
     tokens_BxT = translate(params, inputs_BxS)  # best hypotheses: EOS-terminated, 0 after
 
 `make_translate` jit-compiles `translate(model, inputs_BxS, options, rng)` (traceable) with the
-batch sharded over the mesh's data axes; `Options.from_config` reads `config.decode`, and
+batch sharded over the mesh's data axes (`jit_translate` without placing the arguments, for
+ahead-of-time compilation); `Options.from_config` reads `config.decode`, and
 `full_recompute=True` (no cache) or `forced_length=n` (benchmarks) may be added. Token 0 is
 padding and the decoder's start token, 1 is EOS; 0 is never generated. Outputs have at most
 (longest source of the batch, in non-pad tokens) + max_length_offset tokens, within the model's
@@ -63,22 +64,32 @@ class Options:
         return cls(**{**config.decode.to_dict(), **overrides})
 
 
-def make_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
-                   params_shardings: nnx.State, **overrides) -> Callable:
-    """jit-compiled `translate(params, inputs_BxS, rng=None) -> tokens_BxT` on `mesh`.
+def jit_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
+                  **overrides) -> Callable:
+    """jit-compiled `translate(params, inputs_BxS, rng) -> tokens_BxT` on `mesh`, for arguments
+    already placed (or described, to compile ahead of time: tfx/aot.py) with their shardings.
 
-    `overrides` replace fields of `Options.from_config(config)`. `rng` (a PRNG key) only matters
-    for sampling; None means key 0.
+    `overrides` replace fields of `Options.from_config(config)`.
     """
     options = Options.from_config(config, **overrides)
     rules = config.logical_axis_rules
-    batch_sharding = parallel.batch_sharding(mesh, rules)
-    rows_per_shard = parallel.data_parallel_size(mesh, rules)
 
     @jax.jit
     def run(params, inputs_BxS, rng):
         with parallel.activation_sharding(mesh, rules):
             return translate(nnx.merge(graphdef, params), inputs_BxS, options, rng)
+
+    return run
+
+
+def make_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
+                   params_shardings: nnx.State, **overrides) -> Callable:
+    """`translate(params, inputs_BxS, rng=None) -> tokens_BxT` on `mesh` (see `jit_translate`),
+    which places its arguments. `rng` (a PRNG key) only matters for sampling; None means key 0.
+    """
+    run = jit_translate(config, graphdef, mesh, **overrides)
+    batch_sharding = parallel.batch_sharding(mesh, config.logical_axis_rules)
+    rows_per_shard = parallel.data_parallel_size(mesh, config.logical_axis_rules)
 
     def translate_batch(params, inputs_BxS, rng=None):
         if inputs_BxS.shape[0] % rows_per_shard:

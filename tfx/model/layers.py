@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from tfx.parallel import constrain
+from tfx.parallel import constrain, target_platform
 
 Initializer = jax.nn.initializers.Initializer
 PROJECTION = "projection"  # the checkpoint name of every `project` result
@@ -90,7 +90,7 @@ def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
 
 
 def fusion_barrier(x: jax.Array) -> jax.Array:
-    """Returns x, kept in its own buffer on XLA:CPU (elsewhere, x untouched).
+    """Returns x, kept in its own buffer when compiling for XLA:CPU (elsewhere, x untouched).
 
     XLA:CPU fuses cheap elementwise producers into every consumer, so without a barrier each
     backward fusion that needs a layer's input recomputes the whole residual stream (every
@@ -100,7 +100,7 @@ def fusion_barrier(x: jax.Array) -> jax.Array:
     is already a NaN or inf) turns all of x into NaN, which keeps the branches distinct, so
     the conditional is not simplified away, and only strengthens what a non-finite value does.
     """
-    if jax.default_backend() != "cpu":
+    if target_platform() != "cpu":
         return x
     return jax.lax.cond(jnp.isfinite(x[(0,) * x.ndim]), lambda x: x, lambda x: jnp.full_like(x, jnp.nan), x)
 

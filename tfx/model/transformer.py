@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from tfx.config import head_dim
 from tfx.model.layers import (PROJECTION, Attention, Embed, LearnedPositions, Mlp, Norm, dense_init,
                               dropout, fusion_barrier, param, project, sinusoidal_positions)
 from tfx.parallel import constrain
@@ -61,9 +62,8 @@ def default_layout(tokens_BxL: jax.Array, segment_BxL, position_BxL):
 class EncoderLayer(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, dtype, rngs: nnx.Rngs):
         self.pre_norm, self.dropout_rate = cfg.norm_position == "pre", cfg.dropout_rate
-        head_dim = cfg.head_dim or cfg.emb_dim // cfg.num_heads
         self.attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
-        self.attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, head_dim,
+        self.attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg),
                                    cfg.attention_dropout_rate, dtype, rngs)
         self.mlp_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
         self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.activation_dropout_rate, dtype, rngs)
@@ -78,8 +78,8 @@ class EncoderLayer(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, dtype, rngs: nnx.Rngs):
         self.pre_norm, self.dropout_rate = cfg.norm_position == "pre", cfg.dropout_rate
-        head_dim = cfg.head_dim or cfg.emb_dim // cfg.num_heads
-        args = (cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, head_dim, cfg.attention_dropout_rate, dtype)
+        args = (cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg), cfg.attention_dropout_rate,
+                dtype)
         self.self_attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
         self.self_attention = Attention(*args, rngs)
         self.cross_attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
