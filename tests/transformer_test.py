@@ -6,7 +6,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from tfx import config as config_lib
-from tfx import losses
+from tfx import losses, parallel
 from tfx.model import layers
 from tfx.model.transformer import EncoderDecoder, attention_mask, count_params, shift_right
 
@@ -202,6 +202,37 @@ def test_projection_gradients_match_autodiff_of_the_float32_einsum(spec, x_shape
     assert grads[0].dtype == jnp.float32 and grads[1].dtype == jnp.float32
     for got, want in zip(grads, expected):
         np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("mesh_shape", [None, "data:2,fsdp:2,tensor:2", "fsdp:8"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embedding_lookup_gradient_is_the_scatter_add_of_autodiff(dtype, mesh_shape):
+    """`lookup`'s table gradient equals autodiff of the gather, also when its rows' gradients
+    are resharded onto the table's shards (repeated tokens add up)."""
+    table = jax.random.normal(jax.random.PRNGKey(0), (48, 16))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 6), 0, 12)  # many repeats
+    probe = jax.random.normal(jax.random.PRNGKey(2), (8, 6, 16)).astype(dtype)
+
+    def loss(table):
+        return jnp.sum(layers.lookup(table, tokens, 4.0, dtype) * probe).astype(jnp.float32)
+
+    def reference(table):
+        return jnp.sum((jnp.take(table, tokens, axis=0) * 4.0).astype(dtype) * probe).astype(jnp.float32)
+
+    expected = jax.grad(reference)(table)
+    if mesh_shape is None:
+        got = jax.jit(jax.grad(loss))(table)
+    else:
+        config = config_lib.default_config()
+        mesh = parallel.make_mesh(mesh_shape)
+
+        @jax.jit
+        def sharded_grad(table):
+            with parallel.activation_sharding(mesh, config.logical_axis_rules):
+                return jax.grad(loss)(table)
+        got = sharded_grad(table)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-5)
 
 
 def test_fusion_barrier_is_the_identity_with_identity_gradient():

@@ -81,6 +81,8 @@ def slice_devices(topology: str) -> tuple[Chip, list[jax.Device]]:
         raise ValueError(f"--topology={topology!r}: expected GENERATION:GRID with a generation among "
                          f"{', '.join(CHIPS)}, e.g. v5e:16x16 (v5e-256) or v4:2x2x1 (v4-8).")
     chip = CHIPS[generation]
+    # Compiling uses no TPU, so libtpu's lock on the host's TPU (one process at a time) is moot.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     options = {"chip_config_name": "megacore"} if generation in MEGACORE else {}
     with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
         try:
@@ -168,8 +170,9 @@ def _advice(program: str, config: ml_collections.ConfigDict, mesh: Mesh, state_b
 
 
 def _exhausted_bytes(message: str) -> int:
-    """The bytes a RESOURCE_EXHAUSTED compile error says the program needs (0 if unsaid)."""
-    match = re.search(r"Used ([\d.]+)([KMGT])? of", message)
+    """The bytes a RESOURCE_EXHAUSTED compile error says the program needs (0 if unsaid), e.g.
+    "... memory required for HLO temporaries (102.23G) exceeds available HBM (15.75G)"."""
+    match = re.search(r"required for [^(]*\(([\d.]+)([KMGT]?)\)", message)
     if not match:
         return 0
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))

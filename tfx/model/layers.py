@@ -139,11 +139,40 @@ class Embed(nnx.Module):
         self.embedding = param(rngs, init, (vocab_size, dim), ("vocab", "embed"))
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-        x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0) * np.sqrt(self.dim)
-        return x_BxLxD.astype(self.dtype)
+        return lookup(self.embedding[...], tokens_BxL, float(np.sqrt(self.dim)), self.dtype)
 
     def attend(self, x_BxLxD: jax.Array) -> jax.Array:
         return project("bld,vd->blv", x_BxLxD, self.embedding, self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def lookup(table_VxD: jax.Array, tokens_BxL: jax.Array, scale: float, dtype) -> jax.Array:
+    """Rows of a float32 table times `scale`, in `dtype`; the table's gradient is the
+    scatter-add of autodiff, partitioned by hand.
+
+    Left to autodiff, XLA partitions the scatter-add of a table split over fsdp by all-reducing
+    a float32 copy of the whole table over every device and all-gathering another (the README's
+    "Before you rent a TPU" has the bytes, from `python -m tfx.aot`). Here the rows' gradients are first resharded onto the table's embed shards (an all-to-all of activations),
+    so each device adds into its own shard and only those shards are summed over the batch axes.
+    """
+    return (jnp.take(table_VxD, tokens_BxL, axis=0) * scale).astype(dtype)
+
+
+def _lookup_fwd(table_VxD, tokens_BxL, scale, dtype):
+    return lookup(table_VxD, tokens_BxL, scale, dtype), (table_VxD, tokens_BxL)
+
+
+def _lookup_bwd(scale, dtype, residuals, grad_BxLxD):
+    table_VxD, tokens_BxL = residuals
+    vocab, dim = table_VxD.shape
+    # ("embed", "batch"): embed claims its mesh axes before batch does, so the rows' gradients
+    # are split by embed like the table and by the rest of the batch axes.
+    updates_DxN = constrain(grad_BxLxD.reshape(-1, dim).T.astype(jnp.float32), ("embed", "batch"))
+    grad_VxD = jnp.zeros((vocab, dim), jnp.float32).at[tokens_BxL.reshape(-1)].add(updates_DxN.T)
+    return (constrain(grad_VxD, ("vocab", "embed")) * scale).astype(table_VxD.dtype), None
+
+
+lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 def sinusoidal_positions(positions_BxL: jax.Array, dim: int) -> jax.Array:

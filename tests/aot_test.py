@@ -1,0 +1,147 @@
+"""Compiling for Cloud TPU slices on this CPU host (libtpu's topologies): the real train step,
+eval step and translation, their memory against the chip's HBM, their FLOPs against the model's,
+and the collectives that their meshes imply."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tfx import aot
+from tfx import config as config_lib
+from tfx.model.transformer import count_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WMT = os.path.join(ROOT, "configs", "wmt_base.py")
+FUNCTIONS = ("train_step", "eval_step", "translate")
+
+
+def tiny(**overrides):
+    config = config_lib.load(f"{WMT}:tiny")
+    config.model.dtype = "bfloat16"  # as a TPU run computes.
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config_lib.validate(config)
+
+
+@pytest.fixture(scope="module")
+def v5e_reports():
+    """:tiny on a v5e-4 slice, data and tensor parallel."""
+    return {r["function"]: r for r in aot.run(tiny(mesh_shape="data:2,fsdp:1,tensor:2"), "v5e:2x2")}
+
+
+@pytest.fixture(scope="module")
+def v4_reports():
+    """:tiny on a v4-16 slice (8 chips), data, fsdp and tensor parallel."""
+    return {r["function"]: r for r in aot.run(tiny(mesh_shape="data:2,fsdp:2,tensor:2"), "v4:2x2x2")}
+
+
+@pytest.mark.parametrize("slice_reports", ["v5e_reports", "v4_reports"])
+def test_every_function_compiles_and_fits_the_chip(slice_reports, request):
+    reports = request.getfixturevalue(slice_reports)
+    assert tuple(reports) == FUNCTIONS
+    for report in reports.values():
+        memory = (report["argument_bytes"] + report["output_bytes"] - report["alias_bytes"]
+                  + report["temp_bytes"] + report["code_bytes"])
+        assert report["total_bytes"] == memory > 0
+        assert report["fits"] and report["total_bytes"] < report["hbm_bytes"]
+        assert report["headroom_bytes"] == report["hbm_bytes"] - report["total_bytes"]
+    chip = "TPU v5 lite" if slice_reports == "v5e_reports" else "TPU v4"
+    assert {r["chip"] for r in reports.values()} == {chip}
+
+
+@pytest.mark.parametrize("slice_reports", ["v5e_reports", "v4_reports"])
+def test_xla_flops_are_close_to_the_model_flops(slice_reports, request):
+    reports = request.getfixturevalue(slice_reports)
+    # XLA counts more than the model's products: the whole causal attention matrix rather
+    # than its lower half, softmax, norms, activations and the optimizer; and work a mesh axis
+    # repeats (xla_flops are one chip's times the chips). It counts a loop's body once, so
+    # translation (a loop over output positions) compares with the encoder and one step.
+    for name in ("train_step", "eval_step"):
+        ratio = reports[name]["xla_flops"] / reports[name]["model_flops"]
+        assert 0.95 < ratio < 1.25, (name, ratio)
+    translate = reports["translate"]
+    ratio = translate["xla_flops"] / translate["model_flops_first_step"]
+    assert 0.95 < ratio < 1.25, ratio
+
+
+def test_the_roofline_is_the_model_flops_at_the_slices_peak(v5e_reports):
+    report = v5e_reports["train_step"]
+    config = tiny(mesh_shape="data:2,fsdp:1,tensor:2")
+    peak = 4 * 197e12  # 4 v5e chips
+    assert report["roofline_step_s"] == pytest.approx(report["model_flops"] / peak)
+    tokens = 2 * config.per_device_batch_size * config.max_target_length  # 2-way data parallel
+    assert report["roofline_tokens_per_s_per_chip"] == pytest.approx(
+        tokens / report["roofline_step_s"] / 4)
+
+
+def test_fsdp_reduce_scatters_gradients_and_gathers_parameters(v5e_reports, v4_reports):
+    # Without fsdp the state is replicated over `data`: gradients are all-reduced.
+    assert v5e_reports["train_step"]["collectives"]["reduce-scatter"] == 0
+    assert v5e_reports["train_step"]["collectives"]["all-gather"] == 0
+    fsdp = v4_reports["train_step"]
+    assert fsdp["collectives"]["reduce-scatter"] > 0 and fsdp["collectives"]["all-gather"] > 0
+    # Each fsdp shard receives its part of every gradient: at least the float32 gradients of
+    # the parameters the fsdp axis splits (all but the norms', split 2 ways by tensor).
+    params = count_params(aot.steps.abstract_train_state(
+        tiny(mesh_shape="data:2,fsdp:2,tensor:2"),
+        aot.parallel.make_mesh("data:2,fsdp:2,tensor:2", aot.slice_devices("v4:2x2x2")[1]))[1].params)
+    assert fsdp["collective_bytes"]["reduce-scatter"] > 0.9 * 4 * params / 2
+
+
+def test_parameters_and_optimizer_state_are_split_by_fsdp_and_tensor(v5e_reports, v4_reports):
+    # Arguments of the train step: parameters and two Adam moments, float32, plus the batch.
+    replicated = v5e_reports["train_step"]["argument_bytes"] * 2  # tensor split them 2 ways.
+    assert v4_reports["train_step"]["argument_bytes"] == pytest.approx(replicated / 4, rel=0.1)
+
+
+def test_a_configuration_that_does_not_fit_is_reported_with_what_to_change():
+    config = tiny(mesh_shape="data:-1,fsdp:1,tensor:1", per_device_batch_size=8192)
+    (report,) = aot.run(config, "v5e:2x2", ["train_step"])
+    assert report["fits"] is False
+    assert report["total_bytes"] > report["hbm_bytes"] == 16 * 2**30
+    assert any("grad_accum_steps=2" in change for change in report["change"])
+
+
+def test_megacore_chips_are_one_device_each():
+    for topology, chips in (("v4:2x2x1", 4), ("v5p:2x2x1", 4), ("v5e:2x4", 8), ("v6e:4x4", 16)):
+        assert len(aot.slice_devices(topology)[1]) == chips, topology
+
+
+@pytest.mark.parametrize("topology, message", [
+    ("v9:2x2", "generation among v4, v5e, v5p, v6e"),
+    ("v5e", "expected GENERATION:GRID"),
+    ("v5e:3x3", "libtpu refused it"),
+])
+def test_an_unknown_topology_is_a_clear_error(topology, message):
+    with pytest.raises(ValueError, match=message):
+        aot.slice_devices(topology)
+
+
+def run_cli(*flags):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device is enough to compile for a TPU.
+    return subprocess.run([sys.executable, "-m", "tfx.aot", f"--config={WMT}:tiny", *flags],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def test_the_command_prints_a_json_line_per_function_and_exits_3_when_one_does_not_fit():
+    run = run_cli("--topology=v5e:2x2", "--functions=train_step", "--config.model.dtype=bfloat16",
+                  "--config.per_device_batch_size=8192")
+    assert run.returncode == 3, run.stderr[-2000:]
+    (line,) = run.stdout.splitlines()
+    report = json.loads(line)
+    assert (report["function"], report["topology"], report["fits"]) == ("train_step", "v5e:2x2", False)
+    assert "Traceback" not in run.stderr
+
+
+def test_the_command_names_the_known_generations_for_an_unknown_topology():
+    run = run_cli("--topology=v9:8x8")
+    assert run.returncode == 1
+    assert "tfx.aot: --topology='v9:8x8'" in run.stderr and "v5e" in run.stderr
+    assert "Traceback" not in run.stderr and run.stdout == ""
