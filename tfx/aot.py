@@ -105,6 +105,7 @@ class Program:
     name: str
     jitted: Callable  # a jax.jit-wrapped function.
     args: tuple
+    rows: int  # of the global batch.
     model_flops: float
     tokens: int  # target tokens of a call (translation: the longest outputs of its sentences).
     first_step_flops: float = 0.0  # translation: encoder and one decoding step (see compile_report).
@@ -135,18 +136,19 @@ def programs(config: ml_collections.ConfigDict, mesh: Mesh) -> list[Program]:
     eval_rows = config.per_device_eval_batch_size * data_parallel
     options = decode.Options.from_config(config)
     beams = options.beam_size if options.strategy == "beam" else 1
-    output_len = min(m.max_len + options.max_length_offset, m.max_len)  # as decode._output_length.
+    output_len = m.max_len  # decoding's buffer for sources of max_len tokens (decode._output_length).
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return [
         Program("train_step", steps.make_train_step(config, graphdef, mesh, shardings),
-                (state, _batch(mesh, config, train_rows, train_lengths)),
+                (state, _batch(mesh, config, train_rows, train_lengths)), train_rows,
                 flops.train_flops(m, [(source, target)] * train_rows), train_rows * target),
         Program("eval_step", steps.make_eval_step(config, graphdef, mesh, shardings.params),
                 (state.params, _batch(mesh, config, eval_rows, {"inputs": m.max_len, "targets": m.max_len})),
+                eval_rows,
                 flops.forward_flops(m, [(m.max_len, m.max_len)] * eval_rows), eval_rows * m.max_len),
         Program("translate", decode.jit_translate(config, graphdef, mesh),
                 (state.params, _batch(mesh, config, eval_rows, {"inputs": m.max_len})["inputs"],
-                 jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated)),
+                 jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated)), eval_rows,
                 flops.decode_flops(m, eval_rows, beams, m.max_len, output_len), eval_rows * output_len,
                 flops.decode_flops(m, eval_rows, beams, m.max_len, 1)),
     ]
@@ -184,7 +186,7 @@ def compile_report(program: Program, config: ml_collections.ConfigDict, mesh: Me
     chips = mesh.size
     report = dict(function=program.name, topology=topology, chips=chips,
                   chip=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
-                  variant=config.variant, dtype=config.model.dtype)
+                  variant=config.variant, dtype=config.model.dtype, rows=program.rows)
     start = time.perf_counter()
     try:
         compiled = program.jitted.lower(*program.args).compile()

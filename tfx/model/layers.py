@@ -147,13 +147,15 @@ class Embed(nnx.Module):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def lookup(table_VxD: jax.Array, tokens_BxL: jax.Array, scale: float, dtype) -> jax.Array:
-    """Rows of a float32 table times `scale`, in `dtype`; the table's gradient is the
-    scatter-add of autodiff, partitioned by hand.
+    """Rows of a float32 table times `scale`, in `dtype`; the table's gradient is autodiff's
+    scatter-add, laid out for the partitioner.
 
     Left to autodiff, XLA partitions the scatter-add of a table split over fsdp by all-reducing
-    a float32 copy of the whole table over every device and all-gathering another (the README's
-    "Before you rent a TPU" has the bytes, from `python -m tfx.aot`). Here the rows' gradients are first resharded onto the table's embed shards (an all-to-all of activations),
-    so each device adds into its own shard and only those shards are summed over the batch axes.
+    a float32 copy of the whole table over every device and all-gathering another, and without
+    fsdp all-reduces a lookup's gradient apart from the output projection's (the README's
+    "Before you rent a TPU" has the bytes, from `python -m tfx.aot`). Here the rows' gradients
+    are first resharded onto the table's embed shards (an all-to-all of activations), so each
+    device adds into its own shard, and the table's gradients are reduced together, once.
     """
     return (jnp.take(table_VxD, tokens_BxL, axis=0) * scale).astype(dtype)
 
@@ -166,10 +168,12 @@ def _lookup_bwd(scale, dtype, residuals, grad_BxLxD):
     table_VxD, tokens_BxL = residuals
     vocab, dim = table_VxD.shape
     # ("embed", "batch"): embed claims its mesh axes before batch does, so the rows' gradients
-    # are split by embed like the table and by the rest of the batch axes.
-    updates_DxN = constrain(grad_BxLxD.reshape(-1, dim).T.astype(jnp.float32), ("embed", "batch"))
-    grad_VxD = jnp.zeros((vocab, dim), jnp.float32).at[tokens_BxL.reshape(-1)].add(updates_DxN.T)
-    return (constrain(grad_VxD, ("vocab", "embed")) * scale).astype(table_VxD.dtype), None
+    # are split by embed like the table and by the rest of the batch axes. Nothing follows the
+    # scatter-add, so XLA adds it to the table's other gradients before reducing them all once.
+    rows_DxN = (grad_BxLxD.reshape(-1, dim).astype(jnp.float32) * scale).T
+    rows_DxN = constrain(rows_DxN, ("embed", "batch"))
+    grad_VxD = jnp.zeros((vocab, dim), jnp.float32).at[tokens_BxL.reshape(-1)].add(rows_DxN.T)
+    return constrain(grad_VxD, ("vocab", "embed")), None
 
 
 lookup.defvjp(_lookup_fwd, _lookup_bwd)
