@@ -7,9 +7,8 @@ Batches are synthetic sentence pairs of realistic, varied lengths packed into ro
 max_source_length/max_target_length, so the figures reflect the real step. Model FLOPs
 (`tfx/flops.py`) count only non-padding tokens: 6 x the weights each source/target token
 meets, plus the attention score/value products within each pair (causal half for decoder
-self-attention). The peak is a
-large matmul in the model's compute dtype (float32 accumulation) measured in the same run on
-the same devices; `fraction_of_f32_peak` also relates the achieved rate to the float32 peak.
+self-attention). The peak is a large matmul in the model's compute dtype (float32
+accumulation) measured in the same run on the same devices; `fraction_of_f32_peak` also relates the achieved rate to the float32 peak.
 """
 from __future__ import annotations
 

@@ -1,8 +1,12 @@
-"""Transformer on WMT14 en-de: `configs/wmt_base.py:tiny|base|big` (default base).
+"""Transformer on WMT14 en-de: `configs/wmt_base.py:tiny|base|big[,SLICE]` (default base).
 
 base and big follow Vaswani et al. (2017): d_model 512/1024, MLP 2048/4096, 8/16 heads, 6+6
 layers, a shared 32k vocabulary tied to the output projection, dropout 0.1/0.3, label
 smoothing 0.1, Adam (0.9, 0.98, 1e-9) with 4000 warmup steps of the inverse-sqrt schedule.
+
+A Cloud TPU slice after the comma (`configs/wmt_base.py:big,v5e-256`) sets bfloat16 and the mesh
+and rows per chip that `python -m tfx.aot` found to fit that slice with the least communication
+(README, "Before you rent a TPU"); compile it for the slice's `topology` to check a change.
 """
 import ml_collections
 
@@ -18,9 +22,27 @@ VARIANTS = {
 }
 
 
-def get_config(variant: str = "base") -> ml_collections.ConfigDict:
+# Cloud TPU slices: the topology tfx.aot compiles for, and per variant (mesh_shape,
+# per_device_batch_size).
+SLICES = {
+    "v5e-8": dict(topology="v5e:2x4", base=("data:-1,fsdp:1,tensor:1", 64),
+                  big=("data:-1,fsdp:1,tensor:1", 32)),
+    "v5e-256": dict(topology="v5e:16x16", base=("data:-1,fsdp:1,tensor:1", 16),
+                    big=("data:16,fsdp:16,tensor:1", 16)),
+    "v4-8": dict(topology="v4:2x2x1", base=("data:-1,fsdp:1,tensor:1", 64),
+                 big=("data:-1,fsdp:1,tensor:1", 32)),
+    "v5p-128": dict(topology="v5p:4x4x4", base=("data:-1,fsdp:1,tensor:1", 32),
+                    big=("data:-1,fsdp:1,tensor:1", 32)),
+}
+
+
+def get_config(arg: str = "base") -> ml_collections.ConfigDict:
+    variant, _, tpu_slice = arg.partition(",")
     if variant not in VARIANTS:
-        raise ValueError(f"configs/wmt_base.py:{variant}: unknown variant; use one of {', '.join(VARIANTS)}.")
+        raise ValueError(f"configs/wmt_base.py:{arg}: unknown variant; use one of {', '.join(VARIANTS)}.")
+    if tpu_slice and (variant == "tiny" or tpu_slice not in SLICES):
+        raise ValueError(f"configs/wmt_base.py:{arg}: no preset for {variant} on {tpu_slice!r}; "
+                         f"slices: {', '.join(SLICES)} (base and big).")
     config = default_config()
     config.model.update(VARIANTS[variant])
     config.model.vocab_size = 32000
@@ -38,4 +60,7 @@ def get_config(variant: str = "base") -> ml_collections.ConfigDict:
                             eval="tfds:wmt14_translate/de-en:validation",
                             test="tfds:wmt14_translate/de-en:test"))
     config.tokenizer.input_sentence_size = 2_000_000  # sentences sampled to train the vocabulary.
+    if tpu_slice:
+        config.mesh_shape, config.per_device_batch_size = SLICES[tpu_slice][variant]
+        config.model.dtype = "bfloat16"
     return config

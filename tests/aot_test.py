@@ -1,15 +1,20 @@
 """Compiling for Cloud TPU slices on this CPU host (libtpu's topologies): the real train step,
 eval step and translation, their memory against the chip's HBM, their FLOPs against the model's,
 and the collectives that their meshes imply."""
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
-from tfx import aot
+from tfx import aot, parallel
 from tfx import config as config_lib
+from tfx.model import layers
 from tfx.model.transformer import count_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +95,7 @@ def test_fsdp_reduce_scatters_gradients_and_gathers_parameters(v5e_reports, v4_r
     # the parameters the fsdp axis splits (all but the norms', split 2 ways by tensor).
     params = count_params(aot.steps.abstract_train_state(
         tiny(mesh_shape="data:2,fsdp:2,tensor:2"),
-        aot.parallel.make_mesh("data:2,fsdp:2,tensor:2", aot.slice_devices("v4:2x2x2")[1]))[1].params)
+        parallel.make_mesh("data:2,fsdp:2,tensor:2", aot.slice_devices("v4:2x2x2")[1]))[1].params)
     assert fsdp["collective_bytes"]["reduce-scatter"] > 0.9 * 4 * params / 2
 
 
@@ -106,6 +111,17 @@ def test_a_configuration_that_does_not_fit_is_reported_with_what_to_change():
     assert report["fits"] is False
     assert report["total_bytes"] > report["hbm_bytes"] == 16 * 2**30
     assert any("grad_accum_steps=2" in change for change in report["change"])
+
+
+def test_steps_traced_for_a_tpu_mesh_on_this_cpu_host_leave_out_the_cpu_fusion_barrier():
+    x, y = np.ones((4, 8), np.float32), np.ones((4, 9), np.float32)  # two traces, not one cached
+    tpu_mesh = parallel.make_mesh("data:-1", aot.slice_devices("v5e:2x2")[1])
+    rules = config_lib.default_config().logical_axis_rules
+    with parallel.activation_sharding(tpu_mesh, rules):
+        assert parallel.target_platform() == "tpu"
+        assert "cond" not in str(jax.make_jaxpr(layers.fusion_barrier)(x))
+    assert parallel.target_platform() == "cpu"
+    assert "cond" in str(jax.make_jaxpr(layers.fusion_barrier)(y))
 
 
 def test_megacore_chips_are_one_device_each():
@@ -145,3 +161,19 @@ def test_the_command_names_the_known_generations_for_an_unknown_topology():
     assert run.returncode == 1
     assert "tfx.aot: --topology='v9:8x8'" in run.stderr and "v5e" in run.stderr
     assert "Traceback" not in run.stderr and run.stdout == ""
+
+
+
+def test_the_tpu_slice_presets_of_wmt_base_are_meshes_of_their_slices():
+    spec = importlib.util.spec_from_file_location("wmt_base", WMT)
+    wmt_base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wmt_base)
+    for name, preset in wmt_base.SLICES.items():
+        chips = len(aot.slice_devices(preset["topology"])[1])
+        for variant in ("base", "big"):
+            config = config_lib.load(f"{WMT}:{variant},{name}")
+            assert config.model.dtype == "bfloat16"
+            assert (config.mesh_shape, config.per_device_batch_size) == preset[variant]
+            assert math.prod(parallel.parse_mesh_shape(config.mesh_shape, chips).values()) == chips
+    with pytest.raises(ValueError, match="v5e-256"):
+        config_lib.load(f"{WMT}:big,v5e-512")
