@@ -28,7 +28,7 @@ SLICES = {
     "v5e-8": dict(topology="v5e:2x4", base=("data:-1,fsdp:1,tensor:1", 64),
                   big=("data:-1,fsdp:1,tensor:1", 32)),
     "v5e-256": dict(topology="v5e:16x16", base=("data:-1,fsdp:1,tensor:1", 16),
-                    big=("data:16,fsdp:16,tensor:1", 16)),
+                    big=("data:-1,fsdp:1,tensor:1", 16)),
     "v4-8": dict(topology="v4:2x2x1", base=("data:-1,fsdp:1,tensor:1", 64),
                  big=("data:-1,fsdp:1,tensor:1", 32)),
     "v5p-128": dict(topology="v5p:4x4x4", base=("data:-1,fsdp:1,tensor:1", 32),
