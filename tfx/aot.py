@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -80,19 +80,18 @@ def slice_devices(topology: str) -> tuple[Chip, list[jax.Device]]:
     if generation not in CHIPS or not grid:
         raise ValueError(f"--topology={topology!r}: expected GENERATION:GRID with a generation among "
                          f"{', '.join(CHIPS)}, e.g. v5e:16x16 (v5e-256) or v4:2x2x1 (v4-8).")
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError("libtpu is not installed, and only it describes TPU slices: "
+                         "pip install 'tfx-mt[tpu]'.")
     chip = CHIPS[generation]
     # Compiling uses no TPU, so libtpu's lock on the host's TPU (one process at a time) is moot.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     options = {"chip_config_name": "megacore"} if generation in MEGACORE else {}
-    with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
-        try:
-            # libtpu warns on stderr that this host is no TPU VM; only its errors matter here.
-            with _stderr_to(log.name):
-                devices = topologies.get_topology_desc(topology, "tpu", **options).devices
-        except (RuntimeError, ValueError) as error:
-            hint = ("libtpu is missing: pip install 'tfx-mt[tpu]'. " if "tpu" in str(error).lower()
-                    and "unknown backend" in str(error).lower() else "")
-            raise ValueError(f"--topology={topology!r}: {hint}libtpu refused it: {error}") from None
+    try:
+        with _stderr_to(os.devnull):  # libtpu's warnings that this host is no TPU VM.
+            devices = topologies.get_topology_desc(topology, "tpu", **options).devices
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--topology={topology!r}: libtpu refused it: {error}") from None
     if devices[0].device_kind != chip.device_kind:
         raise ValueError(f"--topology={topology!r} gave {devices[0].device_kind!r} devices, not "
                          f"{chip.device_kind!r}: tfx.aot.CHIPS needs updating for this libtpu.")
