@@ -197,7 +197,7 @@ def compile_report(program: Program, config: ml_collections.ConfigDict, mesh: Me
                       total_bytes=needed, hbm_bytes=chip.hbm_bytes,
                       headroom_bytes=chip.hbm_bytes - needed if needed else None,
                       error=str(error).splitlines()[0][:500],
-                      change=_advice(program.name, config, mesh, 0, 1))
+                      change=_advice(program.name, config, mesh, state_bytes=0, temp_bytes=needed))
         return report
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
