@@ -140,6 +140,31 @@ def test_eval_step_sums_match_the_train_step_metrics(tiny_config, make_batch):
     assert sums["weight"] == int((np.asarray(batch["targets"]) > 0).sum())
 
 
+@pytest.mark.parametrize("mesh_shape", ["data:1", "data:2,fsdp:2,tensor:2", "data:8"])
+def test_score_step_sums_the_target_log_probabilities_of_each_pair(tiny_config, make_batch, mesh_shape):
+    """Per pair, the sum of log softmax(logits)[target] over its real target tokens, computed
+    here by brute force in numpy from the unsharded model's logits."""
+    config = tiny_config(model=dict(dropout_rate=0.3))  # scoring must not drop out
+    devices = jax.devices()[:1] if mesh_shape == "data:1" else None
+    mesh = parallel.make_mesh(mesh_shape, devices)
+    graphdef, state, shardings = steps.create_train_state(config, mesh)
+    score_step = steps.make_score_step(config, graphdef, mesh, shardings.params)
+    batch = make_batch(3, 16, 9, 11, 50)
+    batch["inputs"][-1] = batch["targets"][-1] = 0  # a padding row
+    log_prob, tokens = jax.device_get(
+        score_step(state.params, parallel.shard_batch(batch, mesh, config.logical_axis_rules)))
+
+    model = nnx.merge(graphdef, jax.device_get(state.params))
+    logits = np.asarray(model(batch["inputs"], batch["targets"]), np.float64)
+    log_softmax = logits - logits.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    target_log_p = np.take_along_axis(log_softmax, batch["targets"][..., None], -1)[..., 0]
+    real = batch["targets"] > 0
+    np.testing.assert_allclose(log_prob, (target_log_p * real).sum(1), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(tokens, real.sum(1))
+    assert tokens[-1] == 0 and log_prob[-1] == 0 and (log_prob[:-1] < 0).all()
+
+
 def test_batch_with_unknown_keys_is_refused(tiny_config, make_batch):
     batch = make_batch(0, 16, 9, 11, 50)
     batch["inputs_segmentation"] = np.ones_like(batch["inputs"])

@@ -1,4 +1,4 @@
-"""The train state, created directly sharded, and the jit-compiled train/eval steps.
+"""The train state, created directly sharded, and the jit-compiled train/eval/score steps.
 
 The NNX model is split once into a static `graphdef` and a parameter State; the steps are pure
 functions of (state, batch) that merge them back inside `jit`, so no per-step Python graph work.
@@ -158,3 +158,28 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, me
 
     batch_sharding = parallel.batch_sharding(mesh, rules)
     return jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding))
+
+
+def make_score_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
+                    params_shardings: nnx.State) -> Callable:
+    """jit-compiled `score_step(params, batch) -> (log_prob_B, tokens_B)`, sharded like eval.
+
+    Per row (one sentence pair, unpacked): the sum of its target tokens' log-probabilities
+    under the model (teacher forcing; no label smoothing, no dropout; EOS included) and how
+    many tokens there are, so the mean is their ratio. Padding rows give (0, 0).
+    """
+    rules = config.logical_axis_rules
+
+    def score_step(params, batch):
+        with parallel.activation_sharding(mesh, rules):
+            model = nnx.merge(graphdef, params)
+            logits_BxTxV = model(batch["inputs"], batch["targets"], **_model_kwargs(batch))
+            _, nll_BxT = losses.token_losses(logits_BxTxV, batch["targets"], 0.0, 0.0)
+            weights_BxT = _target_weights(batch["targets"])
+            return -jnp.sum(nll_BxT * weights_BxT, axis=1), jnp.sum(weights_BxT, axis=1)
+
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_sharding.spec[0]))
+    return jax.jit(score_step, in_shardings=(params_shardings, batch_sharding),
+                   out_shardings=(rows_sharding, rows_sharding))
+
