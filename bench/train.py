@@ -8,7 +8,8 @@ max_source_length/max_target_length, so the figures reflect the real step. Model
 (`tfx/flops.py`) count only non-padding tokens: 6 x the weights each source/target token
 meets, plus the attention score/value products within each pair (causal half for decoder
 self-attention). The peak is a large matmul in the model's compute dtype (float32
-accumulation) measured in the same run on the same devices; `fraction_of_f32_peak` also relates the achieved rate to the float32 peak.
+accumulation) measured in the same run on the same devices; `fraction_of_f32_peak` also
+relates the achieved rate to the float32 peak.
 """
 from __future__ import annotations
 

@@ -173,7 +173,8 @@ def test_the_tpu_slice_presets_of_wmt_base_are_meshes_of_their_slices():
         for variant in ("base", "big"):
             config = config_lib.load(f"{WMT}:{variant},{name}")
             assert config.model.dtype == "bfloat16"
-            assert (config.mesh_shape, config.per_device_batch_size) == preset[variant]
+            assert (config.mesh_shape, config.per_device_batch_size) == (
+                "data:-1,fsdp:1,tensor:1", preset[variant])
             assert math.prod(parallel.parse_mesh_shape(config.mesh_shape, chips).values()) == chips
     with pytest.raises(ValueError, match="v5e-256"):
         config_lib.load(f"{WMT}:big,v5e-512")

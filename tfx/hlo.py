@@ -78,10 +78,11 @@ def collectives(hlo: str) -> tuple[dict[str, int], dict[str, int]]:
                 if kind == "all-reduce" and in_reduce_scatter:
                     kind = "reduce-scatter"
                 channel = re.search(r"channel_id=(\d+)", rest)
+                operand = sum(_array_bytes(shapes.get(o, "")) for o in operands)
                 result = _array_bytes(shape)
                 if opcode.endswith("-start"):  # an async start's result holds its operands too.
-                    result -= sum(_array_bytes(shapes.get(o, "")) for o in operands)
-                size = max(result, sum(_array_bytes(shapes.get(o, "")) for o in operands))
+                    result -= operand
+                size = max(result, operand)
                 key = (kind, channel.group(1) if channel else name)
                 found[key] = max(found.get(key, 0), size)
             pending += [(c, in_reduce_scatter or c.startswith(_REDUCE_SCATTER_COMPUTATION))
