@@ -212,3 +212,43 @@ def test_attention_in_the_decoding_layout_equals_attend(num_kv_heads):
 
     expected, got = both(attention, x, source, mask)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def teacher_forced_log_probs(model, inputs, hypotheses):
+    """Each hypothesis' summed token log-probabilities (EOS included) from the full model's logits."""
+    graphdef, params = model
+    logits = np.asarray(nnx.merge(graphdef, params)(inputs, hypotheses), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    taken = np.take_along_axis(log_probs, hypotheses[..., None], axis=-1)[..., 0]
+    return (taken * (hypotheses > 0)).sum(-1)
+
+
+@pytest.mark.parametrize("strategy", ["beam", "greedy"])
+def test_nbest_scores_are_the_penalised_log_probabilities_of_their_hypotheses(tiny_config, strategy):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config), sources(9, 8, 8, 50)
+    graphdef, params = model
+    mesh = parallel.make_mesh("data:1", jax.devices()[:1])
+    shardings = parallel.state_shardings(params, mesh, config.logical_axis_rules)
+    run = decode.make_translate(config, graphdef, mesh, shardings, nbest=True, strategy=strategy,
+                                length_penalty=0.6)
+    tokens, scores = (np.asarray(x) for x in run(params, inputs))
+    width = config.decode.beam_size if strategy == "beam" else 1
+    assert tokens.shape[:2] == scores.shape == (8, width)
+    np.testing.assert_array_equal(tokens[:, 0], translate(config, model, inputs, strategy=strategy,
+                                                          length_penalty=0.6))
+    assert (np.diff(scores, axis=1) <= 0).all()  # best first.
+    for w in range(width):
+        lengths = (tokens[:, w] > 0).sum(-1)
+        expected = teacher_forced_log_probs(model, inputs, tokens[:, w]) / ((5 + lengths) / 6) ** 0.6
+        np.testing.assert_allclose(scores[:, w], expected, rtol=1e-4, atol=1e-4)
+        assert_well_formed(tokens[:, w], limit=8 + 4)
+
+
+def test_max_length_caps_the_outputs(tiny_config):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config, eos_boost=0.0), sources(10, 8, 8, 50)
+    tokens = translate(config, model, inputs, strategy="greedy", max_length=5)
+    assert tokens.shape == (8, 5)
+    assert_well_formed(tokens, limit=5)
+    assert (tokens[:, 4] == EOS).any()

@@ -109,6 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
                 beam_size=4,  # hypotheses kept per sentence.
                 length_penalty=0.6,  # GNMT alpha: ((5 + length) / 6) ** alpha.
                 max_length_offset=50,  # outputs stop at source length + this many tokens.
+                max_length=0,  # and at this many tokens (EOS included); 0: model.max_len.
                 temperature=1.0,  # sampling only.
                 top_k=0,  # sampling only; 0: no top-k cut.
                 top_p=1.0,  # sampling only; 1.0: no nucleus cut.
@@ -221,7 +222,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _check_positive(config, key)
     for key in ("model.num_encoder_layers", "model.num_decoder_layers", "model.head_dim",
                 "warmup_steps", "weight_decay", "grad_clip_norm", "z_loss", "decode.length_penalty",
-                "decode.max_length_offset", "decode.top_k", "data.worker_count", "eval_every_steps",
+                "decode.max_length_offset", "decode.max_length", "decode.top_k", "data.worker_count", "eval_every_steps",
                 "eval_bleu_examples", "data.shards", "distributed.num_processes"):
         _check_positive(config, key, allow_zero=True)
     for key in ("model.dropout_rate", "model.attention_dropout_rate",

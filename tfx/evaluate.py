@@ -18,11 +18,11 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from tfx.checkpoint import Checkpoints
 from tfx.data.pipeline import Shard, to_global
 from tfx.data.tokenizer import EOS_ID, Tokenizer
 from tfx.experiment import Experiment
 from tfx.model import decode
+from tfx.trained import restore_params
 
 
 def translate_batches(translate: Callable, params, batches: Sequence[dict[str, np.ndarray]],
@@ -68,28 +68,6 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
         results[name] = {"score": result.score, "signature": str(scorer.get_signature()),
                          "text": str(result)}
     return results
-
-
-def restore_params(workdir: str, checkpoint: str, state) -> tuple[str, object]:
-    """(label, params) of `checkpoint` ("latest", a step, or "average:N" for the mean of the
-    last N) in `workdir`, placed like `state`."""
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir!r} does not exist.")
-    checkpoints = Checkpoints(workdir)
-    saved = checkpoints.steps()
-    if not saved:
-        raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}; train first.")
-    kind, _, count = checkpoint.partition(":")
-    if checkpoint == "latest":
-        steps, label = saved[-1:], f"step{saved[-1]}"
-    elif kind == "average" and count.isdigit() and 0 < int(count) <= len(saved):
-        steps, label = saved[-int(count):], f"average{count}-step{saved[-1]}"
-    elif checkpoint.isdigit() and int(checkpoint) in saved:
-        steps, label = [int(checkpoint)], f"step{checkpoint}"
-    else:
-        raise ValueError(f"--checkpoint={checkpoint!r}: use latest, a saved step, or average:N with "
-                         f"N <= {len(saved)}; saved steps in {checkpoints.directory}: {saved}.")
-    return label, checkpoints.average(steps, state).params
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str = "test",

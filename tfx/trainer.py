@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from tfx import evaluate, losses, steps
+from tfx import evaluate, losses, steps, trained
 from tfx.data import pipeline
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
@@ -81,6 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if main_process:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2))
+        trained.keep_tokenizer(experiment.tokenizer, workdir)
 
     train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
                                        experiment.shardings)

@@ -5,11 +5,15 @@
 
 `make_translate` jit-compiles `translate(model, inputs_BxS, options, rng)` (traceable) with the
 batch sharded over the mesh's data axes (`jit_translate` without placing the arguments, for
-ahead-of-time compilation); `Options.from_config` reads `config.decode`, and
-`full_recompute=True` (no cache) or `forced_length=n` (benchmarks) may be added. Token 0 is
-padding and the decoder's start token, 1 is EOS; 0 is never generated. Outputs have at most
-(longest source of the batch, in non-pad tokens) + max_length_offset tokens, within the model's
-max_len; the last one allowed is EOS.
+ahead-of-time compilation); with `nbest=True` it returns `search`'s hypotheses and scores
+instead. `Options.from_config` reads `config.decode`, and `full_recompute=True` (no cache) or
+`forced_length=n` (benchmarks) may be added. Token 0 is padding and the decoder's start token,
+1 is EOS; 0 is never generated. Outputs have at most (longest source of the batch, in non-pad
+tokens) + max_length_offset tokens, and at most max_length (if set) and the model's max_len;
+the last one allowed is EOS.
+
+Scores are the model's log-probability of a hypothesis (EOS included) divided by the GNMT
+length penalty ((5 + length) / 6) ** length_penalty, the order beam search ranks by.
 
 Incremental decoding: the encoder runs once; each decoder layer's cross-attention keys/values
 are projected once per sentence; self-attention keys/values (num_kv_heads heads) go into a
@@ -56,6 +60,7 @@ class Options:
     temperature: float
     top_k: int
     top_p: float
+    max_length: int = 0
     forced_length: int = 0  # > 0: exactly this many tokens per hypothesis, EOS forbidden.
     full_recompute: bool = False  # no cache: rerun the decoder over the whole prefix each step.
 
@@ -65,29 +70,32 @@ class Options:
 
 
 def jit_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
-                  **overrides) -> Callable:
+                  nbest: bool = False, **overrides) -> Callable:
     """jit-compiled `translate(params, inputs_BxS, rng) -> tokens_BxT` on `mesh`, for arguments
-    already placed (or described, to compile ahead of time: tfx/aot.py) with their shardings.
+    already placed (or described, to compile ahead of time: tfx/aot.py) with their shardings;
+    with `nbest`, `-> (tokens_BxWxT, scores_BxW)` (see `search`).
 
     `overrides` replace fields of `Options.from_config(config)`.
     """
     options = Options.from_config(config, **overrides)
     rules = config.logical_axis_rules
+    decode = search if nbest else translate
 
     @jax.jit
     def run(params, inputs_BxS, rng):
         with parallel.activation_sharding(mesh, rules):
-            return translate(nnx.merge(graphdef, params), inputs_BxS, options, rng)
+            return decode(nnx.merge(graphdef, params), inputs_BxS, options, rng)
 
     return run
 
 
 def make_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
-                   params_shardings: nnx.State, **overrides) -> Callable:
-    """`translate(params, inputs_BxS, rng=None) -> tokens_BxT` on `mesh` (see `jit_translate`),
-    which places its arguments. `rng` (a PRNG key) only matters for sampling; None means key 0.
+                   params_shardings: nnx.State, nbest: bool = False, **overrides) -> Callable:
+    """`translate(params, inputs_BxS, rng=None) -> tokens_BxT` on `mesh` (see `jit_translate`,
+    also for `nbest`), which places its arguments. `rng` (a PRNG key) only matters for
+    sampling; None means key 0.
     """
-    run = jit_translate(config, graphdef, mesh, **overrides)
+    run = jit_translate(config, graphdef, mesh, nbest, **overrides)
     batch_sharding = parallel.batch_sharding(mesh, config.logical_axis_rules)
     rows_per_shard = parallel.data_parallel_size(mesh, config.logical_axis_rules)
 
@@ -107,6 +115,13 @@ def make_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, me
 def translate(model: EncoderDecoder, inputs_BxS: jax.Array, options: Options,
               rng: jax.Array | None = None) -> jax.Array:
     """Best translations [B, T] of right-padded sources [B, S] (T: the longest output allowed)."""
+    return search(model, inputs_BxS, options, rng)[0][:, 0]
+
+
+def search(model: EncoderDecoder, inputs_BxS: jax.Array, options: Options,
+           rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Hypotheses [B, W, T] of right-padded sources [B, S], best first, and their scores [B, W]
+    (-inf: no hypothesis). W is the beam size for beam search, else 1."""
     if options.strategy not in DECODE_STRATEGIES:
         raise choice_error("decode.strategy", options.strategy, DECODE_STRATEGIES)
     segment_BxS = (inputs_BxS > 0).astype(jnp.int32)
@@ -128,7 +143,7 @@ def _output_length(max_len: int, segment_BxS, options: Options) -> tuple[int, ja
         if options.forced_length > max_len:
             raise ValueError(f"forced_length={options.forced_length} exceeds config.model.max_len={max_len}.")
         return options.forced_length, jnp.asarray(options.forced_length)
-    length = min(segment_BxS.shape[1] + options.max_length_offset, max_len)
+    length = min(segment_BxS.shape[1] + options.max_length_offset, options.max_length or max_len, max_len)
     longest_source = jnp.max(jnp.sum(segment_BxS, axis=1))
     return length, jnp.clip(longest_source + options.max_length_offset, 1, length)
 
@@ -206,11 +221,17 @@ def _allowed(logits_BxWxV, t, limit, options: Options) -> jax.Array:
     return jnp.where(banned_V[None, None, :], -jnp.inf, logits_BxWxV)
 
 
-def _sample(decoder: _Decoder, batch, length, limit, options: Options, rng) -> jax.Array:
-    """Greedy decoding, or sampling: one hypothesis per sentence, until EOS or `limit` tokens."""
+def _penalty(length, options: Options):
+    """The GNMT length penalty of hypotheses of `length` tokens (EOS included)."""
+    return ((5.0 + length) / 6.0) ** options.length_penalty
+
+
+def _sample(decoder: _Decoder, batch, length, limit, options: Options, rng):
+    """Greedy decoding, or sampling: one hypothesis per sentence, until EOS or `limit` tokens;
+    ([B, 1, T] tokens, [B, 1] scores)."""
 
     def body(carry):
-        t, tokens_BxL, done_B, state = carry
+        t, tokens_BxL, log_prob_B, done_B, state = carry
         logits_Bx1xV, state = decoder.step(state, tokens_BxL[:, None, :], t)
         logits_BxV = _allowed(logits_Bx1xV, t, limit, options)[:, 0]
         if options.strategy == "greedy":
@@ -218,15 +239,21 @@ def _sample(decoder: _Decoder, batch, length, limit, options: Options, rng) -> j
         else:
             token_B = jax.random.categorical(jax.random.fold_in(rng, t), _filtered(logits_BxV, options))
         token_B = jnp.where(done_B, PAD, token_B).astype(jnp.int32)
+        token_log_prob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_Bx1xV[:, 0]), token_B[:, None],
+                                               axis=1)[:, 0]
+        log_prob_B = log_prob_B + jnp.where(done_B, 0.0, token_log_prob_B)
         tokens_BxL = jax.lax.dynamic_update_slice_in_dim(tokens_BxL, token_B[:, None], t, axis=1)
-        return t + 1, tokens_BxL, done_B | (token_B == EOS), state
+        return t + 1, tokens_BxL, log_prob_B, done_B | (token_B == EOS), state
 
     def cond(carry):
-        t, _, done_B, _ = carry
+        t, _, _, done_B, _ = carry
         return (t < limit) & ~jnp.all(done_B)
 
-    init = (jnp.asarray(0), jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch,), bool), decoder.state)
-    return jax.lax.while_loop(cond, body, init)[1]
+    init = (jnp.asarray(0), jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch,), jnp.float32),
+            jnp.zeros((batch,), bool), decoder.state)
+    _, tokens_BxL, log_prob_B, _, _ = jax.lax.while_loop(cond, body, init)
+    score_B = log_prob_B / _penalty(jnp.sum(tokens_BxL != PAD, axis=1), options)
+    return tokens_BxL[:, None], score_B[:, None]
 
 
 def _filtered(logits_BxV, options: Options) -> jax.Array:
@@ -283,7 +310,8 @@ class _Beams(NamedTuple):
     state: Any
 
 
-def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Options) -> jax.Array:
+def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Options):
+    """([B, W, T] finished hypotheses, best first, [B, W] their scores)."""
     def body(b: _Beams) -> _Beams:
         logits_BxWxV, state = decoder.step(b.state, b.alive_BxWxL, b.t)
         top_log_probs_Bx2W, parents_Bx2W, tokens_Bx2W = _best_extensions(
@@ -295,8 +323,7 @@ def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Option
 
         ranked_in_top_W_1x2W = (jnp.arange(2 * width) < width)[None, :]
         finishing_Bx2W = ends_Bx2W & ranked_in_top_W_1x2W & jnp.isfinite(top_log_probs_Bx2W)
-        penalty = ((5.0 + b.t + 1) / 6.0) ** options.length_penalty
-        scores_Bx2W = jnp.where(finishing_Bx2W, top_log_probs_Bx2W / penalty, -jnp.inf)
+        scores_Bx2W = jnp.where(finishing_Bx2W, top_log_probs_Bx2W / _penalty(b.t + 1, options), -jnp.inf)
         finished_scores_BxW, best_Bx3W = jax.lax.top_k(
             jnp.concatenate([b.finished_scores_BxW, scores_Bx2W], axis=1), width)
         finished_BxWxL = jnp.take_along_axis(
@@ -322,4 +349,5 @@ def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Option
     empty_BxWxL = jnp.zeros((batch, width, length), jnp.int32)
     init = _Beams(jnp.asarray(0), empty_BxWxL, jnp.broadcast_to(first_W, (batch, width)), empty_BxWxL,
                   jnp.full((batch, width), -jnp.inf), jnp.zeros((batch,), jnp.int32), decoder.state)
-    return jax.lax.while_loop(cond, body, init).finished_BxWxL[:, 0]
+    beams = jax.lax.while_loop(cond, body, init)
+    return beams.finished_BxWxL, beams.finished_scores_BxW

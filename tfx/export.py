@@ -1,0 +1,251 @@
+"""Exports a trained run for other inference engines: for now CTranslate2.
+
+    python -m tfx.export ctranslate2 --config configs/multi30k.py --workdir runs/multi30k \\
+        --checkpoint average:5 --output runs/multi30k-ct2 [--quantization int8] [--force]
+
+The output directory is a CTranslate2 model (model.bin, config.json, shared_vocabulary.json)
+plus the run's SentencePiece model, `sentencepiece.model`, so it is all that translation needs:
+
+    sp = sentencepiece.SentencePieceProcessor(model_file="runs/multi30k-ct2/sentencepiece.model")
+    translator = ctranslate2.Translator("runs/multi30k-ct2", compute_type="int8")
+    result = translator.translate_batch([sp.encode(line, out_type=str)], beam_size=4)
+    sp.decode(result[0].hypotheses[0])
+
+The mapping is exact: CTranslate2's vocabulary is the SentencePiece pieces in id order, sources
+get EOS appended as in tfx, the decoder starts from piece 0 at position 0, and the position
+table is tfx's own (learned, or the sinusoids of positions 0..max_len-1), so sequences are
+limited to model.max_len tokens as in tfx. Grouped-query key/value heads are repeated into
+plain multi-head attention. One difference is deliberate: tfx never generates token 0 (padding
+and the start token), and neither does the export, whose output projection has a bias of
+NO_TOKEN_BIAS at id 0; CTranslate2's probabilities are therefore tfx's renormalised without
+token 0, log p + log(1 / (1 - p(token 0))), which for a trained model is close to tfx's own.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from ctranslate2.converters import Converter
+from ctranslate2.specs import common_spec, model_spec, transformer_spec
+from flax import nnx
+
+from tfx.config import head_dim
+from tfx.data.tokenizer import EOS_ID, PAD_ID, UNK_ID
+from tfx.model.layers import sinusoidal_positions
+
+FORMATS = ("ctranslate2",)
+QUANTIZATIONS = tuple(model_spec.ACCEPTED_MODEL_TYPES)  # int8, int8_float32, float32, ...
+SENTENCEPIECE_FILE = "sentencepiece.model"
+NO_TOKEN_BIAS = -1e4  # output bias of token 0: never generated; still finite in float16.
+ACTIVATIONS = {"relu": common_spec.Activation.RELU,
+               "gelu": common_spec.Activation.GELUTanh,  # jax.nn.gelu's default tanh form.
+               "swiglu": common_spec.Activation.SWISH}  # silu(x @ wi_gate) * (x @ wi).
+
+
+def unsupported(model: ml_collections.ConfigDict) -> list[str]:
+    """What in `config.model` CTranslate2 cannot represent, one sentence per config key."""
+    problems = []
+    if model.activation not in ACTIVATIONS:
+        problems.append(f"config.model.activation={model.activation!r}: CTranslate2 has no such "
+                        f"activation; it runs {', '.join(map(repr, ACTIVATIONS))}.")
+    return problems
+
+
+def ctranslate2_spec(model: ml_collections.ConfigDict, params: Mapping,
+                     pieces: Sequence[str]) -> transformer_spec.TransformerSpec:
+    """The CTranslate2 Transformer of `config.model` with `params` (`nnx.to_pure_dict` of the
+    model's parameters, numpy or jax arrays) and vocabulary `pieces` (in id order).
+
+    Raises ValueError naming every config key CTranslate2 cannot represent.
+    """
+    problems = unsupported(model)
+    if len(pieces) != model.vocab_size:
+        problems.append(f"config.model.vocab_size={model.vocab_size} but the vocabulary has "
+                        f"{len(pieces)} pieces.")
+    if problems:
+        raise ValueError("cannot export to CTranslate2: " + " ".join(problems))
+    p = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(params))
+    pre_norm = model.norm_position == "pre"
+    options = dict(pre_norm=pre_norm, activation=ACTIVATIONS[model.activation],
+                   ffn_glu=model.activation == "swiglu", rms_norm=model.norm == "rmsnorm",
+                   head_dim=head_dim(model))
+    encoder = transformer_spec.TransformerEncoderSpec(model.num_encoder_layers, model.num_heads, **options)
+    decoder = transformer_spec.TransformerDecoderSpec(model.num_decoder_layers, model.num_heads, **options)
+
+    source_embedding_VxD = p["source_embed"]["embedding"]
+    target_embedding_VxD = p["target_embed"]["embedding"] if "target_embed" in p else source_embedding_VxD
+    for stack, embedding_VxD, side in ((encoder, source_embedding_VxD, "source"),
+                                       (decoder, target_embedding_VxD, "target")):
+        (stack.embeddings[0] if side == "source" else stack.embeddings).weight = embedding_VxD
+        stack.scale_embeddings = float(np.sqrt(model.emb_dim))
+        stack.position_encodings.encodings = _position_table(model, p, side)
+        if pre_norm:
+            _set_norm(stack.layer_norm, p[f"{'encoder' if side == 'source' else 'decoder'}_norm"])
+
+    for spec, layer in zip(encoder.layer, _layers(p["encoder_layers"], model.num_encoder_layers)):
+        _set_norm(spec.self_attention.layer_norm, layer["attention_norm"])
+        _set_attention(spec.self_attention, layer["attention"], model, self_attention=True)
+        _set_mlp(spec.ffn, layer["mlp_norm"], layer["mlp"])
+    for spec, layer in zip(decoder.layer, _layers(p["decoder_layers"], model.num_decoder_layers)):
+        _set_norm(spec.self_attention.layer_norm, layer["self_attention_norm"])
+        _set_attention(spec.self_attention, layer["self_attention"], model, self_attention=True)
+        _set_norm(spec.attention.layer_norm, layer["cross_attention_norm"])
+        _set_attention(spec.attention, layer["cross_attention"], model, self_attention=False)
+        _set_mlp(spec.ffn, layer["mlp_norm"], layer["mlp"])
+
+    decoder.projection.weight = (target_embedding_VxD if model.logits_via_embedding
+                                 else p["logits_projection"].T)
+    bias_V = np.zeros((model.vocab_size,), np.float32)
+    bias_V[PAD_ID] = NO_TOKEN_BIAS
+    decoder.projection.bias = bias_V
+
+    spec = transformer_spec.TransformerSpec(encoder, decoder)
+    spec.config.layer_norm_epsilon = model.norm_epsilon
+    spec.config.unk_token, spec.config.eos_token = pieces[UNK_ID], pieces[EOS_ID]
+    spec.config.decoder_start_token = pieces[PAD_ID]
+    spec.config.add_source_eos = True
+    spec.register_source_vocabulary(list(pieces))
+    spec.register_target_vocabulary(list(pieces))
+    return spec
+
+
+def _layers(tree: Mapping, count: int) -> list[Mapping]:
+    """Per-layer parameter trees of an `nnx.List` ({0: ..., 1: ...}) or of stacked layers
+    (`model.scan_layers`: every array has a leading layers axis)."""
+    if 0 in tree:
+        return [tree[i] for i in range(count)]
+    return [jax.tree.map(lambda x: x[i], tree) for i in range(count)]
+
+
+def _position_table(model: ml_collections.ConfigDict, p: Mapping, side: str) -> np.ndarray:
+    """[max_len, D] encodings of positions 0..max_len-1 (CTranslate2's own sinusoids start
+    at position 1)."""
+    if model.positions == "learned":
+        return p[f"{side}_positions"]["table"]
+    positions_1xL = np.arange(model.max_len)[None, :]
+    return np.asarray(sinusoidal_positions(positions_1xL, model.emb_dim)[0], np.float32)
+
+
+def _set_norm(spec, norm: Mapping):
+    spec.gamma = norm["scale"]
+    if "bias" in norm:
+        spec.beta = norm["bias"]
+
+
+def _set_attention(spec, attention: Mapping, model: ml_collections.ConfigDict, self_attention: bool):
+    """[out, in] weights; grouped key/value heads repeated so query head n reads kv head
+    n // (N / K), as tfx's `Attention` groups them."""
+    groups = model.num_heads // model.num_kv_heads
+    query_DxNxH = attention["query"]
+    d, n, h = query_DxNxH.shape
+    q = query_DxNxH.reshape(d, n * h).T
+    k, v = (np.repeat(attention[name], groups, axis=1).reshape(d, n * h).T for name in ("key", "value"))
+    out = attention["out"].reshape(n * h, d).T
+    if self_attention:
+        spec.linear[0].weight, spec.linear[1].weight = np.concatenate([q, k, v]), out
+    else:
+        spec.linear[0].weight, spec.linear[1].weight, spec.linear[2].weight = q, np.concatenate([k, v]), out
+
+
+def _set_mlp(spec, norm: Mapping, mlp: Mapping):
+    """CTranslate2 applies the activation to `linear_0` and multiplies by `linear_0_noact`."""
+    _set_norm(spec.layer_norm, norm)
+    if "wi_gate" in mlp:
+        spec.linear_0.weight, spec.linear_0_noact.weight = mlp["wi_gate"].T, mlp["wi"].T
+    else:
+        spec.linear_0.weight = mlp["wi"].T
+    spec.linear_1.weight = mlp["wo"].T
+
+
+class _SpecConverter(Converter):
+    """CTranslate2's converter around a ready spec: it validates, quantizes and saves."""
+
+    def __init__(self, spec: model_spec.ModelSpec):
+        self._spec = spec
+
+    def _load(self):
+        return self._spec
+
+
+def write_ctranslate2(spec: model_spec.ModelSpec, output: str, quantization: str = "float32",
+                      force: bool = False) -> str:
+    """Saves `spec` (quantized) as the directory `output`, which must not exist unless `force`.
+
+    The model is written into a temporary directory beside `output` and renamed, so a failed
+    export leaves `output` as it was.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)}.")
+    output = os.path.abspath(output)
+    if os.path.exists(output) and not force:
+        raise FileExistsError(f"--output={output} exists; pass --force to replace it.")
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", dir=parent)
+    try:
+        written = _SpecConverter(spec).convert(os.path.join(scratch, "model"), quantization=quantization)
+        if os.path.exists(output):
+            os.replace(output, os.path.join(scratch, "old"))
+        os.replace(written, output)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return output
+
+
+def export_ctranslate2(trained, output: str, quantization: str = "float32", force: bool = False) -> str:
+    """Writes `trained` (a `tfx.trained.TrainedModel`) as a CTranslate2 model directory
+    `output` with its SentencePiece model; returns the directory."""
+    params = jax.device_get(nnx.to_pure_dict(trained.params))
+    processor = trained.tokenizer.processor
+    pieces = [processor.id_to_piece(i) for i in range(processor.vocab_size())]
+    spec = ctranslate2_spec(trained.config.model, params, pieces)
+    spec.register_file(trained.tokenizer.path, SENTENCEPIECE_FILE)
+    return write_ctranslate2(spec, output, quantization, force)
+
+
+def main():
+    """The command line (absl flags, defined here so that importing tfx.export defines none)."""
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    from tfx import config as config_lib
+    from tfx import trained as trained_lib
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                                  lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+    checkpoint = flags.DEFINE_string("checkpoint", "latest", "latest, a step, or average:N.")
+    output = flags.DEFINE_string("output", None, "The directory to write (must not exist).")
+    quantization = flags.DEFINE_enum("quantization", "float32", QUANTIZATIONS,
+                                     "Weight type of the export (int8 quarters the size).")
+    force = flags.DEFINE_bool("force", False, "Replace --output if it exists.")
+    flags.mark_flags_as_required(["config", "workdir", "output"])
+
+    def export(argv):
+        if argv[1:] != ["ctranslate2"]:
+            raise app.UsageError(f"give one format, the first argument: {', '.join(FORMATS)} "
+                                 f"(got {' '.join(argv[1:]) or 'none'}).")
+        logging.set_verbosity(logging.WARNING)
+        config = config_lib.validate(config_flag.value)
+        problems = unsupported(config.model)
+        if problems:
+            sys.exit("tfx.export: cannot export to CTranslate2: " + " ".join(problems))
+        model = trained_lib.load(config, workdir.value, checkpoint.value)
+        try:
+            written = export_ctranslate2(model, output.value, quantization.value, force.value)
+        except (ValueError, FileExistsError) as error:
+            sys.exit(f"tfx.export: {error}")
+        print(f"exported {workdir.value} ({model.label}) to {written} as CTranslate2 "
+              f"{quantization.value}")
+
+    app.run(export)
+
+
+if __name__ == "__main__":
+    main()
