@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterator
+from typing import BinaryIO
 
 import ml_collections
 import tensorflow_datasets as tfds
@@ -37,14 +38,20 @@ def read_lines(path: str) -> Iterator[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist.")
     with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                yield line.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                raise ValueError(
-                    f"{path}:{number}: invalid UTF-8 (byte {line[error.start]:#04x} at column "
-                    f"{error.start + 1}); tfx reads corpora as UTF-8 text."
-                ) from None
+        yield from decode_lines(f, path)
+
+
+def decode_lines(stream: BinaryIO, name: str) -> Iterator[str]:
+    """The lines of a binary stream of UTF-8 text, without newlines (only "\n" and "\r\n" end
+    a line); invalid UTF-8 is a ValueError naming `name` and the line."""
+    for number, line in enumerate(stream, start=1):
+        try:
+            yield line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{name}:{number}: invalid UTF-8 (byte {line[error.start]:#04x} at column "
+                f"{error.start + 1}); tfx reads text as UTF-8."
+            ) from None
 
 
 def _count_lines(path: str) -> int:

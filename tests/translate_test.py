@@ -1,0 +1,142 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from tfx import trained as trained_lib
+from tfx import trainer
+from tfx.data.sources import read_lines
+from tfx.translate import Translator, bucket
+
+from runs import MULTI30K, ROOT, TINY, flags_for
+from trainer_test import tiny_multi30k
+
+TRANSLATE_PY = os.path.join(ROOT, "translate.py")
+TEST_EN = os.path.join(ROOT, "data", "multi30k-en-de", "test_2016_flickr.en")
+TEST_DE = os.path.join(ROOT, "data", "multi30k-en-de", "test_2016_flickr.de")
+# Outputs of exactly max_length tokens at most, whatever else is in their batch.
+DECODE = dict(strategy="beam", beam_size=3, max_length=8, max_length_offset=50)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(config, workdir) of a tiny Multi30k run (6 steps, as evaluate_test trains)."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny_multi30k(data_dir, num_train_steps=6, checkpoint_every_steps=2, keep_checkpoints=3,
+                           learning_rate=3e-3)
+    config.decode.update(DECODE)
+    trainer.train(config, workdir)
+    return config, workdir
+
+
+@pytest.fixture(scope="module")
+def translator(run):
+    config, workdir = run
+    return Translator(trained_lib.load(config, workdir))
+
+
+def test_training_keeps_the_tokenizer_that_translation_uses(run, translator):
+    config, workdir = run
+    kept = os.path.join(workdir, trained_lib.TOKENIZER_FILE)
+    with open(kept, "rb") as a, open(translator.model.tokenizer.path, "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_batched_translations_come_back_in_input_order_and_equal_one_by_one(translator):
+    lines = list(read_lines(TEST_EN))[:13]
+    lines[4] = ""  # an empty line gives an empty line.
+    lines[7] = "  "
+    results, report = translator.translate(lines)
+    alone = [translator.translate([line])[0][0] for line in lines]
+    assert [r[0].text for r in results] == [a[0].text for a in alone]
+    np.testing.assert_allclose([r[0].score for r in results], [a[0].score for a in alone], rtol=1e-5)
+    assert results[4][0].text == results[7][0].text == "" and results[0][0].text
+    assert report.sentences == 13 and report.truncated == 0
+
+
+def test_long_lines_are_truncated_and_counted(translator):
+    long_line = " ".join(["horse"] * 200)
+    results, report = translator.translate(["A dog.", long_line])
+    assert report.truncated == 1 and len(results) == 2
+
+
+def test_nbest_gives_the_beam_best_first_and_refuses_more(translator):
+    lines = list(read_lines(TEST_EN))[:5]
+    best, _ = translator.translate(lines)
+    nbest, _ = translator.translate(lines, nbest=3)
+    for one, three in zip(best, nbest):
+        assert len(three) == 3 and three[0] == one[0]
+        assert three[0].score >= three[1].score >= three[2].score
+    with pytest.raises(ValueError, match=r"at most 3 hypotheses .*beam_size=3"):
+        translator.translate(lines, nbest=4)
+
+
+def test_scores_are_the_log_probabilities_of_the_model_logits(translator):
+    """Per pair, alone: log-softmax of the model's logits at each target token, summed in numpy."""
+    sources, targets = list(read_lines(TEST_EN))[:10], list(read_lines(TEST_DE))[:10]
+    scores, report = translator.score(sources, targets)
+    model = nnx.merge(translator.model.graphdef, translator.model.params)
+    tokenizer = translator.model.tokenizer
+    for (total, count), source, target in zip(scores, sources, targets):
+        inputs, targets_ = (np.asarray([tokenizer.encode(text)], np.int32) for text in (source, target))
+        logits = np.asarray(model(inputs, targets_), np.float64)[0]
+        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        expected = log_probs[np.arange(targets_.shape[1]), targets_[0]].sum()
+        assert count == targets_.shape[1]
+        np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-4)
+    assert report.tokens == sum(count for _, count in scores)
+    with pytest.raises(ValueError, match="2 sources but 1 targets"):
+        translator.score(["a", "b"], ["c"])
+
+
+def test_buckets_are_powers_of_two_within_max_len():
+    assert [bucket(n, 128) for n in (1, 16, 17, 64, 65, 128)] == [16, 16, 32, 64, 128, 128]
+    assert bucket(100, 100) == 100
+
+
+def cli(run, *args, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    config, workdir = run
+    flags = flags_for({**{f"model.{k}": v for k, v in TINY.items()}, "per_device_eval_batch_size": 4,
+                       "data.data_dir": config.data.data_dir, "max_source_length": 32,
+                       "max_target_length": 32})
+    return subprocess.run([sys.executable, TRANSLATE_PY, f"--config={MULTI30K}", f"--workdir={workdir}",
+                           *flags, *args], input=stdin, capture_output=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_translates_stdin_into_nbest_lines_and_scores_files(run, translator, tmp_path):
+    lines = ["A man is riding a bike.", "", "Two dogs play in the snow."]
+    out = tmp_path / "nbest.tsv"
+    done = cli(run, "--nbest=2", "--beam=3", "--max-length=8", f"--output={out}",
+               stdin="".join(line + "\n" for line in lines).encode())
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert b"translated 3 sentences" in done.stderr and b"0 truncated" in done.stderr
+    rows = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
+    expected, _ = translator.translate(lines, nbest=2)
+    assert [row[:2] for row in rows] == [["0", "1"], ["0", "2"], ["1", "1"], ["2", "1"], ["2", "2"]]
+    assert [row[3] for row in rows] == [h.text for hypotheses in expected for h in hypotheses]
+
+    (tmp_path / "s").write_text("A dog.\nA cat.\n", encoding="utf-8")
+    (tmp_path / "t").write_text("Ein Hund.\nEine Katze.\n", encoding="utf-8")
+    done = cli(run, "--score", f"--source={tmp_path / 's'}", f"--target={tmp_path / 't'}")
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    scores, _ = translator.score(["A dog.", "A cat."], ["Ein Hund.", "Eine Katze."])
+    for line, (total, count) in zip(done.stdout.decode().splitlines(), scores):
+        got_total, got_mean, got_count = line.split("\t")
+        assert int(got_count) == count
+        np.testing.assert_allclose([float(got_total), float(got_mean)], [total, total / count], atol=2e-6)
+
+
+def test_cli_names_the_invalid_utf8_line_and_writes_nothing(run, tmp_path):
+    source = tmp_path / "in.en"
+    source.write_bytes(b"A dog.\nA \xff cat.\n")
+    out = tmp_path / "out.de"
+    done = cli(run, f"--input={source}", f"--output={out}")
+    assert done.returncode == 1
+    assert f"{source}:2: invalid UTF-8 (byte 0xff at column 3)".encode() in done.stderr
+    assert not out.exists()

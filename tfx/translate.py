@@ -1,0 +1,166 @@
+"""Translate raw text and score given pairs with a trained run (the library of translate.py).
+
+Text goes through the run's SentencePiece model both ways. Sentences are sorted by length and
+batched (per_device_eval_batch_size rows per data-parallel device), each batch padded to a
+power-of-two length so that only a few shapes compile, and results come back in input order.
+Empty lines translate to empty lines without decoding. Sentences longer than model.max_len
+tokens are truncated (keeping EOS) and counted.
+
+Scores: an n-best hypothesis carries the model's log-probability over the GNMT length penalty
+(the order beam search ranks by; see tfx/model/decode.py); scoring a pair gives the sum and the
+mean of its target tokens' log-probabilities, EOS included (teacher forcing, no smoothing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+import tqdm
+
+from tfx import parallel, steps
+from tfx.data.pipeline import truncate
+from tfx.data.tokenizer import EOS_ID
+from tfx.model import decode
+from tfx.trained import TrainedModel
+
+SHORTEST_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Hypothesis:
+    text: str
+    score: float
+
+
+@dataclasses.dataclass
+class Report:
+    """What a run over some text did, for stderr."""
+
+    sentences: int = 0
+    truncated: int = 0  # sentences (or pairs) cut to model.max_len tokens.
+    tokens: int = 0  # generated (translation) or scored (scoring) target tokens, EOS included.
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        rate = 1.0 / max(self.seconds, 1e-9)
+        return (f"{self.sentences} sentences in {self.seconds:.1f} s ({self.sentences * rate:.1f} "
+                f"sentences/s, {self.tokens * rate:.0f} tokens/s); {self.truncated} truncated")
+
+
+def bucket(length: int, max_len: int) -> int:
+    """The padded length of a batch whose longest sequence has `length` tokens."""
+    return min(max(SHORTEST_BUCKET, 1 << (length - 1).bit_length()), max_len)
+
+
+def _encode(tokenizer, text: str, max_len: int) -> tuple[np.ndarray, bool]:
+    ids = np.asarray(tokenizer.encode(text), np.int32)
+    return truncate(ids, max_len), len(ids) > max_len
+
+
+def _padded(rows: Sequence[np.ndarray], batch: int, max_len: int) -> np.ndarray:
+    """[batch, bucket] right-padded int32; rows after len(rows) are all padding."""
+    out = np.zeros((batch, bucket(max(len(r) for r in rows), max_len)), np.int32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+def _by_length(lengths: Sequence[int], batch: int) -> list[np.ndarray]:
+    """Indices sorted by length (longest first, stable), cut into batches of `batch`."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i:i + batch] for i in range(0, len(order), batch)]
+
+
+class Translator:
+    """Translates and scores with a `TrainedModel` as `config.decode` says (single process)."""
+
+    def __init__(self, model: TrainedModel):
+        if jax.process_count() > 1:
+            raise ValueError("translate.py runs in one process; use eval.py for multi-host decoding.")
+        config = model.config
+        self.model, self.max_len = model, config.model.max_len
+        self.rows = config.per_device_eval_batch_size * parallel.data_parallel_size(
+            model.mesh, config.logical_axis_rules)
+        self.options = decode.Options.from_config(config)
+        self._search = decode.make_translate(config, model.graphdef, model.mesh,
+                                             model.params_shardings, nbest=True)
+        self._score_step = steps.make_score_step(config, model.graphdef, model.mesh,
+                                                 model.params_shardings)
+        self._rng = jax.random.PRNGKey(config.seed)
+
+    def width(self) -> int:
+        """Hypotheses one search gives per sentence."""
+        return self.options.beam_size if self.options.strategy == "beam" else 1
+
+    def translate(self, lines: Sequence[str], nbest: int = 1, progress: bool = False
+                  ) -> tuple[list[list[Hypothesis]], Report]:
+        """Up to `nbest` hypotheses per line, best first (one empty one for an empty line).
+
+        Beam search gives its best `nbest` of beam_size finished hypotheses; sampling draws
+        `nbest` samples per line; greedy decoding has one.
+        """
+        copies = nbest if self.options.strategy == "sample" else 1
+        if nbest < 1 or nbest > self.width() * copies:
+            raise ValueError(
+                f"--nbest {nbest}: {self.options.strategy} decoding gives at most "
+                f"{self.width() * copies} hypotheses per sentence"
+                + (f" (config.decode.beam_size={self.options.beam_size})." if self.options.strategy == "beam"
+                   else "; use --strategy beam or sample for more than one."))
+        report, start = Report(sentences=len(lines)), time.perf_counter()
+        sources = {}
+        for i, line in enumerate(lines):
+            if line.strip():
+                sources[i], cut = _encode(self.model.tokenizer, line, self.max_len)
+                report.truncated += cut
+        found: dict[int, list[Hypothesis]] = {i: [] for i in sources}
+        todo = [i for i in sources for _ in range(copies)]
+        batches = _by_length([len(sources[i]) for i in todo], self.rows)
+        for number, rows in enumerate(tqdm.tqdm(batches, desc="translating", unit="batch",
+                                                disable=not progress)):
+            indices = [todo[r] for r in rows]
+            inputs_BxS = _padded([sources[i] for i in indices], self.rows, self.max_len)
+            rng = jax.random.fold_in(self._rng, number)
+            tokens_BxWxT, scores_BxW = jax.device_get(self._search(self.model.params, inputs_BxS, rng))
+            for row, index in enumerate(indices):
+                report.tokens += _length(tokens_BxWxT[row, 0])
+                found[index] += [Hypothesis(self.model.tokenizer.decode(tokens_T), float(score))
+                                 for tokens_T, score in zip(tokens_BxWxT[row], scores_BxW[row])
+                                 if np.isfinite(score)]
+        results = [[Hypothesis("", 0.0)] for _ in lines]
+        for i, hypotheses in found.items():
+            results[i] = sorted(hypotheses, key=lambda h: -h.score)[:nbest]
+        report.seconds = time.perf_counter() - start
+        return results, report
+
+    def score(self, sources: Sequence[str], targets: Sequence[str], progress: bool = False
+              ) -> tuple[list[tuple[float, int]], Report]:
+        """(sum of the target tokens' log-probabilities, number of tokens) per pair."""
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets; they must be line-aligned.")
+        report, start = Report(sentences=len(sources)), time.perf_counter()
+        pairs = []
+        for source, target in zip(sources, targets):
+            (inputs, cut_source), (outputs, cut_target) = (
+                _encode(self.model.tokenizer, text, self.max_len) for text in (source, target))
+            pairs.append((inputs, outputs))
+            report.truncated += cut_source or cut_target
+        results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+        batches = _by_length([max(len(a), len(b)) for a, b in pairs], self.rows)
+        for rows in tqdm.tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+            batch = {key: _padded([pairs[r][side] for r in rows], self.rows, self.max_len)
+                     for side, key in enumerate(("inputs", "targets"))}
+            log_prob_B, tokens_B = jax.device_get(self._score_step(self.model.params, batch))
+            for row, index in enumerate(rows):
+                results[index] = (float(log_prob_B[row]), int(tokens_B[row]))
+                report.tokens += int(tokens_B[row])
+        report.seconds = time.perf_counter() - start
+        return results, report
+
+
+def _length(tokens_T: np.ndarray) -> int:
+    """Tokens of a hypothesis, EOS included."""
+    ends = np.flatnonzero(tokens_T == EOS_ID)
+    return int(ends[0]) + 1 if len(ends) else int(np.sum(tokens_T > 0))
