@@ -109,7 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
                 beam_size=4,  # hypotheses kept per sentence.
                 length_penalty=0.6,  # GNMT alpha: ((5 + length) / 6) ** alpha.
                 max_length_offset=50,  # outputs stop at source length + this many tokens.
-                max_length=0,  # and at this many tokens (EOS included); 0: model.max_len.
+                max_length=0,  # outputs stop at this many tokens too (EOS included); 0: model.max_len.
                 temperature=1.0,  # sampling only.
                 top_k=0,  # sampling only; 0: no top-k cut.
                 top_p=1.0,  # sampling only; 1.0: no nucleus cut.
