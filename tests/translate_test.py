@@ -75,6 +75,20 @@ def test_nbest_gives_the_beam_best_first_and_refuses_more(translator):
         translator.translate(lines, nbest=4)
 
 
+def test_sampled_nbest_draws_that_many_and_greedy_refuses_more_than_one(run):
+    config, workdir = run
+    sampling = config.copy_and_resolve_references()
+    sampling.decode.update(strategy="sample", temperature=1.5)
+    translator = Translator(trained_lib.load(sampling, workdir))
+    results, _ = translator.translate(["A dog runs.", "", "Two men talk."], nbest=4)
+    assert [len(r) for r in results] == [4, 1, 4]
+    assert all(r[i].score >= r[i + 1].score for r in results for i in range(len(r) - 1))
+    assert len({h.text for h in results[0]}) > 1
+    sampling.decode.strategy = "greedy"
+    with pytest.raises(ValueError, match="at most 1 hypothesis per sentence; use --strategy beam or sample"):
+        Translator(trained_lib.load(sampling, workdir)).translate(["A dog."], nbest=2)
+
+
 def test_scores_are_the_log_probabilities_of_the_model_logits(translator):
     """Per pair, alone: log-softmax of the model's logits at each target token, summed in numpy."""
     sources, targets = list(read_lines(TEST_EN))[:10], list(read_lines(TEST_DE))[:10]

@@ -103,10 +103,11 @@ class Translator:
         `nbest` samples per line; greedy decoding has one.
         """
         copies = nbest if self.options.strategy == "sample" else 1
-        if nbest < 1 or nbest > self.width() * copies:
+        most = self.width() * copies
+        if nbest < 1 or nbest > most:
             raise ValueError(
-                f"--nbest {nbest}: {self.options.strategy} decoding gives at most "
-                f"{self.width() * copies} hypotheses per sentence"
+                f"--nbest {nbest}: {self.options.strategy} decoding gives at most {most} "
+                f"{'hypothesis' if most == 1 else 'hypotheses'} per sentence"
                 + (f" (config.decode.beam_size={self.options.beam_size})." if self.options.strategy == "beam"
                    else "; use --strategy beam or sample for more than one."))
         report, start = Report(sentences=len(lines)), time.perf_counter()
