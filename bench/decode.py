@@ -1,7 +1,7 @@
 """Translation throughput of beam search: prints one JSON line (its last line).
 
     python bench/decode.py --config configs/wmt_base.py:base --beam 4 --batch 32 \
-        [--source-length 32 --gen-length 31 --dtype float32]
+        [--source-length 32 --gen-length 31 --dtype float32] [--ctranslate2]
 
 Random parameters, random sources of exactly --source-length tokens, and every hypothesis
 forced to --gen-length tokens (EOS forbidden), so each run does the same work. It times beam
@@ -11,11 +11,20 @@ cached search needs: the encoder and the cross-attention keys/values once, then 
 at every step the decoder's projections, attention over the prefix and the source, and the
 vocabulary projection. The peak is a large matmul in the compute dtype (float32 accumulation),
 measured in the same run before and after, the best kept.
+
+`--ctranslate2` also times CTranslate2 on CPU (float32 and int8 computation, one thread per
+core, the same batch and beam) on the same model exported by `tfx.export.ctranslate2_spec`
+with a synthetic vocabulary, its hypotheses forced to --gen-length tokens too
+(min = max decoding length). CTranslate2 appends EOS to each source itself, so it gets the
+first --source-length - 1 tokens of each: the same length. `tfx_over_ctranslate2_*` is tfx's
+sentences/s over CTranslate2's (above 1: tfx is faster).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 
 import jax
@@ -42,6 +51,44 @@ def time_runs(translate, params, inputs, runs: int) -> tuple[float, np.ndarray]:
     return float(np.median(times)), np.asarray(tokens)
 
 
+def measure_ctranslate2(config, params, inputs: np.ndarray, beam: int, gen_length: int, runs: int) -> dict:
+    """Seconds, sentences/s and generated tokens/s of CTranslate2 translating `inputs` with the
+    model of `config` and `params`, per compute type (see the module doc)."""
+    import ctranslate2
+
+    from tfx import export
+
+    pieces = ["<pad>", "</s>", "<unk>"] + [f"piece{i}" for i in range(3, config.model.vocab_size)]
+    spec = export.ctranslate2_spec(config.model, jax.device_get(nnx.to_pure_dict(params)), pieces)
+    sources = [[pieces[i] for i in row[:-1]] for row in inputs.tolist()]
+    threads = len(os.sched_getaffinity(0))
+    result = {"ctranslate2_intra_threads": threads}
+    with tempfile.TemporaryDirectory() as scratch:
+        path = export.write_ctranslate2(spec, os.path.join(scratch, "model"))
+        for compute_type in ("float32", "int8"):
+            translator = ctranslate2.Translator(path, device="cpu", compute_type=compute_type,
+                                                intra_threads=threads)
+
+            def translate():
+                return translator.translate_batch(sources, beam_size=beam, min_decoding_length=gen_length,
+                                                  max_decoding_length=gen_length)
+
+            translate()
+            times, outputs = [], None
+            for _ in range(runs):
+                start = time.perf_counter()
+                outputs = translate()
+                times.append(time.perf_counter() - start)
+            seconds = float(np.median(times))
+            tokens = sum(len(output.hypotheses[0]) for output in outputs)
+            if tokens != len(sources) * gen_length:
+                raise RuntimeError(f"CTranslate2 generated {tokens} tokens, not {len(sources)} x {gen_length}.")
+            result.update({f"ctranslate2_{compute_type}_seconds": round(seconds, 3),
+                           f"ctranslate2_{compute_type}_sentences_per_sec": round(len(sources) / seconds, 2),
+                           f"ctranslate2_{compute_type}_generated_tokens_per_sec": round(tokens / seconds, 1)})
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,6 +102,8 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="timed runs of the cached search")
     parser.add_argument("--full-recompute-runs", type=int, default=1,
                         help="timed runs of the search without a cache (0: skip it)")
+    parser.add_argument("--ctranslate2", action="store_true",
+                        help="also time CTranslate2 (float32 and int8) on the same model and inputs")
     args = parser.parse_args()
 
     config = config_lib.load(args.config)
@@ -89,6 +138,11 @@ def main():
         full = measure(True, args.full_recompute_runs)
         result.update({f"full_recompute_{name}": value for name, value in full.items()})
         result["speedup"] = round(full["seconds"] / cached["seconds"], 2)
+    if args.ctranslate2:
+        result.update(measure_ctranslate2(config, params, inputs, args.beam, args.gen_length, args.runs))
+        for compute_type in ("float32", "int8"):
+            result[f"tfx_over_ctranslate2_{compute_type}"] = round(
+                cached["sentences_per_sec"] / result[f"ctranslate2_{compute_type}_sentences_per_sec"], 3)
     peak = max(peak, measure_peak_gflops(devices, dtype))  # the machine may be shared.
     result.update(peak_gflops=round(peak, 2), fraction_of_peak=round(result["decode_gflops"] / peak, 3))
     print(json.dumps(result))

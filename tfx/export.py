@@ -57,10 +57,10 @@ def unsupported(model: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
-def ctranslate2_spec(model: ml_collections.ConfigDict, params: Mapping,
+def ctranslate2_spec(model: ml_collections.ConfigDict, params: nnx.State | Mapping,
                      pieces: Sequence[str]) -> transformer_spec.TransformerSpec:
-    """The CTranslate2 Transformer of `config.model` with `params` (`nnx.to_pure_dict` of the
-    model's parameters, numpy or jax arrays) and vocabulary `pieces` (in id order).
+    """The CTranslate2 Transformer of `config.model` with `params` (the model's parameters, as
+    an `nnx.State` or its `nnx.to_pure_dict`) and vocabulary `pieces` (in id order).
 
     Raises ValueError naming every config key CTranslate2 cannot represent.
     """
@@ -70,7 +70,9 @@ def ctranslate2_spec(model: ml_collections.ConfigDict, params: Mapping,
                         f"{len(pieces)} pieces.")
     if problems:
         raise ValueError("cannot export to CTranslate2: " + " ".join(problems))
-    p = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(params))
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
+    p = jax.tree.map(lambda x: np.array(x, np.float32), dict(params))  # copies: CTranslate2 writes.
     pre_norm = model.norm_position == "pre"
     options = dict(pre_norm=pre_norm, activation=ACTIVATIONS[model.activation],
                    ffn_glu=model.activation == "swiglu", rms_norm=model.norm == "rmsnorm",
@@ -80,13 +82,13 @@ def ctranslate2_spec(model: ml_collections.ConfigDict, params: Mapping,
 
     source_embedding_VxD = p["source_embed"]["embedding"]
     target_embedding_VxD = p["target_embed"]["embedding"] if "target_embed" in p else source_embedding_VxD
-    for stack, embedding_VxD, side in ((encoder, source_embedding_VxD, "source"),
-                                       (decoder, target_embedding_VxD, "target")):
-        (stack.embeddings[0] if side == "source" else stack.embeddings).weight = embedding_VxD
+    encoder.embeddings[0].weight, decoder.embeddings.weight = source_embedding_VxD, target_embedding_VxD
+    for stack, side in ((encoder, "source"), (decoder, "target")):
         stack.scale_embeddings = float(np.sqrt(model.emb_dim))
         stack.position_encodings.encodings = _position_table(model, p, side)
-        if pre_norm:
-            _set_norm(stack.layer_norm, p[f"{'encoder' if side == 'source' else 'decoder'}_norm"])
+    if pre_norm:
+        _set_norm(encoder.layer_norm, p["encoder_norm"])
+        _set_norm(decoder.layer_norm, p["decoder_norm"])
 
     for spec, layer in zip(encoder.layer, _layers(p["encoder_layers"], model.num_encoder_layers)):
         _set_norm(spec.self_attention.layer_norm, layer["attention_norm"])
@@ -108,7 +110,7 @@ def ctranslate2_spec(model: ml_collections.ConfigDict, params: Mapping,
     spec = transformer_spec.TransformerSpec(encoder, decoder)
     spec.config.layer_norm_epsilon = model.norm_epsilon
     spec.config.unk_token, spec.config.eos_token = pieces[UNK_ID], pieces[EOS_ID]
-    spec.config.decoder_start_token = pieces[PAD_ID]
+    spec.config.bos_token = spec.config.decoder_start_token = pieces[PAD_ID]
     spec.config.add_source_eos = True
     spec.register_source_vocabulary(list(pieces))
     spec.register_target_vocabulary(list(pieces))
@@ -173,23 +175,31 @@ class _SpecConverter(Converter):
         return self._spec
 
 
-def write_ctranslate2(spec: model_spec.ModelSpec, output: str, quantization: str = "float32",
-                      force: bool = False) -> str:
-    """Saves `spec` (quantized) as the directory `output`, which must not exist unless `force`.
-
-    The model is written into a temporary directory beside `output` and renamed, so a failed
-    export leaves `output` as it was.
-    """
+def check_output(output: str, quantization: str, force: bool):
+    """Raises for an unknown `quantization`, or an existing `output` without `force`."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)}.")
-    output = os.path.abspath(output)
     if os.path.exists(output) and not force:
         raise FileExistsError(f"--output={output} exists; pass --force to replace it.")
+
+
+def write_ctranslate2(spec: model_spec.ModelSpec, output: str, quantization: str = "float32",
+                      force: bool = False, files: Mapping[str, str] | None = None) -> str:
+    """Saves `spec` (its weights stored as `quantization`) and copies of `files` ({name: path})
+    as the directory `output`, which must not exist unless `force`; returns its absolute path.
+
+    CTranslate2 validates, quantizes and writes the model into a temporary directory beside
+    `output`, which is then renamed, so a failed export leaves `output` as it was.
+    """
+    output = os.path.abspath(output)
+    check_output(output, quantization, force)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", dir=parent)
     try:
         written = _SpecConverter(spec).convert(os.path.join(scratch, "model"), quantization=quantization)
+        for name, path in (files or {}).items():
+            shutil.copyfile(path, os.path.join(written, name))
         if os.path.exists(output):
             os.replace(output, os.path.join(scratch, "old"))
         os.replace(written, output)
@@ -201,12 +211,12 @@ def write_ctranslate2(spec: model_spec.ModelSpec, output: str, quantization: str
 def export_ctranslate2(trained, output: str, quantization: str = "float32", force: bool = False) -> str:
     """Writes `trained` (a `tfx.trained.TrainedModel`) as a CTranslate2 model directory
     `output` with its SentencePiece model; returns the directory."""
-    params = jax.device_get(nnx.to_pure_dict(trained.params))
+    check_output(output, quantization, force)
+    params = jax.device_get(nnx.to_pure_dict(trained.params))  # whole arrays, off their shards.
     processor = trained.tokenizer.processor
     pieces = [processor.id_to_piece(i) for i in range(processor.vocab_size())]
     spec = ctranslate2_spec(trained.config.model, params, pieces)
-    spec.register_file(trained.tokenizer.path, SENTENCEPIECE_FILE)
-    return write_ctranslate2(spec, output, quantization, force)
+    return write_ctranslate2(spec, output, quantization, force, {SENTENCEPIECE_FILE: trained.tokenizer.path})
 
 
 def main():
@@ -233,11 +243,12 @@ def main():
                                  f"(got {' '.join(argv[1:]) or 'none'}).")
         logging.set_verbosity(logging.WARNING)
         config = config_lib.validate(config_flag.value)
-        problems = unsupported(config.model)
-        if problems:
-            sys.exit("tfx.export: cannot export to CTranslate2: " + " ".join(problems))
-        model = trained_lib.load(config, workdir.value, checkpoint.value)
-        try:
+        try:  # what can be refused is refused before the checkpoint is loaded.
+            check_output(output.value, quantization.value, force.value)
+            problems = unsupported(config.model)
+            if problems:
+                raise ValueError("cannot export to CTranslate2: " + " ".join(problems))
+            model = trained_lib.load(config, workdir.value, checkpoint.value)
             written = export_ctranslate2(model, output.value, quantization.value, force.value)
         except (ValueError, FileExistsError) as error:
             sys.exit(f"tfx.export: {error}")

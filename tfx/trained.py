@@ -84,6 +84,7 @@ def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer, workdir: str):
     with tempfile.NamedTemporaryFile(dir=workdir, suffix=".tmp", delete=False) as f:
         temporary = f.name
     shutil.copyfile(tokenizer.path, temporary)
+    shutil.copymode(tokenizer.path, temporary)
     os.replace(temporary, target)
 
 
