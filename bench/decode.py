@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from peak import measure_peak_gflops
+from peak import cpu_name, measure_peak_gflops
 
 from tfx import config as config_lib
 from tfx import parallel
@@ -131,7 +131,7 @@ def main():
     flops = decode_flops(config.model, args.batch, args.beam, args.source_length, args.gen_length)
     result = dict(
         variant=config.variant or args.config, params=count_params(params), dtype=config.model.dtype,
-        devices=len(devices), platform=devices[0].platform, beam=args.beam, batch=args.batch,
+        devices=len(devices), platform=devices[0].platform, cpu=cpu_name(), beam=args.beam, batch=args.batch,
         source_length=args.source_length, gen_length=args.gen_length, **cached,
         decode_gflops=round(flops / cached["seconds"] / 1e9, 2))
     if args.full_recompute_runs:

@@ -2,7 +2,7 @@
 int8): prints one JSON line (its last line).
 
     python bench/exported.py --config configs/multi30k.py --workdir runs/multi30k \
-        --checkpoint average:5 [--split test] [--beam 4] [--ct2-length-penalty 1.0]
+        --checkpoint average:5 [--split test] [--beam 4] [--length-penalty A] [--ct2-length-penalty 1.0]
 
 All engines translate the same sentences (config.data[split]) with the same beam and batch size
 (per_device_eval_batch_size x the data-parallel devices; both sort by length). tfx decodes as
@@ -17,33 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 import ctranslate2
 import jax
 
+from peak import cpu_name
+
 from tfx import config as config_lib
 from tfx import evaluate, trained
 from tfx.data import sources
 from tfx.export import export_ctranslate2
 from tfx.translate import Translator
-
-
-def cpu_name() -> str:
-    """The CPU model and its bfloat16 matrix extensions, from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info = f.read()
-    except OSError:
-        return platform.processor()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
-                      if line.startswith("flags")), []))
-    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({os.cpu_count()} cores; {' '.join(extensions)})"
 
 
 def timed(translate, sentences):
@@ -62,11 +48,15 @@ def main():
     parser.add_argument("--checkpoint", default="average:5")
     parser.add_argument("--split", default="test", choices=("eval", "test"))
     parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--length-penalty", type=float, default=None,
+                        help="tfx's GNMT alpha (default: config.decode.length_penalty)")
     parser.add_argument("--ct2-length-penalty", type=float, default=1.0)
     args = parser.parse_args()
 
     config = config_lib.load(args.config)
     config.decode.update(strategy="beam", beam_size=args.beam)
+    if args.length_penalty is not None:
+        config.decode.length_penalty = args.length_penalty
     model = trained.load(config, args.workdir, args.checkpoint)
     d = config.data
     split = sources.open_split(d[args.split], f"data.{args.split}", d.source_lang, d.target_lang,

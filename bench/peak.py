@@ -1,6 +1,9 @@
-"""The matmul peak that benchmarks relate their FLOP rates to, measured in the same run."""
+"""The matmul peak that benchmarks relate their FLOP rates to, measured in the same run, and
+the name of the CPU they ran on."""
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import jax
@@ -25,3 +28,18 @@ def measure_peak_gflops(devices, dtype=jnp.float32, n: int = 2048, repeats: int 
         matmul(a, b).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 * len(devices) / best / 1e9
+
+
+def cpu_name() -> str:
+    """The CPU model and its bfloat16 matrix extensions, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith("flags")), []))
+    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({os.cpu_count()} cores; {' '.join(extensions)})"
