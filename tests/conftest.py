@@ -32,6 +32,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from tfx import config as config_lib  # noqa: E402
+from tfx import trainer  # noqa: E402
+
+from runs import tiny_multi30k  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +76,29 @@ def random_batch(seed: int, batch: int, source_len: int, target_len: int, vocab:
 @pytest.fixture
 def make_batch():
     return random_batch
+
+
+@pytest.fixture(scope="session")
+def trained(data_dir, tmp_path_factory):
+    """(config, workdir) of a tiny Multi30k run with checkpoints at steps 2, 4 and 6, decoding
+    greedily (evaluate_test and translate_test read it; neither changes its checkpoints)."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = tiny_multi30k(data_dir, num_train_steps=6, checkpoint_every_steps=2, keep_checkpoints=3,
+                           learning_rate=3e-3)
+    config.decode.update(strategy="greedy", max_length_offset=4)
+    trainer.train(config, workdir)
+    return config, workdir
+
+
+@pytest.fixture(scope="session")
+def converged(data_dir, tmp_path_factory):
+    """(config, workdir) of the tiny model trained until its greedy translations mostly end by
+    themselves (400 steps), for tests that need real outputs (export parity, bfloat16 loss)."""
+    workdir = str(tmp_path_factory.mktemp("converged"))
+    # No label smoothing: it would give token 0 the probability the CTranslate2 export renormalises away.
+    config = tiny_multi30k(data_dir, num_train_steps=400, checkpoint_every_steps=400, log_every_steps=400,
+                           keep_checkpoints=1, schedule="cosine", learning_rate=1e-2, warmup_steps=40,
+                           label_smoothing=0.0)
+    config.model.dropout_rate = 0.0
+    trainer.train(config, workdir)
+    return config, workdir

@@ -7,27 +7,15 @@ import jax
 import numpy as np
 import pytest
 
-from tfx import evaluate, trainer
+from tfx import evaluate
 from tfx.average import average_last
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
 from tfx.trained import restore_params
 
-from trainer_test import ROOT, tiny_multi30k  # noqa: E402  (tests/ is on sys.path under pytest)
+from runs import ROOT
 
 EVAL_PY = os.path.join(ROOT, "eval.py")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny Multi30k run with checkpoints at steps 2, 4 and 6."""
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    workdir = str(tmp_path_factory.mktemp("run"))
-    config = tiny_multi30k(data_dir, num_train_steps=6, checkpoint_every_steps=2, keep_checkpoints=3,
-                           learning_rate=3e-3)
-    config.decode.update(strategy="greedy", max_length_offset=4)
-    trainer.train(config, workdir)
-    return config, workdir
 
 
 def test_averaged_checkpoint_is_the_mean_of_its_parts(trained):

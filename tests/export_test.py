@@ -11,31 +11,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tfx import export, steps, trained, trainer
+from tfx import export, steps, trained
 from tfx.data.tokenizer import EOS_ID
 from tfx.model import decode
 from tfx.model.transformer import EncoderDecoder
 
 from conftest import random_batch
 from runs import MULTI30K, ROOT, TINY, flags_for
-from trainer_test import tiny_multi30k
 
 TEST_SOURCES = os.path.join(ROOT, "data", "multi30k-en-de", "test_2016_flickr.en")
 NUM_SENTENCES = 64
-STEPS = 400
 
 
 @pytest.fixture(scope="module")
-def run(data_dir, tmp_path_factory):
-    """A tiny Multi30k model trained until its greedy translations mostly end by themselves,
-    its float32 export, and the first NUM_SENTENCES test sources as ids (with EOS)."""
-    workdir = str(tmp_path_factory.mktemp("run"))
-    # No label smoothing: it would give token 0 the probability the export renormalises away.
-    config = tiny_multi30k(data_dir, num_train_steps=STEPS, checkpoint_every_steps=STEPS,
-                           log_every_steps=STEPS, keep_checkpoints=1, schedule="cosine",
-                           learning_rate=1e-2, warmup_steps=STEPS // 10, label_smoothing=0.0)
-    config.model.dropout_rate = 0.0
-    trainer.train(config, workdir)
+def run(converged, tmp_path_factory):
+    """The session's converged tiny model (conftest.py), its float32 export, and the first
+    NUM_SENTENCES test sources as ids (with EOS)."""
+    config, workdir = converged
     model = trained.load(config, workdir)
     output = export.export_ctranslate2(model, str(tmp_path_factory.mktemp("ct2") / "float32"))
     with open(TEST_SOURCES, encoding="utf-8") as f:

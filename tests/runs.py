@@ -1,10 +1,11 @@
-"""Running train.py in subprocesses for the tests: a tiny model on the bundled Multi30k."""
+"""The tests' tiny runs on the bundled Multi30k: their config in-process, or train.py in subprocesses."""
 import os
 import socket
 import subprocess
 import sys
 import time
 
+from tfx import config as config_lib
 from tfx.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,6 +16,18 @@ TINY_FLAGS = dict(**{f"model.{k}": v for k, v in TINY.items()}, per_device_batch
                   per_device_eval_batch_size=4, num_train_steps=12, log_every_steps=1,
                   checkpoint_every_steps=4, eval_every_steps=0, warmup_steps=4,
                   max_source_length=32, max_target_length=32)
+
+
+def tiny_multi30k(data_dir: str, **overrides) -> config_lib.ml_collections.ConfigDict:
+    """configs/multi30k.py with the tiny model and batch, and `overrides`, validated."""
+    config = config_lib.load(MULTI30K)
+    config.model.update(TINY)
+    config.data.data_dir = data_dir
+    config.update(dict(per_device_batch_size=2, per_device_eval_batch_size=4, num_train_steps=8,
+                       log_every_steps=1, checkpoint_every_steps=4, eval_every_steps=0,
+                       warmup_steps=4, max_source_length=32, max_target_length=32))
+    config.update(overrides)
+    return config_lib.validate(config)
 
 
 def flags_for(config_overrides: dict) -> list[str]:

@@ -6,25 +6,13 @@ import sys
 import numpy as np
 import pytest
 
-from tfx import config as config_lib
 from tfx import trainer
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
 from tfx.metrics import read_metrics
 from tfx.plot import plot
 
-from runs import MULTI30K, ROOT, TINY, losses, train_py, wait_for_step
-
-
-def tiny_multi30k(data_dir: str, **overrides) -> config_lib.ml_collections.ConfigDict:
-    config = config_lib.load(MULTI30K)
-    config.model.update(TINY)
-    config.data.data_dir = data_dir
-    config.update(dict(per_device_batch_size=2, per_device_eval_batch_size=4, num_train_steps=8,
-                       log_every_steps=1, checkpoint_every_steps=4, eval_every_steps=0,
-                       warmup_steps=4, max_source_length=32, max_target_length=32))
-    config.update(overrides)
-    return config_lib.validate(config)
+from runs import MULTI30K, ROOT, losses, tiny_multi30k, train_py, wait_for_step
 
 
 def test_killed_and_preempted_runs_resume_to_the_uninterrupted_losses(tmp_path, data_dir):

@@ -2,17 +2,16 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from tfx import trained as trained_lib
-from tfx import trainer
 from tfx.data.sources import read_lines
 from tfx.translate import Translator, bucket
 
 from runs import MULTI30K, ROOT, TINY, flags_for
-from trainer_test import tiny_multi30k
 
 TRANSLATE_PY = os.path.join(ROOT, "translate.py")
 TEST_EN = os.path.join(ROOT, "data", "multi30k-en-de", "test_2016_flickr.en")
@@ -22,14 +21,11 @@ DECODE = dict(strategy="beam", beam_size=3, max_length=8, max_length_offset=50)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """(config, workdir) of a tiny Multi30k run (6 steps, as evaluate_test trains)."""
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    workdir = str(tmp_path_factory.mktemp("run"))
-    config = tiny_multi30k(data_dir, num_train_steps=6, checkpoint_every_steps=2, keep_checkpoints=3,
-                           learning_rate=3e-3)
+def run(trained):
+    """(config, workdir) of the session's tiny run (conftest.py), decoding as DECODE says."""
+    config, workdir = trained
+    config = config.copy_and_resolve_references()
     config.decode.update(DECODE)
-    trainer.train(config, workdir)
     return config, workdir
 
 
@@ -90,19 +86,21 @@ def test_sampled_nbest_draws_that_many_and_greedy_refuses_more_than_one(run):
 
 
 def test_scores_are_the_log_probabilities_of_the_model_logits(translator):
-    """Per pair, alone: log-softmax of the model's logits at each target token, summed in numpy."""
+    """Per pair, alone (padded to 32 tokens): log-softmax of the model's logits at each target
+    token, summed in numpy."""
     sources, targets = list(read_lines(TEST_EN))[:10], list(read_lines(TEST_DE))[:10]
     scores, report = translator.score(sources, targets)
-    model = nnx.merge(translator.model.graphdef, translator.model.params)
-    tokenizer = translator.model.tokenizer
+    graphdef, tokenizer = translator.model.graphdef, translator.model.tokenizer
+    forward = jax.jit(lambda params, inputs, targets: nnx.merge(graphdef, params)(inputs, targets))
     for (total, count), source, target in zip(scores, sources, targets):
-        inputs, targets_ = (np.asarray([tokenizer.encode(text)], np.int32) for text in (source, target))
-        logits = np.asarray(model(inputs, targets_), np.float64)[0]
-        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-            - logits.max(-1, keepdims=True)
-        expected = log_probs[np.arange(targets_.shape[1]), targets_[0]].sum()
-        assert count == targets_.shape[1]
-        np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-4)
+        ids = [tokenizer.encode(text) for text in (source, target)]
+        inputs, targets_ = (np.zeros((1, -(-len(i) // 32) * 32), np.int32) for i in ids)
+        inputs[0, :len(ids[0])], targets_[0, :len(ids[1])] = ids
+        logits = np.asarray(forward(translator.model.params, inputs, targets_), np.float64)[0, :len(ids[1])]
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        assert count == len(ids[1])
+        np.testing.assert_allclose(total, log_probs[np.arange(count), ids[1]].sum(), rtol=1e-5, atol=1e-4)
     assert report.tokens == sum(count for _, count in scores)
     with pytest.raises(ValueError, match="2 sources but 1 targets"):
         translator.score(["a", "b"], ["c"])
