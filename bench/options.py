@@ -9,8 +9,8 @@ from tfx import config as config_lib
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with --config, --mesh, --per-device-batch-size, --dtype, --remat and
-    --scan-layers."""
+    """An argument parser with --config, --mesh, --per-device-batch-size, --dtype, --remat,
+    --scan-layers and --bfloat16-logits."""
     result = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     result.add_argument("--config", default="configs/wmt_base.py:base")
@@ -22,6 +22,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     result.add_argument("--remat", default=None, choices=config_lib.REMAT_POLICIES,
                         help="overrides config.model.remat")
     result.add_argument("--scan-layers", action="store_true", help="sets config.model.scan_layers")
+    result.add_argument("--bfloat16-logits", action="store_true",
+                        help="config.model.float32_logits=False: the output projection in model.dtype")
     return result
 
 
@@ -38,4 +40,6 @@ def load_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
         config.model.remat = args.remat
     if args.scan_layers:
         config.model.scan_layers = True
+    if args.bfloat16_logits:
+        config.model.float32_logits = False
     return config_lib.validate(config)

@@ -6,14 +6,16 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from tfx import optim
+from tfx.model.transformer import EncoderDecoder
 
 
 def make_config(**overrides) -> ml_collections.ConfigDict:
     config = dict(optimizer="adamw", learning_rate=2e-3, schedule="rsqrt", warmup_steps=100,
                   num_train_steps=1000, cosine_end_fraction=0.1, adam_b1=0.9, adam_b2=0.98,
-                  adam_eps=1e-9, weight_decay=0.0, grad_clip_norm=0.0)
+                  adam_eps=1e-9, weight_decay=0.0, weight_decay_norms=False, grad_clip_norm=0.0)
     config.update(overrides)
     return ml_collections.ConfigDict(config)
 
@@ -111,3 +113,27 @@ def test_adafactor_builds_and_updates_a_pytree():
 def test_unknown_names_raise_naming_the_key(key, value, message):
     with pytest.raises(ValueError, match=message):
         optim.make_optimizer(make_config(**{key: value}))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_weight_decay_skips_norm_scales_and_biases_unless_asked(tiny_config, optimizer, scan_layers):
+    """With zero gradients an update is pure decay (AdamW: exactly -lr * decay * param), so it
+    is nonzero exactly where decay applies: not the norms' scale and bias, unless asked."""
+    model_config = tiny_config(model=dict(scan_layers=scan_layers)).model
+    params = nnx.state(EncoderDecoder(model_config, nnx.Rngs(0)), nnx.Param)
+    params = jax.tree.map(lambda x: x + 1.0, params)  # norm biases start at 0.
+    grads = jax.tree.map(jnp.zeros_like, params)
+    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    is_norm = ["'scale'" in name or "'bias'" in name for name in names]
+    assert any(is_norm) and not all(is_norm)
+    for norms in (False, True):
+        config = make_config(optimizer=optimizer, weight_decay=0.1, weight_decay_norms=norms,
+                             warmup_steps=0, learning_rate=1.0)
+        tx = optim.make_optimizer(config)
+        updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        for name, norm, update, param in zip(names, is_norm, jax.tree.leaves(updates), jax.tree.leaves(params)):
+            decays = norms or not norm
+            assert bool(jnp.any(update != 0)) == decays, name
+            if optimizer == "adamw":
+                np.testing.assert_allclose(update, -0.1 * param if decays else 0.0, rtol=1e-6, err_msg=name)

@@ -1,11 +1,15 @@
+import os
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tfx import parallel, steps
+from tfx import parallel, steps, trained
+from tfx.data.sources import read_lines
 
+from runs import ROOT
 from transformer_test import stack_layer_lists
 
 
@@ -195,3 +199,27 @@ def test_nonfinite_step_is_skipped_or_reported(tiny_config, make_batch, policy):
     else:
         assert "skipped" not in metrics
         assert np.isnan(after[0]["decoder_norm"]["scale"].get_value()).any()
+
+
+def test_bfloat16_eval_loss_of_a_trained_model_is_within_one_percent_of_float32(converged):
+    """The converged tiny model's loss on 64 validation pairs, computed in bfloat16 (float32
+    logits, norms and softmax) and in float32 from the same parameters."""
+    config, workdir = converged
+    valid = os.path.join(ROOT, "data", "multi30k-en-de", "valid")
+    pairs = list(zip(read_lines(f"{valid}.en"), read_lines(f"{valid}.de")))[:64]
+    nll = {}
+    for dtype in ("float32", "bfloat16"):
+        config = config.copy_and_resolve_references()
+        config.model.dtype = dtype
+        model = trained.load(config, workdir)
+        batch = {}
+        for side, key in enumerate(("inputs", "targets")):
+            ids = [model.tokenizer.encode(pair[side]) for pair in pairs]
+            batch[key] = np.zeros((len(ids), max(map(len, ids))), np.int32)
+            for row, tokens in enumerate(ids):
+                batch[key][row, :len(tokens)] = tokens
+        eval_step = steps.make_eval_step(config, model.graphdef, model.mesh, model.params_shardings)
+        sums = eval_step(model.params, batch)
+        nll[dtype] = float(sums["nll"] / sums["weight"])
+    assert nll["float32"] < 4.5  # trained: well below log(1000) = 6.9.
+    assert abs(nll["bfloat16"] - nll["float32"]) < 0.01 * nll["float32"], nll

@@ -148,6 +148,32 @@ def test_bfloat16_computes_in_bfloat16_but_keeps_float32_params(tiny_config, mak
     np.testing.assert_allclose(low, high, atol=0.1)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_bfloat16_logits_are_float32_products_of_the_final_states(tiny_config, tied):
+    """With float32_logits, the final norm and the output projection of bfloat16 decoder states
+    are computed in float32 (numpy: layer norm, then a float64 product); without, the logits
+    are rounded to bfloat16."""
+    model_overrides = dict(dtype="bfloat16", share_embeddings=tied, logits_via_embedding=tied)
+    states = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (2, 5, 32)), jnp.bfloat16)
+    for float32_logits in (True, False):
+        model = build(tiny_config(model=dict(model_overrides, float32_logits=float32_logits)))
+        model.decoder_norm.scale[...] = jax.random.uniform(jax.random.PRNGKey(2), (32,)) + 0.5
+        logits = np.asarray(model.logits(jnp.asarray(states)))
+        x = states.astype(np.float64)
+        x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+        x = x * np.asarray(model.decoder_norm.scale[...]) + np.asarray(model.decoder_norm.bias[...])
+        weights = (np.asarray(model.target_embed.embedding[...]).T if tied
+                   else np.asarray(model.logits_projection[...]))
+        expected = x @ weights
+        rounded = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+        if float32_logits:
+            np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+            assert not np.array_equal(logits, rounded)
+        else:
+            np.testing.assert_array_equal(logits, rounded)
+            assert np.abs(logits - expected).max() > 1e-3
+
+
 def test_dropout_is_active_only_with_rngs(tiny_config, make_batch):
     model = build(tiny_config(model=dict(dropout_rate=0.3, attention_dropout_rate=0.3,
                                          activation_dropout_rate=0.3)))

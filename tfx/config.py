@@ -69,6 +69,7 @@ def model_config() -> ml_collections.ConfigDict:
             attention_dropout_rate=0.0,  # attention weights; > 0 leaves the fused kernel.
             activation_dropout_rate=0.0,  # MLP hidden activations (fairseq's default is 0).
             dtype="float32",  # computation dtype; parameters are always float32.
+            float32_logits=True,  # the output projection in float32 whatever dtype is (MaxText's logits_dot_in_fp32).
             remat="none",  # recompute activations in the backward pass: none, full, or dots (keep matmul outputs).
             scan_layers=False,  # one lax.scan over stacked layers: compile time flat in depth.
         )
@@ -127,6 +128,7 @@ def default_config() -> ml_collections.ConfigDict:
             adam_b2=0.98,
             adam_eps=1e-9,
             weight_decay=0.0,  # decoupled (AdamW) weight decay.
+            weight_decay_norms=False,  # also decay norm scales and biases (optax's default decays every parameter).
             grad_clip_norm=1.0,  # 0 disables clipping.
             grad_accum_steps=1,  # microbatches per update (the global batch is split into these).
             # Loss.

@@ -33,17 +33,28 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     raise choice_error("schedule", config.schedule, SCHEDULES)
 
 
+def decayed(params) -> object:
+    """A tree like `params`: True where weight decay applies, False for norm scales and
+    biases (the only parameters named `scale` or `bias`), which decay would pull to 0."""
+    def matrix(path, _) -> bool:
+        names = {str(getattr(key, "key", getattr(key, "name", key))) for key in path}
+        return not names & {"scale", "bias"}
+    return jax.tree_util.tree_map_with_path(matrix, params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Global-norm clipping (unless grad_clip_norm is 0), then AdamW or Adafactor on the schedule.
 
-    AdamW's weight decay applies to every parameter (optax's default, no mask).
+    Weight decay skips norm scales and biases (see `decayed`) unless config.weight_decay_norms.
     """
     schedule = learning_rate_schedule(config)
+    mask = None if config.weight_decay_norms else decayed
     if config.optimizer == "adamw":
         optimizer = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
-                                eps=config.adam_eps, weight_decay=config.weight_decay)
+                                eps=config.adam_eps, weight_decay=config.weight_decay, mask=mask)
     elif config.optimizer == "adafactor":
-        optimizer = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None)
+        optimizer = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None,
+                                    weight_decay_mask=mask)
     else:
         raise choice_error("optimizer", config.optimizer, OPTIMIZERS)
     clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []

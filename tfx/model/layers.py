@@ -141,8 +141,10 @@ class Embed(nnx.Module):
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         return lookup(self.embedding[...], tokens_BxL, float(np.sqrt(self.dim)), self.dtype)
 
-    def attend(self, x_BxLxD: jax.Array) -> jax.Array:
-        return project("bld,vd->blv", x_BxLxD, self.embedding, self.dtype)
+    def attend(self, x_BxLxD: jax.Array, dtype=None) -> jax.Array:
+        """Scores [B, L, V] of x against every embedding row, computed in `dtype` (default: the
+        module's)."""
+        return project("bld,vd->blv", x_BxLxD, self.embedding, dtype or self.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

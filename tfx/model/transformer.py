@@ -160,6 +160,7 @@ class EncoderDecoder(nnx.Module):
         self.pre_norm, self.logits_via_embedding = cfg.norm_position == "pre", cfg.logits_via_embedding
         self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
         dtype = jnp.dtype(cfg.dtype)
+        self.logits_dtype = jnp.dtype(jnp.float32) if cfg.float32_logits else dtype
         self.source_embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype, rngs)
         self.target_embed = (self.source_embed if cfg.share_embeddings
                              else Embed(cfg.vocab_size, cfg.emb_dim, dtype, rngs))
@@ -173,7 +174,7 @@ class EncoderDecoder(nnx.Module):
         self.encoder_layers, self.decoder_layers = layout(encoder_layers), layout(decoder_layers)
         if cfg.norm_position == "pre":
             self.encoder_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
-            self.decoder_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
+            self.decoder_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, self.logits_dtype)
         if not cfg.logits_via_embedding:
             self.logits_projection = param(rngs, dense_init(0, 1), (cfg.emb_dim, cfg.vocab_size),
                                            ("embed", "vocab"))
@@ -278,13 +279,18 @@ class EncoderDecoder(nnx.Module):
         return jax.lax.scan(step, x, (params, xs, keys))
 
     def logits(self, y_BxTxD) -> jax.Array:
-        """Logits [B, T, V] (float32) of decoder states: final norm (pre-LN), output projection."""
+        """Logits [B, T, V] (float32) of decoder states: final norm (pre-LN), output projection.
+
+        With `model.float32_logits` the final norm's output and the projection are float32
+        whatever `model.dtype` is, so the loss, beam scores and sampling never see logits
+        rounded to bfloat16 (MaxText's logits_dot_in_fp32).
+        """
         if self.pre_norm:
             y_BxTxD = self.decoder_norm(y_BxTxD)
         if self.logits_via_embedding:
-            logits_BxTxV = self.target_embed.attend(y_BxTxD)
+            logits_BxTxV = self.target_embed.attend(y_BxTxD, self.logits_dtype)
         else:
-            logits_BxTxV = project("btd,dv->btv", y_BxTxD, self.logits_projection, y_BxTxD.dtype)
+            logits_BxTxV = project("btd,dv->btv", y_BxTxD, self.logits_projection, self.logits_dtype)
         return constrain(logits_BxTxV, ("batch", "length", "vocab")).astype(jnp.float32)
 
     def __call__(self, inputs, targets, inputs_segment_ids=None, targets_segment_ids=None,
