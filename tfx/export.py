@@ -31,12 +31,13 @@ from collections.abc import Mapping, Sequence
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
+
 try:
     from ctranslate2.converters import Converter
     from ctranslate2.specs import common_spec, model_spec, transformer_spec
 except ModuleNotFoundError as error:
     raise ModuleNotFoundError(f"tfx.export needs CTranslate2 ({error}): pip install 'tfx-mt[export]'.") from None
-from flax import nnx
 
 from tfx.config import head_dim
 from tfx.data.tokenizer import EOS_ID, PAD_ID, UNK_ID
