@@ -20,9 +20,7 @@ class Experiment:
         with distributed.process_0_first("tfx: data and tokenizer ready"):
             self.splits = sources.open_splits(config)
             self.tokenizer = tokenizer_lib.from_config(config, self.splits["train"])
-        if self.tokenizer.vocab_size != config.model.vocab_size:
-            raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer "
-                             f"{self.tokenizer.path} has {self.tokenizer.vocab_size} pieces.")
+        tokenizer_lib.check_vocab_size(self.tokenizer, config)
         self.graphdef, self.state, self.shardings = steps.create_train_state(config, self.mesh)
         self.sharding = parallel.batch_sharding(self.mesh, rules)
         data_parallel = parallel.data_parallel_size(self.mesh, rules)

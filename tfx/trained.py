@@ -72,9 +72,7 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_
         d = config.data
         train = sources.open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir)
         tokenizer = tokenizer_lib.from_config(config, train)
-    if tokenizer.vocab_size != config.model.vocab_size:
-        raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer "
-                         f"{tokenizer.path} has {tokenizer.vocab_size} pieces.")
+    tokenizer_lib.check_vocab_size(tokenizer, config)
     return tokenizer
 
 

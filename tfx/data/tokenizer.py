@@ -130,3 +130,10 @@ def from_config(config: ml_collections.ConfigDict, train: PairSource) -> Tokeniz
         cache_dir=os.path.join(default_data_dir(config.data.data_dir), "tfx_tokenizers"),
         vocab_size=config.model.vocab_size, model_type=settings.model_type,
         character_coverage=settings.character_coverage)
+
+
+def check_vocab_size(tokenizer: Tokenizer, config: ml_collections.ConfigDict):
+    """Raises ValueError when `tokenizer` does not have config.model.vocab_size pieces."""
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer "
+                         f"{tokenizer.path} has {tokenizer.vocab_size} pieces.")
