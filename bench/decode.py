@@ -34,7 +34,7 @@ from flax import nnx
 from peak import cpu_name, measure_peak_gflops
 
 from tfx import config as config_lib
-from tfx import parallel
+from tfx import parallel, precision
 from tfx.flops import decode_flops
 from tfx.model import decode
 from tfx.model.transformer import EncoderDecoder, count_params
@@ -97,7 +97,7 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--source-length", type=int, default=32)
     parser.add_argument("--gen-length", type=int, default=31)
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+    parser.add_argument("--dtype", default=None, choices=config_lib.DTYPES,
                         help="overrides config.model.dtype (the computation dtype)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of the cached search")
     parser.add_argument("--full-recompute-runs", type=int, default=1,
@@ -107,8 +107,7 @@ def main():
     args = parser.parse_args()
 
     config = config_lib.load(args.config)
-    if args.dtype:
-        config.model.dtype = args.dtype
+    config.model.dtype = precision.resolve(args.dtype or config.model.dtype)
     mesh = parallel.make_mesh(config.mesh_shape)
     graphdef, params = nnx.split(EncoderDecoder(config.model, nnx.Rngs(params=config.seed)))
     shardings = parallel.state_shardings(params, mesh, config.logical_axis_rules)

@@ -6,6 +6,7 @@ import argparse
 import ml_collections
 
 from tfx import config as config_lib
+from tfx import precision
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -42,4 +43,5 @@ def load_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
         config.model.scan_layers = True
     if args.bfloat16_logits:
         config.model.float32_logits = False
+    config.model.dtype = precision.resolve(config.model.dtype)
     return config_lib.validate(config)

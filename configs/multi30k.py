@@ -20,7 +20,7 @@ def get_config(direction: str = "en-de") -> ml_collections.ConfigDict:
     config.variant = direction
     config.model.update(dict(vocab_size=8000, emb_dim=256, mlp_dim=1024, num_heads=4,
                              num_kv_heads=4, num_encoder_layers=3, num_decoder_layers=3,
-                             dropout_rate=0.2, max_len=128, dtype="float32"))
+                             dropout_rate=0.2, max_len=128))
     source_lang, target_lang = direction.split("-")
     config.data.update(dict(source_lang=source_lang, target_lang=target_lang,
                             train=f"text:{DATA}/train", eval=f"text:{DATA}/valid",

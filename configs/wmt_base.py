@@ -4,8 +4,8 @@ base and big follow Vaswani et al. (2017): d_model 512/1024, MLP 2048/4096, 8/16
 layers, a shared 32k vocabulary tied to the output projection, dropout 0.1/0.3, label
 smoothing 0.1, Adam (0.9, 0.98, 1e-9) with 4000 warmup steps of the inverse-sqrt schedule.
 
-A Cloud TPU slice after the comma (`configs/wmt_base.py:big,v5e-256`) sets bfloat16 and the mesh
-and rows per chip that `python -m tfx.aot` found to fit that slice with the least communication
+A Cloud TPU slice after the comma (`configs/wmt_base.py:big,v5e-256`) sets the mesh and rows
+per chip that `python -m tfx.aot` found to fit that slice with the least communication
 (README, "Before you rent a TPU"); compile it for the slice's `topology` to check a change.
 """
 import ml_collections
@@ -58,5 +58,4 @@ def get_config(arg: str = "base") -> ml_collections.ConfigDict:
     config.tokenizer.input_sentence_size = 2_000_000  # sentences sampled to train the vocabulary.
     if tpu_slice:
         config.per_device_batch_size = SLICES[tpu_slice][variant]
-        config.model.dtype = "bfloat16"
     return config

@@ -23,8 +23,7 @@ FUNCTIONS = ("train_step", "eval_step", "translate")
 
 
 def tiny(**overrides):
-    config = config_lib.load(f"{WMT}:tiny")
-    config.model.dtype = "bfloat16"  # as a TPU run computes.
+    config = config_lib.load(f"{WMT}:tiny")  # model.dtype 'auto': bfloat16 on a TPU.
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config
@@ -56,6 +55,7 @@ def test_every_function_compiles_and_fits_the_chip(slice_reports, request):
         assert report["total_bytes"] == memory > 0
         assert report["fits"] and report["total_bytes"] < report["hbm_bytes"]
         assert report["headroom_bytes"] == report["hbm_bytes"] - report["total_bytes"]
+    assert {r["dtype"] for r in reports.values()} == {"bfloat16"}
     chip = "TPU v5 lite" if slice_reports == "v5e_reports" else "TPU v4"
     assert {r["chip"] for r in reports.values()} == {chip}
 
@@ -147,7 +147,7 @@ def run_cli(*flags):
 
 
 def test_the_command_prints_a_json_line_per_function_and_exits_3_when_one_does_not_fit():
-    run = run_cli("--topology=v5e:2x2", "--functions=train_step", "--config.model.dtype=bfloat16",
+    run = run_cli("--topology=v5e:2x2", "--functions=train_step",
                   "--config.per_device_batch_size=8192")
     assert run.returncode == 3, run.stderr[-2000:]
     (line,) = run.stdout.splitlines()
@@ -172,7 +172,7 @@ def test_the_tpu_slice_presets_of_wmt_base_are_meshes_of_their_slices():
         chips = len(aot.slice_devices(preset["topology"])[1])
         for variant in ("base", "big"):
             config = config_lib.load(f"{WMT}:{variant},{name}")
-            assert config.model.dtype == "bfloat16"
+            assert config.model.dtype == "auto"
             assert (config.mesh_shape, config.per_device_batch_size) == (
                 "data:-1,fsdp:1,tensor:1", preset[variant])
             assert math.prod(parallel.parse_mesh_shape(config.mesh_shape, chips).values()) == chips

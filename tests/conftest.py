@@ -51,7 +51,7 @@ def tiny_config():
         config = config_lib.default_config()
         config.model.update(dict(vocab_size=50, emb_dim=32, num_heads=4, num_kv_heads=2,
                                  mlp_dim=64, num_encoder_layers=2, num_decoder_layers=2,
-                                 max_len=32, dropout_rate=0.0))
+                                 max_len=32, dropout_rate=0.0, dtype="float32"))
         config.model.update(model or {})
         config.update(dict(warmup_steps=10, learning_rate=1e-2, per_device_batch_size=2,
                            max_source_length=16, max_target_length=16))

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -6,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from tfx import trainer
+from tfx import budget, optim, trainer
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
 from tfx.metrics import read_metrics
@@ -69,6 +70,32 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_usable(tmp_path, data_d
     trainer.train(tiny_multi30k(data_dir, num_train_steps=8), str(tmp_path))
     assert Checkpoints(str(tmp_path)).steps() == [4, 8]
     assert sorted(losses(tmp_path)) == list(range(1, 9))
+
+
+def test_train_minutes_plans_the_steps_from_timed_ones_and_a_resume_keeps_the_plan(tmp_path, data_dir):
+    config = tiny_multi30k(data_dir, train_minutes=0.02, schedule="cosine", warmup_steps=30,
+                           checkpoint_every_steps=1000)
+    trainer.train(config, str(tmp_path / "a"))
+    with open(tmp_path / "a" / budget.PLAN_FILE) as f:
+        plan = json.load(f)
+    timed_end = 1 + budget.TIMED_STEPS
+    assert plan["planned_at_step"] == timed_end and plan["step_time_s"] > 0
+    assert plan["num_train_steps"] == max(timed_end, round(0.02 * 60 / plan["step_time_s"]))
+
+    def check_schedule(workdir, num_train_steps):
+        rates = {r["step"]: r["learning_rate"] for r in read_metrics(str(workdir)) if r["split"] == "train"}
+        assert sorted(rates) == list(range(1, num_train_steps + 1))
+        schedule = optim.learning_rate_schedule(budget.with_steps(config, num_train_steps))
+        for step, rate in rates.items():  # the steps before the plan are in the warmup.
+            assert rate == pytest.approx(float(schedule(step - 1)), rel=1e-5, abs=1e-9)
+
+    check_schedule(tmp_path / "a", plan["num_train_steps"])
+    # A run resuming in a workdir with a plan for this budget follows it without timing again.
+    (tmp_path / "b").mkdir()
+    with open(tmp_path / "b" / budget.PLAN_FILE, "w") as f:
+        json.dump({**plan, "num_train_steps": 25}, f)
+    trainer.train(config, str(tmp_path / "b"))
+    check_schedule(tmp_path / "b", 25)
 
 
 def test_eval_reports_loss_and_bleu(tmp_path, data_dir):

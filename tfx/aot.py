@@ -36,7 +36,7 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh
 
-from tfx import flops, hlo, parallel, steps
+from tfx import flops, hlo, parallel, precision, steps
 from tfx.model import decode
 
 GiB = 2**30
@@ -230,8 +230,11 @@ def compile_report(program: Program, config: ml_collections.ConfigDict, mesh: Me
 
 def run(config: ml_collections.ConfigDict, topology: str, functions: Sequence[str] | None = None
         ) -> list[dict]:
-    """Reports of compiling `functions` (default: all) for `topology` with `config`."""
+    """Reports of compiling `functions` (default: all) for `topology` with `config`
+    (model.dtype 'auto' computes as on a TPU: bfloat16)."""
     chip, devices = slice_devices(topology)
+    config = config.copy_and_resolve_references()
+    config.model.dtype = precision.resolve(config.model.dtype, "tpu")
     mesh = parallel.make_mesh(config.mesh_shape, devices)
     return [compile_report(p, config, mesh, chip, topology) for p in programs(config, mesh)
             if functions is None or p.name in functions]

@@ -18,7 +18,7 @@ ACTIVATIONS = ("relu", "gelu", "swiglu", "squared_relu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 DECODE_STRATEGIES = ("beam", "greedy", "sample")
 TOO_LONG_POLICIES = ("drop", "truncate")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -68,7 +68,7 @@ def model_config() -> ml_collections.ConfigDict:
             dropout_rate=0.1,  # embeddings and residual branches, as in Vaswani et al.
             attention_dropout_rate=0.0,  # attention weights; > 0 leaves the fused kernel.
             activation_dropout_rate=0.0,  # MLP hidden activations (fairseq's default is 0).
-            dtype="float32",  # computation dtype; parameters are always float32.
+            dtype="auto",  # computation dtype: auto (bfloat16 where matmuls in it are fast, see tfx/precision.py), float32 or bfloat16; parameters stay float32.
             float32_logits=True,  # the output projection in float32 whatever dtype is (MaxText's logits_dot_in_fp32).
             remat="none",  # recompute activations in the backward pass: none, full, or dots (keep matmul outputs).
             scan_layers=False,  # one lax.scan over stacked layers: compile time flat in depth.
@@ -123,6 +123,7 @@ def default_config() -> ml_collections.ConfigDict:
             schedule="rsqrt",  # rsqrt (inverse square root) or cosine, both after a linear warmup.
             warmup_steps=4000,  # linear warmup from 0 to learning_rate.
             num_train_steps=100_000,  # optimizer updates to train for.
+            train_minutes=0.0,  # > 0: num_train_steps is set to fill this many minutes of train steps, timed on the first steps (tfx/budget.py).
             cosine_end_fraction=0.0,  # cosine schedule ends at this fraction of learning_rate.
             adam_b1=0.9,
             adam_b2=0.98,
@@ -223,7 +224,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "distributed.heartbeat_timeout_s", "distributed.initialization_timeout_s"):
         _check_positive(config, key)
     for key in ("model.num_encoder_layers", "model.num_decoder_layers", "model.head_dim",
-                "warmup_steps", "weight_decay", "grad_clip_norm", "z_loss", "decode.length_penalty",
+                "warmup_steps", "train_minutes", "weight_decay", "grad_clip_norm", "z_loss", "decode.length_penalty",
                 "decode.max_length_offset", "decode.max_length", "decode.top_k", "data.worker_count", "eval_every_steps",
                 "eval_bleu_examples", "data.shards", "distributed.num_processes"):
         _check_positive(config, key, allow_zero=True)

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from tfx import evaluate, losses, steps, trained
+from tfx import budget, evaluate, losses, precision, steps, trained
 from tfx.data import pipeline
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
@@ -75,6 +75,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if latest is not None:
         state = checkpoints.restore(latest, state, None if reset_data else batches)
     main_process = jax.process_index() == 0
+    if main_process and config.model.dtype == precision.AUTO:
+        dtype, why = precision.auto_dtype()
+        print(f"config.model.dtype='auto' computes in {dtype}: {why}")
     if main_process and latest is not None:
         print(f"resuming from step {latest} in {checkpoints.directory}"
               + (" with the data afresh (config.data.reset_position)" if reset_data else ""))
@@ -82,6 +85,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2))
         trained.keep_tokenizer(experiment.tokenizer, workdir)
+    plan_from = None  # the step after which the budget's timed steps start.
+    if config.train_minutes:
+        plan = budget.recorded(workdir, config)
+        if plan:
+            config = budget.with_steps(config, plan["num_train_steps"])
+            if main_process:
+                print(f"keeping the recorded plan: {budget.describe(plan)}")
+        else:
+            config = budget.with_steps(config, budget.UNPLANNED_STEPS)
+            plan_from = int(state.step) + 1
 
     train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
                                        experiment.shardings)
@@ -94,7 +107,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     writer = MetricWriter(workdir)
     start_time = time.perf_counter() - previous_wall_time(workdir)
     preemption = Preemption()
-    progress = tqdm.tqdm(total=config.num_train_steps, initial=int(state.step), unit="step",
+    progress = tqdm.tqdm(total=None if plan_from else config.num_train_steps,
+                         initial=int(state.step), unit="step",
                          disable=not main_process, dynamic_ncols=True)
 
     step = int(state.step)
@@ -136,6 +150,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             batch = pipeline.to_global(next(batches), experiment.sharding, experiment.train_shard)
             state, metrics = train_step(state, batch)
             step += 1
+            if plan_from is not None and step in (plan_from, plan_from + budget.TIMED_STEPS):
+                jax.block_until_ready(metrics)
+                if step == plan_from:
+                    timed_start = time.perf_counter()
+                else:
+                    step_time = (time.perf_counter() - timed_start) / budget.TIMED_STEPS
+                    plan = budget.plan(config, workdir, step_time, step)
+                    config = budget.with_steps(config, plan["num_train_steps"])
+                    train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
+                                                       experiment.shardings)
+                    progress.total = config.num_train_steps
+                    progress.write(budget.describe(plan))
+                    plan_from = None
             if pending is not None:
                 read(pending)
             pending = (step, metrics)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from tfx import precision
 from tfx.config import head_dim
 from tfx.model.layers import (PROJECTION, Attention, Embed, LearnedPositions, Mlp, Norm, dense_init,
                               dropout, fusion_barrier, param, project, sinusoidal_positions)
@@ -159,7 +160,7 @@ class EncoderDecoder(nnx.Module):
         self.max_len = cfg.max_len
         self.pre_norm, self.logits_via_embedding = cfg.norm_position == "pre", cfg.logits_via_embedding
         self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
-        dtype = jnp.dtype(cfg.dtype)
+        dtype = precision.compute_dtype(cfg.dtype)
         self.logits_dtype = jnp.dtype(jnp.float32) if cfg.float32_logits else dtype
         self.source_embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype, rngs)
         self.target_embed = (self.source_embed if cfg.share_embeddings
