@@ -11,7 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tfx import config as config_lib
-from tfx import distributed, evaluate
+from tfx import distributed, evaluate, host_memory
 from tfx.data.sources import read_lines
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
@@ -44,6 +44,7 @@ def main(argv):
         if _CONFIG.value is None or not _WORKDIR.value:
             raise app.UsageError("give --config and --workdir, or --hyp and --ref.")
         config = config_lib.validate(_CONFIG.value)
+        host_memory.keep_freed_memory_on_cpu()  # before JAX starts its threads.
         distributed.initialize(config)  # before any other JAX call.
         results = evaluate.evaluate_checkpoint(config, _WORKDIR.value, _SPLIT.value,
                                                _CHECKPOINT.value, metrics)

@@ -6,7 +6,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tfx import config as config_lib
-from tfx import distributed, trainer
+from tfx import distributed, host_memory, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
@@ -18,6 +18,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step of their work at INFO.
     config = config_lib.validate(_CONFIG.value)
+    host_memory.keep_freed_memory_on_cpu()  # before JAX starts its threads.
     distributed.initialize(config)  # before any other JAX call.
     trainer.train(config, _WORKDIR.value)
 

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tfx import config as config_lib
-from tfx import trained
+from tfx import host_memory, trained
 from tfx.data.sources import decode_lines, read_lines
 from tfx.translate import Translator
 
@@ -64,6 +64,7 @@ def run():
         if flag.value is not None:
             config.decode[key] = flag.value
     config = config_lib.validate(config)
+    host_memory.keep_freed_memory_on_cpu()
     if _SCORE.value:
         if not (_SOURCE.value and _TARGET.value) or _INPUT.value:
             raise ValueError("--score needs --source and --target (and no --input).")

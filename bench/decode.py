@@ -34,7 +34,7 @@ from flax import nnx
 from peak import cpu_name, measure_peak_gflops
 
 from tfx import config as config_lib
-from tfx import parallel, precision
+from tfx import host_memory, parallel, precision
 from tfx.flops import decode_flops
 from tfx.model import decode
 from tfx.model.transformer import EncoderDecoder, count_params
@@ -105,6 +105,7 @@ def main():
     parser.add_argument("--ctranslate2", action="store_true",
                         help="also time CTranslate2 (float32 and int8) on the same model and inputs")
     args = parser.parse_args()
+    host_memory.keep_freed_memory_on_cpu()
 
     config = config_lib.load(args.config)
     config.model.dtype = precision.resolve(args.dtype or config.model.dtype)

@@ -26,7 +26,7 @@ import jax
 from peak import cpu_name
 
 from tfx import config as config_lib
-from tfx import evaluate, trained
+from tfx import evaluate, host_memory, trained
 from tfx.data import sources
 from tfx.export import export_ctranslate2
 from tfx.translate import Translator
@@ -52,6 +52,7 @@ def main():
                         help="tfx's GNMT alpha (default: config.decode.length_penalty)")
     parser.add_argument("--ct2-length-penalty", type=float, default=1.0)
     args = parser.parse_args()
+    host_memory.keep_freed_memory_on_cpu()
 
     config = config_lib.load(args.config)
     config.decode.update(strategy="beam", beam_size=args.beam)

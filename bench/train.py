@@ -22,7 +22,7 @@ import numpy as np
 import options
 from peak import measure_peak_gflops
 
-from tfx import parallel, steps
+from tfx import host_memory, parallel, steps
 from tfx.flops import train_flops
 from tfx.model.transformer import count_params
 
@@ -60,6 +60,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled")
     args = parser.parse_args()
+    host_memory.keep_freed_memory_on_cpu()
     config = options.load_config(args)
     mesh = parallel.make_mesh(config.mesh_shape)
     rules = config.logical_axis_rules

@@ -5,6 +5,7 @@ import grain
 import jax
 import numpy as np
 import pytest
+from absl import flags
 
 from tfx.data import pipeline
 from tfx.data import tokenizer as tok
@@ -213,11 +214,19 @@ def test_process_shard_and_global_arrays_on_one_process():
 
 def test_worker_processes_give_the_same_batches(corpus, config):
     source, tokenizer = corpus
+    config.data.worker_count = 1
+    assert not flags.FLAGS.is_parsed()  # the library leaves absl's flags alone, and says so:
+    with pytest.raises(ValueError, match=r"config.data.worker_count=1 .* absl.app.run"):
+        pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(0, 1, 4))
+    flags.FLAGS(["pytest"])  # what a launcher does.
     batches = []
-    for workers in (0, 1):
-        config.data.worker_count = workers
-        iterator, _ = pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(0, 1, 4))
-        batches.append([next(iterator) for _ in range(6)])
+    try:
+        for workers in (0, 1):
+            config.data.worker_count = workers
+            iterator, _ = pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(0, 1, 4))
+            batches.append([next(iterator) for _ in range(6)])
+    finally:
+        flags.FLAGS.unparse_flags()
     for in_process, from_worker in zip(*batches):
         for key in in_process:
             np.testing.assert_array_equal(in_process[key], from_worker[key])

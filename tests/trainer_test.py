@@ -78,8 +78,9 @@ def test_train_minutes_plans_the_steps_from_timed_ones_and_a_resume_keeps_the_pl
     trainer.train(config, str(tmp_path / "a"))
     with open(tmp_path / "a" / budget.PLAN_FILE) as f:
         plan = json.load(f)
-    timed_end = 1 + budget.TIMED_STEPS
-    assert plan["planned_at_step"] == timed_end and plan["step_time_s"] > 0
+    timed_end = 30  # the end of the warmup, more than TIMED_STEPS after the first step.
+    assert (plan["planned_at_step"], plan["timed_steps"]) == (timed_end, timed_end - 1)
+    assert plan["step_time_s"] > 0
     assert plan["num_train_steps"] == max(timed_end, round(0.02 * 60 / plan["step_time_s"]))
 
     def check_schedule(workdir, num_train_steps):

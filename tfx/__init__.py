@@ -1,4 +1,5 @@
-"""tfx: encoder-decoder Transformers for machine translation in JAX/Flax NNX."""
-from tfx import host_memory
+"""tfx: encoder-decoder Transformers for machine translation in JAX/Flax NNX.
 
-host_memory.keep_freed_memory()
+Importing tfx changes nothing process-wide; the launchers (train.py, eval.py, translate.py,
+bench/*) opt in to the host memory settings of `tfx.host_memory`.
+"""

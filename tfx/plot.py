@@ -7,12 +7,9 @@ from __future__ import annotations
 import os
 import sys
 
-import matplotlib
+from matplotlib.figure import Figure  # without pyplot: no backend chosen, no global state.
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-
-from tfx.metrics import read_metrics  # noqa: E402
+from tfx.metrics import read_metrics
 
 
 def plot(workdir: str) -> str:
@@ -20,7 +17,8 @@ def plot(workdir: str) -> str:
     records = read_metrics(workdir)
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval"]
-    figure, (loss_axes, bleu_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    loss_axes, bleu_axes = figure.subplots(1, 2)
     loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     loss_axes.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
     loss_axes.set(xlabel="step", ylabel="loss (label-smoothed)", title="loss")
@@ -35,7 +33,6 @@ def plot(workdir: str) -> str:
     figure.tight_layout()
     path = os.path.join(workdir, "curves.png")
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
 
 

@@ -95,6 +95,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         else:
             config = budget.with_steps(config, budget.UNPLANNED_STEPS)
             plan_from = int(state.step) + 1
+            plan_at = budget.plan_step(plan_from, config.warmup_steps)
+            if main_process:
+                print(f"config.train_minutes={config.train_minutes}: timing steps "
+                      f"{plan_from + 1}-{plan_at} to plan the number of steps")
 
     train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
                                        experiment.shardings)
@@ -150,13 +154,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             batch = pipeline.to_global(next(batches), experiment.sharding, experiment.train_shard)
             state, metrics = train_step(state, batch)
             step += 1
-            if plan_from is not None and step in (plan_from, plan_from + budget.TIMED_STEPS):
+            if plan_from is not None and step in (plan_from, plan_at):
                 jax.block_until_ready(metrics)
                 if step == plan_from:
                     timed_start = time.perf_counter()
                 else:
-                    step_time = (time.perf_counter() - timed_start) / budget.TIMED_STEPS
-                    plan = budget.plan(config, workdir, step_time, step)
+                    step_time = (time.perf_counter() - timed_start) / (plan_at - plan_from)
+                    plan = budget.plan(config, workdir, step_time, step, plan_at - plan_from)
                     config = budget.with_steps(config, plan["num_train_steps"])
                     train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
                                                        experiment.shardings)

@@ -185,8 +185,12 @@ def train_iterator(config: ml_collections.ConfigDict, source: PairSource, tokeni
                  .shuffle(seed=config.seed + index).repeat(None).map(Tokenize(tokenizer)))
         dataset = pairs.to_iter_dataset(IN_PROCESS)
         if config.data.worker_count:
-            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; callers may not use absl.
-                flags.FLAGS.mark_as_parsed()
+            if not flags.FLAGS.is_parsed():
+                raise ValueError(
+                    f"config.data.worker_count={config.data.worker_count} starts grain worker "
+                    "processes, which read absl flags, but this program has not parsed them: "
+                    "parse them first (absl.app.run, or absl.flags.FLAGS(sys.argv[:1])) or set "
+                    "config.data.worker_count=0.")
             dataset = dataset.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=config.data.worker_count))
         dataset = dataset.map(policy).filter(lambda pair: pair is not None)
