@@ -5,6 +5,7 @@
     python eval.py --hyp hyps.txt --ref ref1.txt [ref2.txt ...] [--tokenize 13a] [--lowercase]
 """
 import json
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -29,11 +30,20 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
+    try:
+        run()
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"eval.py: {error}")
+
+
+def run():
     metrics = tuple(_METRICS.value)
     if _HYP.value:
         if not _REF.value:
             raise app.UsageError("--hyp needs at least one --ref file.")
         hypotheses = list(read_lines(_HYP.value))
+        if not hypotheses:
+            raise ValueError(f"{_HYP.value} is empty: there is nothing to score.")
         references = [list(read_lines(path)) for path in _REF.value]
         for path, stream in zip(_REF.value, references):
             if len(stream) != len(hypotheses):

@@ -99,3 +99,15 @@ def test_score_mode_refuses_files_of_different_lengths(tmp_path):
     run = subprocess.run([sys.executable, EVAL_PY, f"--hyp={tmp_path / 'hyp'}",
                           f"--ref={tmp_path / 'ref'}"], capture_output=True, text=True)
     assert run.returncode != 0 and "has 2 lines but" in run.stderr and "has 1" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_score_mode_refuses_empty_files_in_one_line(tmp_path):
+    (tmp_path / "hyp").write_text("")
+    (tmp_path / "ref").write_text("")
+    run = subprocess.run([sys.executable, EVAL_PY, f"--hyp={tmp_path / 'hyp'}",
+                          f"--ref={tmp_path / 'ref'}"], capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"eval.py: {tmp_path / 'hyp'} is empty: there is nothing to score."
+    with pytest.raises(ValueError, match="no hypotheses"):
+        evaluate.score([], [[]])

@@ -41,8 +41,8 @@ def test_two_processes_reach_the_losses_of_one(two_processes, single):
     assert got == pytest.approx(expected, rel=1e-5)
     # Logging is process 0's; the checkpoint holds the data position of both processes' shards.
     (out0, err0), (out1, err1) = outputs
-    assert "training data:" in out0 and "step/s" in err0
-    assert "training data:" not in out1 and "step/s" not in err1
+    assert "training data:" in out0 and "step 6/6: loss" in out0
+    assert "training data:" not in out1 and "step 6/6" not in out1
     assert sorted(os.listdir(workdir / "checkpoints" / "6" / "data")) == [
         "commit_success.txt", "shard_0-of-2.json", "shard_1-of-2.json"]
 
@@ -74,6 +74,25 @@ def test_a_changed_global_batch_is_refused_unless_the_data_is_reset(two_processe
     assert "global batch of 16 rows, but this run's is 8" in err and "reset_position" in err
     out, _ = finish(train_py(workdir, data_dir, 4, **smaller, **{"data.reset_position": True}))
     assert "resuming from step 6" in out and "data afresh" in out and 7 in losses(workdir)
+
+
+def test_a_signal_to_one_process_saves_the_same_step_on_both_and_resumes_to_the_same_losses(
+        tmp_path, data_dir, single):
+    """SIGTERM reaches process 1 only: both agree on the step to save at and exit cleanly;
+    restarted, they finish with the losses of the uninterrupted single-process run."""
+    workdir = tmp_path / "preempted"
+    run = {**RUN, "num_train_steps": 9}
+    first, second = train_py_processes(workdir, data_dir, 2, 4, **run)
+    wait_for_step(workdir, 2, first)
+    second.send_signal(signal.SIGTERM)
+    outputs = [finish(p) for p in (first, second)]
+    saved = Checkpoints(str(workdir)).latest_step()
+    assert 2 <= saved < 9
+    assert f"a signal to another process: saved step {saved}, exiting." in outputs[0][0]
+    assert f"SIGTERM: saved step {saved}, exiting." in outputs[1][0]
+    for p in train_py_processes(workdir, data_dir, 2, 4, **run):
+        finish(p)
+    assert losses(workdir) == pytest.approx(single[1], rel=1e-5)
 
 
 def test_a_dead_process_stops_the_other_and_a_restart_resumes(tmp_path, data_dir):

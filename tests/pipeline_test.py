@@ -216,7 +216,7 @@ def test_worker_processes_give_the_same_batches(corpus, config):
     source, tokenizer = corpus
     config.data.worker_count = 1
     assert not flags.FLAGS.is_parsed()  # the library leaves absl's flags alone, and says so:
-    with pytest.raises(ValueError, match=r"config.data.worker_count=1 .* absl.app.run"):
+    with pytest.raises(ValueError, match=r"config.data.worker_count=1 .* \(absl.app.run"):
         pipeline.train_iterator(config, source, tokenizer, pipeline.Shard(0, 1, 4))
     flags.FLAGS(["pytest"])  # what a launcher does.
     batches = []

@@ -59,6 +59,28 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
         assert np.isfinite(np.asarray(leaf)).all()
 
 
+def test_a_diverging_loss_stops_naming_the_step(tmp_path, data_dir):
+    config = tiny_multi30k(data_dir, learning_rate=1e6, warmup_steps=1, checkpoint_every_steps=1,
+                           num_train_steps=30, schedule="rsqrt")
+    with pytest.raises(trainer.NonFiniteLossError, match=r"at step (\d+), above "
+                       r"config.divergence_factor=3 x ln\(vocab_size\) = 20.7: the run diverged") as error:
+        trainer.train(config, str(tmp_path))
+    bad_step = int(error.value.args[0].split("at step ")[1].split(",")[0])
+    assert Checkpoints(str(tmp_path)).latest_step() == bad_step - 1
+
+
+def test_skipped_steps_keep_the_parameters_and_the_applied_learning_rate_in_step(tmp_path, data_dir):
+    config = tiny_multi30k(data_dir, learning_rate=1e6, warmup_steps=1, num_train_steps=12,
+                           schedule="rsqrt", nonfinite_loss="skip")
+    trainer.train(config, str(tmp_path))
+    records = [r for r in read_metrics(str(tmp_path)) if r["split"] == "train"]
+    assert sum(r["skipped_steps"] for r in records) > 0
+    state = Checkpoints(str(tmp_path)).restore(12, Experiment(config).state)
+    counts = [leaf for path, leaf in trainer.jax.tree_util.tree_leaves_with_path(state.opt_state)
+              if "count" in trainer.jax.tree_util.keystr(path)]
+    assert counts and all(int(count) == int(state.step) == 12 for count in counts)
+
+
 def test_a_save_cut_short_leaves_the_previous_checkpoint_usable(tmp_path, data_dir):
     config = tiny_multi30k(data_dir, num_train_steps=4)
     trainer.train(config, str(tmp_path))
@@ -97,6 +119,15 @@ def test_train_minutes_plans_the_steps_from_timed_ones_and_a_resume_keeps_the_pl
         json.dump({**plan, "num_train_steps": 25}, f)
     trainer.train(config, str(tmp_path / "b"))
     check_schedule(tmp_path / "b", 25)
+
+
+def test_off_a_terminal_progress_is_a_plain_line_per_log_step(tmp_path, data_dir, capsys):
+    trainer.train(tiny_multi30k(data_dir, num_train_steps=4, log_every_steps=2), str(tmp_path))
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert lines[-1].endswith("s/step, ETA 0:00:00") and "target tokens/s" in lines[-1]
+    assert "\r" not in err and "step/s" not in err
 
 
 def test_eval_reports_loss_and_bleu(tmp_path, data_dir):

@@ -16,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 from tfx.data.pipeline import TrainBatches
 from tfx.steps import TrainState
@@ -28,6 +30,14 @@ from tfx.steps import TrainState
 
 class DataPositionError(ValueError):
     """The saved data position does not fit this run's data shards or global batch."""
+
+
+class ShapeMismatchError(ValueError):
+    """A saved array's shape differs from the config's."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that is listed but does not restore (truncated or missing files)."""
 
 
 class DataPositionHandler(ocp.CheckpointHandler):
@@ -121,11 +131,40 @@ class Checkpoints:
         """The state saved at `step`, placed like `state` (its shapes and shardings, on any
         mesh); the train batches, if given, continue from where that step left them."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        self._check_shapes(step, abstract)
         items = dict(state=ocp.args.StandardRestore(abstract))
         if batches is not None:
             items["data"] = DataPositionRestore(batches)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        try:
+            self._check_shapes(step, abstract)
+            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        except (ShapeMismatchError, DataPositionError):
+            raise
+        except Exception as error:  # orbax and TensorStore raise many kinds; all mean unreadable.
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise CorruptCheckpointError(
+                f"{self.directory}/{step} does not restore ({type(error).__name__}: {reason})") from error
+
+    def restore_latest(self, state: TrainState, batches: TrainBatches | None = None,
+                       move_aside: bool = False) -> tuple[int | None, TrainState]:
+        """(step, state) of the newest checkpoint that restores, or (None, `state`) if none does.
+        Each one skipped gets a warning line; with `move_aside` it is moved into
+        `<workdir>/corrupt_checkpoints/` (kept for inspection, no longer listed)."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self.restore(step, state, batches)
+            except CorruptCheckpointError as error:
+                where = self._move_aside(step) if move_aside else None
+                logging.warning("skipping checkpoint step %d: %s%s", step, error,
+                                f"; moved to {where}" if where else "")
+        return None, state
+
+    def _move_aside(self, step: int) -> str:
+        target = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints",
+                              f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(os.path.join(self.directory, str(step)), target)
+        self.manager.reload()
+        return target
 
     def _check_shapes(self, step: int, abstract: TrainState):
         """Names the first array whose saved shape differs from the config's."""
@@ -134,7 +173,7 @@ class Checkpoints:
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
             name = _path_name(path)
             if saved.get(name, leaf.shape) != leaf.shape:
-                raise ValueError(
+                raise ShapeMismatchError(
                     f"{self.directory}/{step}: {name} has shape {saved[name]} in the checkpoint but "
                     f"{leaf.shape} in the config; was it trained with another config?")
 

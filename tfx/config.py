@@ -145,7 +145,9 @@ def default_config() -> ml_collections.ConfigDict:
             eval_bleu_examples=0,  # periodic BLEU on the first N eval pairs; 0: all of them.
             checkpoint_every_steps=1000,  # also at the end and on SIGTERM/SIGINT.
             keep_checkpoints=3,  # the latest K, plus the best by eval BLEU.
-            nonfinite_loss="stop",  # stop: exit naming the step; skip: leave the state unchanged.
+            lock_timeout_s=300.0,  # a workdir lock from another host whose heartbeat (every 30 s) is older than this is stale (tfx/lock.py).
+            nonfinite_loss="stop",  # a NaN, infinite or diverged loss: stop (exit naming the step) or skip (leave the parameters and moments unchanged).
+            divergence_factor=3.0,  # a loss above this x ln(vocab_size) (a uniform prediction's, about where training starts) has diverged; 0: only NaN/inf.
             # Multi-process (multi-host) runs; every process runs the same command.
             distributed=dict(
                 coordinator_address="",  # host:port of process 0; "": $JAX_COORDINATOR_ADDRESS or the detected cluster (TPU VM, SLURM, Open MPI).
@@ -220,11 +222,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "model.mlp_dim", "model.max_len", "per_device_batch_size", "max_source_length",
                 "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps",
                 "per_device_eval_batch_size", "decode.beam_size", "decode.temperature",
-                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "lock_timeout_s",
                 "distributed.heartbeat_timeout_s", "distributed.initialization_timeout_s"):
         _check_positive(config, key)
     for key in ("model.num_encoder_layers", "model.num_decoder_layers", "model.head_dim",
-                "warmup_steps", "train_minutes", "weight_decay", "grad_clip_norm", "z_loss", "decode.length_penalty",
+                "warmup_steps", "train_minutes", "divergence_factor", "weight_decay", "grad_clip_norm", "z_loss", "decode.length_penalty",
                 "decode.max_length_offset", "decode.max_length", "decode.top_k", "data.worker_count", "eval_every_steps",
                 "eval_bleu_examples", "data.shards", "distributed.num_processes"):
         _check_positive(config, key, allow_zero=True)

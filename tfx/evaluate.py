@@ -54,6 +54,8 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
           tokenize: str | None = None, lowercase: bool = False) -> dict[str, dict]:
     """sacreBLEU scores of `hypotheses` against one or more reference streams:
     {metric: {"score": float, "signature": str, "text": str}}."""
+    if not hypotheses:
+        raise ValueError("there are no hypotheses to score.")
     for stream in references:
         if len(stream) != len(hypotheses):
             raise ValueError(f"{len(hypotheses)} hypotheses but a reference stream has "

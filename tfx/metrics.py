@@ -20,7 +20,9 @@ class MetricWriter:
         self.active = jax.process_index() == 0
         if self.active:
             os.makedirs(workdir, exist_ok=True)
-            self.jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+            path = os.path.join(workdir, METRICS_FILE)
+            _drop_partial_last_line(path)
+            self.jsonl = open(path, "a", encoding="utf-8")
             self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, split: str, step: int, scalars: dict[str, float]):
@@ -37,6 +39,16 @@ class MetricWriter:
         if self.active:
             self.jsonl.close()
             self.tensorboard.close()
+
+
+def _drop_partial_last_line(path: str):
+    """Cuts what a run killed mid-write left after the last complete line."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_metrics(workdir: str) -> list[dict]:

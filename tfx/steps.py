@@ -7,6 +7,7 @@ A batch is a dict of [B, L] int32 arrays: `inputs`, `targets` and, for packed ro
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import flax
@@ -76,9 +77,36 @@ def _metric_sums(graphdef, params, batch, config, rngs) -> dict[str, jax.Array]:
                               config.label_smoothing, config.z_loss)
 
 
+def divergence_limit(config: ml_collections.ConfigDict) -> float:
+    """The loss above which a step counts as diverged: config.divergence_factor x ln(vocab_size),
+    the loss of a uniform prediction, about where training starts (inf when the factor is 0)."""
+    if not config.divergence_factor:
+        return float("inf")
+    return config.divergence_factor * math.log(config.model.vocab_size)
+
+
+def diverged(loss, grad_norm, config: ml_collections.ConfigDict):
+    """Whether a step's loss or gradient is non-finite or its loss is past divergence_limit."""
+    return ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm) | (loss > divergence_limit(config))
+
+
+def _keep_unless(good, new, old):
+    """`new` where `good`, else `old`; except optimizer step counts, which always advance, so
+    the learning rate applied next stays the schedule's value at the train state's step."""
+    def choose(path, new_leaf, old_leaf):
+        if str(getattr(path[-1], "name", "")) == "count":
+            return new_leaf
+        return jnp.where(good, new_leaf, old_leaf)
+    return jax.tree_util.tree_map_with_path(choose, new, old)
+
+
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
                     state_shardings: TrainState) -> Callable:
     """jit-compiled `train_step(state, batch) -> (state, metrics)`, state buffers donated.
+
+    A batch may carry `stop`, [B, 1] int32: each process sets its rows to 1 once it has a
+    preemption signal, and metrics["stop"] is their maximum, the same on every process, so all
+    of them decide to save and exit at the same step.
 
     Gradients are of the summed token loss divided by the batch's target-token count (known
     from the batch before any microbatch runs), added over `grad_accum_steps` microbatches, so
@@ -99,6 +127,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
         return jax.grad(loss_fn, has_aux=True)(params)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        batch = dict(batch)
+        stop_Bx1 = batch.pop("stop", None)  # each process's rows carry its preemption flag.
         with parallel.activation_sharding(mesh, rules):
             key = jax.random.fold_in(state.rng, state.step)
             rows = batch["targets"].shape[0]
@@ -134,11 +164,13 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
             metrics = losses.summarize(sums)
             metrics["grad_norm"] = optax.tree.norm(grads)
             metrics["learning_rate"] = schedule(state.step)
-            if config.nonfinite_loss == "skip":  # keep the old parameters and moments.
-                finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-                params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                                 (params, opt_state), (state.params, state.opt_state))
-                metrics["skipped"] = 1 - finite.astype(jnp.int32)
+            if stop_Bx1 is not None:  # any process's flag, the same on all of them.
+                metrics["stop"] = jnp.max(stop_Bx1)
+            if config.nonfinite_loss == "skip":
+                good = ~diverged(metrics["loss"], metrics["grad_norm"], config)
+                params, opt_state = _keep_unless(good, (params, opt_state),
+                                                 (state.params, state.opt_state))
+                metrics["skipped"] = 1 - good.astype(jnp.int32)
             new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 

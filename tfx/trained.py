@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tfx import parallel, steps
-from tfx.checkpoint import Checkpoints
+from tfx.checkpoint import Checkpoints, CorruptCheckpointError
 from tfx.data import sources
 from tfx.data import tokenizer as tokenizer_lib
 
@@ -41,7 +41,10 @@ class TrainedModel:
 
 def restore_params(workdir: str, checkpoint: str, state) -> tuple[str, nnx.State]:
     """(label, params) of `checkpoint` ("latest", a step, or "average:N" for the mean of the
-    last N) in `workdir`, placed like `state` (arrays, or ShapeDtypeStructs with shardings)."""
+    last N) in `workdir`, placed like `state` (arrays, or ShapeDtypeStructs with shardings).
+
+    "latest" is the newest checkpoint that restores (a warning names each one skipped); a
+    requested step, or a member of an average, that does not restore is an error naming it."""
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist.")
     checkpoints = Checkpoints(workdir)
@@ -50,15 +53,22 @@ def restore_params(workdir: str, checkpoint: str, state) -> tuple[str, nnx.State
         raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}; train first.")
     kind, _, count = checkpoint.partition(":")
     if checkpoint == "latest":
-        steps_, label = saved[-1:], f"step{saved[-1]}"
-    elif kind == "average" and count.isdigit() and 0 < int(count) <= len(saved):
+        step, restored = checkpoints.restore_latest(state)
+        if step is None:
+            raise CorruptCheckpointError(f"no checkpoint in {checkpoints.directory} restores "
+                                         "(see the warnings above).")
+        return f"step{step}", restored.params
+    if kind == "average" and count.isdigit() and 0 < int(count) <= len(saved):
         steps_, label = saved[-int(count):], f"average{count}-step{saved[-1]}"
     elif checkpoint.isdigit() and int(checkpoint) in saved:
         steps_, label = [int(checkpoint)], f"step{checkpoint}"
     else:
         raise ValueError(f"--checkpoint={checkpoint!r}: use latest, a saved step, or average:N with "
                          f"N <= {len(saved)}; saved steps in {checkpoints.directory}: {saved}.")
-    return label, checkpoints.average(steps_, state).params
+    try:
+        return label, checkpoints.average(steps_, state).params
+    except CorruptCheckpointError as error:
+        raise CorruptCheckpointError(f"--checkpoint={checkpoint}: {error}") from error
 
 
 def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_lib.Tokenizer:

@@ -7,9 +7,12 @@ checkpoint (state, RNG and data position), so the losses equal an uninterrupted 
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -17,7 +20,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from tfx import budget, evaluate, losses, precision, steps, trained
+from tfx import budget, evaluate, lock, losses, precision, steps, trained
 from tfx.data import pipeline
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
@@ -26,11 +29,14 @@ from tfx.model import decode
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite (config.nonfinite_loss='stop')."""
+    """The loss became NaN or infinite, or diverged (config.nonfinite_loss='stop')."""
 
 
 class Preemption:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+    """Turns SIGTERM/SIGINT into a flag. A signal may reach the processes of a run at different
+    steps, but the save is collective, so the flag is not acted on directly: each process feeds
+    it into its rows of the next batch (`stop_rows`), the train step reduces it over all
+    processes, and every process reads the result at the same step (see steps.make_train_step)."""
 
     def __init__(self):
         self.signal = None
@@ -38,6 +44,9 @@ class Preemption:
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
+
+    def stop_rows(self, rows: int) -> np.ndarray:
+        return np.full((rows, 1), int(self.signal is not None), np.int32)
 
     def restore(self):
         for signum, handler in self.previous.items():
@@ -63,18 +72,38 @@ def previous_wall_time(workdir: str) -> float:
     return max((r.get("wall_time_s", 0.0) for r in read_metrics(workdir)), default=0.0)
 
 
+def log_line(step: int, num_train_steps: int, summary: dict[str, float]) -> str:
+    """The plain progress line written instead of the progress bar when not on a terminal."""
+    planned = num_train_steps != budget.UNPLANNED_STEPS
+    eta = (datetime.timedelta(seconds=round((num_train_steps - step) * summary["step_time_s"]))
+           if planned else "after the plan")
+    return (f"step {step}/{num_train_steps if planned else '?'}: loss {summary['loss']:.4f}, "
+            f"{summary['target_tokens_per_sec']:.0f} target tokens/s, "
+            f"{summary['step_time_s']:.3f} s/step, ETA {eta}")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) in `workdir`; returns the last eval metrics (empty if none ran)."""
+    with contextlib.ExitStack() as cleanup:  # closed however the run ends.
+        if jax.process_index() == 0:
+            cleanup.enter_context(lock.WorkdirLock(workdir, config.lock_timeout_s))
+        return _train(config, workdir, cleanup)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack
+           ) -> dict[str, float]:
     experiment = Experiment(config)
     checkpoints = Checkpoints(workdir, config)
+    cleanup.callback(checkpoints.close)
+    cleanup.callback(checkpoints.wait)  # (callbacks run last first: wait, then close)
     state = experiment.state
     batches, length_counts = pipeline.train_iterator(
         config, experiment.splits["train"], experiment.tokenizer, experiment.train_shard)
-    latest = checkpoints.latest_step()
+    cleanup.callback(batches.close)
     reset_data = config.data.reset_position
-    if latest is not None:
-        state = checkpoints.restore(latest, state, None if reset_data else batches)
     main_process = jax.process_index() == 0
+    latest, state = checkpoints.restore_latest(state, None if reset_data else batches,
+                                               move_aside=main_process)
     if main_process and config.model.dtype == precision.AUTO:
         dtype, why = precision.auto_dtype()
         print(f"config.model.dtype='auto' computes in {dtype}: {why}")
@@ -109,25 +138,36 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     eval_batches = experiment.eval_batches("eval") if "eval" in experiment.splits else []
     bleu_batches = experiment.first_batches(eval_batches, config.eval_bleu_examples)
     writer = MetricWriter(workdir)
+    cleanup.callback(writer.close)
     start_time = time.perf_counter() - previous_wall_time(workdir)
     preemption = Preemption()
+    cleanup.callback(preemption.restore)
+    # On a terminal a progress bar; in a log file (SLURM, Kubernetes, nohup) a line per log step.
+    on_terminal = sys.stderr.isatty()
     progress = tqdm.tqdm(total=None if plan_from else config.num_train_steps,
                          initial=int(state.step), unit="step",
-                         disable=not main_process, dynamic_ncols=True)
+                         disable=not (main_process and on_terminal), dynamic_ncols=True)
+    cleanup.callback(progress.close)
 
     step = int(state.step)
     window = []  # the train metrics since the last log line, read one step late.
     window_start = time.perf_counter()
     pending = None  # (step, metrics on device) of the step just dispatched
     eval_metrics: dict[str, float] = {}
+    stop_agreed = False  # some process was signalled: all save at this step and exit.
 
     def read(step_metrics):
-        nonlocal window_start
+        nonlocal window_start, stop_agreed
         done_step, device_metrics = step_metrics
         metrics = jax.device_get(device_metrics)
-        if not np.isfinite(metrics["loss"]) and config.nonfinite_loss == "stop":
+        stop_agreed = stop_agreed or bool(metrics.pop("stop"))
+        limit = steps.divergence_limit(config)
+        if config.nonfinite_loss == "stop" and not metrics["loss"] <= limit:  # NaN compares False.
+            why = "" if not np.isfinite(metrics["loss"]) else (
+                f", above config.divergence_factor={config.divergence_factor:g} x ln(vocab_size) "
+                f"= {limit:.1f}: the run diverged")
             raise NonFiniteLossError(
-                f"the training loss is {metrics['loss']} at step {done_step}; stopped without "
+                f"the training loss is {metrics['loss']:.4g} at step {done_step}{why}; stopped without "
                 f"saving it. The last good checkpoint is step {checkpoints.latest_step()} in "
                 f"{checkpoints.directory}. Lower config.learning_rate, or set "
                 "config.nonfinite_loss='skip' to skip such steps.")
@@ -146,61 +186,58 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             writer.write("train", done_step, summary)
             progress.set_postfix(loss=f"{summary['loss']:.3f}",
                                  tok_s=f"{summary['target_tokens_per_sec']:.0f}")
+            if main_process and not on_terminal:
+                print(log_line(done_step, config.num_train_steps, summary), flush=True)
             window.clear()
             window_start = time.perf_counter()
 
-    try:
-        while step < config.num_train_steps:
-            batch = pipeline.to_global(next(batches), experiment.sharding, experiment.train_shard)
-            state, metrics = train_step(state, batch)
-            step += 1
-            if plan_from is not None and step in (plan_from, plan_at):
-                jax.block_until_ready(metrics)
-                if step == plan_from:
-                    timed_start = time.perf_counter()
-                else:
-                    step_time = (time.perf_counter() - timed_start) / (plan_at - plan_from)
-                    plan = budget.plan(config, workdir, step_time, step, plan_at - plan_from)
-                    config = budget.with_steps(config, plan["num_train_steps"])
-                    train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
-                                                       experiment.shardings)
-                    progress.total = config.num_train_steps
-                    progress.write(budget.describe(plan))
-                    plan_from = None
-            if pending is not None:
-                read(pending)
-            pending = (step, metrics)
-            progress.update(1)
-            last = step == config.num_train_steps
-            evaluate_now = eval_batches and config.eval_every_steps and (
-                step % config.eval_every_steps == 0 or last)
-            if not (evaluate_now or last or preemption.signal
-                    or step % config.checkpoint_every_steps == 0):
-                continue
+    while step < config.num_train_steps:
+        batch = {**next(batches), "stop": preemption.stop_rows(experiment.train_shard.rows)}
+        batch = pipeline.to_global(batch, experiment.sharding, experiment.train_shard)
+        state, metrics = train_step(state, batch)
+        step += 1
+        if plan_from is not None and step in (plan_from, plan_at):
+            jax.block_until_ready(metrics)
+            if step == plan_from:
+                timed_start = time.perf_counter()
+            else:
+                step_time = (time.perf_counter() - timed_start) / (plan_at - plan_from)
+                plan = budget.plan(config, workdir, step_time, step, plan_at - plan_from)
+                config = budget.with_steps(config, plan["num_train_steps"])
+                train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
+                                                   experiment.shardings)
+                progress.total = config.num_train_steps
+                progress.write(budget.describe(plan))
+                plan_from = None
+        if pending is not None:
             read(pending)
-            pending = None
-            bleu = None
-            if evaluate_now:
-                eval_metrics = _eval_loss(eval_step, state.params, eval_batches, experiment)
-                hypotheses, speed = evaluate.translate_batches(
-                    translate, state.params, bleu_batches, experiment.sharding,
-                    experiment.eval_shard, experiment.tokenizer)
-                references = experiment.references("eval", bleu_batches)
-                bleu = evaluate.score(hypotheses, [references], metrics=("bleu",))["bleu"]["score"]
-                eval_metrics.update(bleu=bleu, wall_time_s=time.perf_counter() - start_time, **speed)
-                writer.write("eval", step, eval_metrics)
-                progress.write(f"step {step}: eval loss {eval_metrics['loss']:.3f}, "
-                               f"BLEU {bleu:.2f}")
-            checkpoints.save(state, batches, {"bleu": bleu} if bleu is not None else None)
-            if preemption.signal:
-                progress.write(f"{preemption.signal}: saved step {step}, exiting.")
-                break
-    finally:
-        progress.close()
-        preemption.restore()
-        checkpoints.wait()
-        checkpoints.close()
-        writer.close()
+        pending = (step, metrics)
+        progress.update(1)
+        last = step == config.num_train_steps
+        evaluate_now = eval_batches and config.eval_every_steps and (
+            step % config.eval_every_steps == 0 or last)
+        if not (evaluate_now or last or stop_agreed
+                or step % config.checkpoint_every_steps == 0):
+            continue
+        read(pending)
+        pending = None
+        bleu = None
+        if evaluate_now:
+            eval_metrics = _eval_loss(eval_step, state.params, eval_batches, experiment)
+            hypotheses, speed = evaluate.translate_batches(
+                translate, state.params, bleu_batches, experiment.sharding,
+                experiment.eval_shard, experiment.tokenizer)
+            references = experiment.references("eval", bleu_batches)
+            bleu = evaluate.score(hypotheses, [references], metrics=("bleu",))["bleu"]["score"]
+            eval_metrics.update(bleu=bleu, wall_time_s=time.perf_counter() - start_time, **speed)
+            writer.write("eval", step, eval_metrics)
+            progress.write(f"step {step}: eval loss {eval_metrics['loss']:.3f}, "
+                           f"BLEU {bleu:.2f}")
+        checkpoints.save(state, batches, {"bleu": bleu} if bleu is not None else None)
+        if stop_agreed:
+            progress.write(f"{preemption.signal or 'a signal to another process'}: saved step "
+                           f"{step}, exiting.")
+            break
     if main_process:
         print(f"training data: {length_counts.report()}")
     return eval_metrics

@@ -149,6 +149,11 @@ class TrainBatches:
         for index, iterator in self.iterators.items():
             iterator.set_state(states[index])
 
+    def close(self):
+        """Stops the grain worker processes, if any."""
+        for iterator in self.iterators.values():
+            iterator.close()
+
 
 def data_shards(config: ml_collections.ConfigDict, shard: Shard) -> tuple[int, range]:
     """How many data shards the run has (config.data.shards, or one per process), and those
