@@ -10,7 +10,7 @@ import numpy as np
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
 
-from runs import finish, losses, tiny_multi30k, train_py
+from runs import finish, losses, tiny_multi30k, train_py, wait_for_step
 
 KILLS = 5
 RUN = dict(num_train_steps=200, checkpoint_every_steps=10, schedule="rsqrt", log_every_steps=1)
@@ -38,6 +38,7 @@ def test_random_kills_resume_to_the_uninterrupted_run(tmp_path, data_dir):
     print(f"chaos seed {seed}; replay with TFX_CHAOS_SEED={seed}")
     rng = random.Random(seed)
     straight = train_py(tmp_path / "straight", data_dir, **RUN)
+    wait_for_step(tmp_path / "straight", 1, straight)  # the data is prepared once, by this run.
 
     workdir = tmp_path / "killed"
     killed_while_saving = 0
