@@ -39,6 +39,12 @@ def test_decode_round_trips_every_line_exactly(trained, split):
         assert trained.decode(trained.encode(text)) == text
 
 
+def test_decoded_text_is_one_line(trained):
+    """Byte pieces can spell line breaks; a hypothesis must stay one line of its file."""
+    ids = trained.encode("two\nlines\r\nand\u2028more")
+    assert trained.decode(ids) == "two lines and more"
+
+
 def test_decode_stops_at_eos_and_ignores_padding(trained):
     ids = trained.encode("A dog runs.")
     assert trained.decode([tok.PAD_ID] + ids + trained.encode("Ignored.") + [0, 0]) == "A dog runs."

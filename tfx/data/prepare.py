@@ -8,6 +8,8 @@ and prints what it found.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 from absl import app
 from ml_collections import config_flags
@@ -21,18 +23,23 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant]
 
 def main(argv):
     del argv
-    config = config_lib.validate(_CONFIG.value)
+    for line in prepare(config_lib.validate(_CONFIG.value)):
+        print(line)
+
+
+def prepare(config) -> Iterator[str]:
+    """Prepares the config's splits and tokenizer; yields what it found, line by line."""
     splits = sources.open_splits(config)
     for which, split in splits.items():
-        print(f"{which}: {split.spec}: {len(split)} pairs ({split.skipped_empty} skipped empty)")
+        yield f"{which}: {split.spec}: {len(split)} pairs ({split.skipped_empty} skipped empty)"
     tokenizer = tokenizer_lib.from_config(config, splits["train"])
-    print(f"tokenizer: {tokenizer.path} ({tokenizer.vocab_size} pieces)")
+    yield f"tokenizer: {tokenizer.path} ({tokenizer.vocab_size} pieces)"
     sample = [splits["train"][i] for i in range(0, len(splits["train"]),
                                                  max(1, len(splits["train"]) // 2000))]
     for side, limit in (("source", config.max_source_length), ("target", config.max_target_length)):
         lengths = np.array([len(tokenizer.encode(pair[side])) for pair in sample])
-        print(f"train {side} tokens: median {np.median(lengths):.0f}, 99th percentile "
-              f"{np.percentile(lengths, 99):.0f}, {np.mean(lengths > limit):.2%} over {limit}")
+        yield (f"train {side} tokens: median {np.median(lengths):.0f}, 99th percentile "
+               f"{np.percentile(lengths, 99):.0f}, {np.mean(lengths > limit):.2%} over {limit}")
 
 
 if __name__ == "__main__":

@@ -136,8 +136,12 @@ class PairSource:
 
     def __getitem__(self, index: int) -> dict[str, str]:
         record = self.records[index]
-        return {"source": record[self.languages[0]].decode("utf-8"),
-                "target": record[self.languages[1]].decode("utf-8")}
+        return {"source": _text(record[self.languages[0]]), "target": _text(record[self.languages[1]])}
+
+
+def _text(value: bytes | str) -> str:
+    """A Text feature: bytes from array_record files (str from tfds.testing.mock_data)."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _tfds_builder(name: str, key: str, data_dir: str, languages: tuple[str, str]):
@@ -202,7 +206,7 @@ def _open_split(spec, key, source_lang, target_lang, data_dir, prepare) -> PairS
                                     "`python -m tfx.data.prepare --config ...` first.")
         tfds.disable_progress_bar()
         builder.download_and_prepare(file_format="array_record")
-    if split.split("[")[0] not in builder.info.splits:
+    if builder.info.splits and split.split("[")[0] not in builder.info.splits:  # (empty: unknown)
         raise ValueError(f"config.{key}={spec!r}: no split {split!r}; the dataset has "
                          f"{sorted(builder.info.splits)}.")
     return PairSource(builder, split, (spec, key, source_lang, target_lang, data_dir))

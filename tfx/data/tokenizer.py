@@ -53,11 +53,13 @@ class Tokenizer:
         return self.processor.encode(text) + [EOS_ID]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids` up to the first EOS, padding ignored."""
+        """Text of `ids` up to the first EOS, padding ignored, on one line: line breaks that
+        byte pieces spell (a barely trained model makes them) become spaces, so one sentence
+        stays one line of a hypotheses file."""
         ids = list(ids)
         if EOS_ID in ids:
             ids = ids[: ids.index(EOS_ID)]
-        return self.processor.decode([int(i) for i in ids if i != PAD_ID])
+        return " ".join(self.processor.decode([int(i) for i in ids if i != PAD_ID]).splitlines())
 
 
 def train_or_load(sentences: Callable[[], Iterable[str]], content_key: str, cache_dir: str,
