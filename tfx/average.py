@@ -8,19 +8,9 @@
 """
 from __future__ import annotations
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
 from tfx import config as config_lib
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run whose checkpoints are averaged.")
-_LAST = flags.DEFINE_integer("last", 5, "How many of the latest checkpoints to average.")
-_OUTPUT = flags.DEFINE_string("output", None, "Workdir for the averaged checkpoint.")
-flags.mark_flags_as_required(["config", "workdir", "output"])
-
 
 def average_last(config, workdir: str, last: int, output: str) -> int:
     """Saves the mean parameters of `workdir`'s last `last` checkpoints into `output` (at the
@@ -37,12 +27,29 @@ def average_last(config, workdir: str, last: int, output: str) -> int:
     return steps[-1]
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    step = average_last(config_lib.validate(_CONFIG.value), _WORKDIR.value, _LAST.value, _OUTPUT.value)
-    print(f"averaged the last {_LAST.value} checkpoints of {_WORKDIR.value} into {_OUTPUT.value} (step {step})")
+def main():
+    """The command line (absl flags, defined here so that importing tfx.average defines none)."""
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                                  lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "The run whose checkpoints are averaged.")
+    last = flags.DEFINE_integer("last", 5, "How many of the latest checkpoints to average.")
+    output = flags.DEFINE_string("output", None, "Workdir for the averaged checkpoint.")
+    flags.mark_flags_as_required(["config", "workdir", "output"])
+
+    def average(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        logging.set_verbosity(logging.WARNING)
+        step = average_last(config_lib.validate(config_flag.value), workdir.value, last.value,
+                            output.value)
+        print(f"averaged the last {last.value} checkpoints of {workdir.value} into {output.value} "
+              f"(step {step})")
+
+    app.run(average)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -11,21 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-from absl import app
-from ml_collections import config_flags
-
 from tfx import config as config_lib
 from tfx.data import sources
 from tfx.data import tokenizer as tokenizer_lib
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
-
-
-def main(argv):
-    del argv
-    for line in prepare(config_lib.validate(_CONFIG.value)):
-        print(line)
-
 
 def prepare(config) -> Iterator[str]:
     """Prepares the config's splits and tokenizer; yields what it found, line by line."""
@@ -42,5 +30,23 @@ def prepare(config) -> Iterator[str]:
                f"{np.percentile(lengths, 99):.0f}, {np.mean(lengths > limit):.2%} over {limit}")
 
 
+def main():
+    """The command line (absl flags, defined here so that importing tfx.data.prepare defines none)."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                                  lock_config=True)
+    flags.mark_flags_as_required(["config"])
+
+    def prepare_all(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        for line in prepare(config_lib.validate(config_flag.value)):
+            print(line)
+
+    app.run(prepare_all)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    main()
