@@ -1,15 +1,17 @@
 """Train-step throughput and MFU: prints one JSON line (its last line).
 
     python bench/train.py --config configs/wmt_base.py:base [--mesh data:-1] [--steps 10] [--dtype bfloat16]
-        [--remat none|full|dots] [--scan-layers]
+        [--remat none|full|dots] [--scan-layers] [--without-stop]
 
 Batches are synthetic sentence pairs of realistic, varied lengths packed into rows of
 max_source_length/max_target_length, so the figures reflect the real step. Model FLOPs
 (`tfx/flops.py`) count only non-padding tokens: 6 x the weights each source/target token
 meets, plus the attention score/value products within each pair (causal half for decoder
-self-attention). The peak is a large matmul in the model's compute dtype (float32
-accumulation) measured in the same run on the same devices; `fraction_of_f32_peak` also
-relates the achieved rate to the float32 peak.
+self-attention). Like train.py's, each batch carries the preemption `stop` column that all
+processes agree on inside the step; `--without-stop` leaves it out, to measure what it costs.
+The peak is a large matmul in the model's compute dtype (float32 accumulation) measured in
+the same run on the same devices; `fraction_of_f32_peak` also relates the achieved rate to the
+float32 peak.
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ def main():
     parser = options.parser(__doc__)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled")
+    parser.add_argument("--without-stop", action="store_true",
+                        help="leave out the preemption stop column that train.py feeds")
     args = parser.parse_args()
     host_memory.keep_freed_memory_on_cpu()
     config = options.load_config(args)
@@ -69,6 +73,9 @@ def main():
     rng = np.random.default_rng(0)
     data = [packed_rows(rng, global_batch, config.max_source_length, config.max_target_length,
                         config.model.vocab_size) for _ in range(args.batches)]
+    if not args.without_stop:
+        for batch, _ in data:
+            batch["stop"] = np.zeros((global_batch, 1), np.int32)
     batches = [parallel.shard_batch(b, mesh, rules) for b, _ in data]
     flops = [train_flops(config.model, pairs) for _, pairs in data]
     target_tokens = [sum(t for _, t in pairs) for _, pairs in data]
@@ -110,6 +117,7 @@ def main():
         global_batch=global_batch, source_length=config.max_source_length,
         target_length=config.max_target_length, dtype=config.model.dtype,
         remat=config.model.remat, scan_layers=config.model.scan_layers, steps=args.steps,
+        stop_column=not args.without_stop,
         step_time_s=round(step_time, 4),
         target_tokens_per_sec=round(tokens_per_step / step_time, 1),
         non_padding_fraction=round(tokens_per_step / (global_batch * config.max_target_length), 3),

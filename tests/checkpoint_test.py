@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,3 +39,21 @@ def test_average_is_the_mean_of_the_parameters_and_keeps_the_last_state(tmp_path
     np.testing.assert_allclose(averaged.params["w"], np.full((4,), 5.0))
     assert int(averaged.step) == 9
     checkpoints.close()
+
+
+# Opens and at once closes the checkpoints of fresh workdirs, as a run that fails before its
+# first save does; orbax's background clean-up of temporary directories must not outlive close.
+OPEN_AND_CLOSE = """
+import sys, tempfile
+from tfx import config as config_lib
+from tfx.checkpoint import Checkpoints
+for _ in range(int(sys.argv[1])):
+    Checkpoints(tempfile.mkdtemp(dir=sys.argv[2]), config_lib.default_config()).close()
+"""
+
+
+def test_closing_before_the_first_save_leaves_no_background_error(tmp_path):
+    run = subprocess.run([sys.executable, "-c", OPEN_AND_CLOSE, "30", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-2000:]

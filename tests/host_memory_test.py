@@ -12,7 +12,7 @@ from tfx import host_memory
 # a step's temporaries) and prints the page faults of the second time.
 SECOND_TOUCH_FAULTS = """
 import ctypes, resource, sys, threading
-import tfx.trainer, tfx.evaluate, tfx.translate, tfx.plot, tfx.export
+import tfx.trainer, tfx.evaluate, tfx.translate, tfx.plot, tfx.export, tfx.host_memory
 from absl import flags
 assert "matplotlib.pyplot" not in sys.modules and not flags.FLAGS.is_parsed()
 if sys.argv[1] == "launcher":

@@ -149,6 +149,7 @@ def test_eval_reports_loss_and_bleu(tmp_path, data_dir):
     ("--config.mesh_shape=data:16", "mesh_shape"),
     ("--config.grad_accum_steps=3", "config.grad_accum_steps=3"),
     ("--config.data.train=text:/nowhere/corpus", "/nowhere/corpus.en"),
+    ("--config.data.shards=3", "config.data.shards=3 must be a multiple"),
 ])
 def test_bad_configs_are_refused_naming_the_key_or_file(tmp_path, data_dir, flag, message):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--config={MULTI30K}",

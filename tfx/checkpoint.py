@@ -105,7 +105,8 @@ class Checkpoints:
                                           keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=config is not None,
-                                               read_only=config is None, cleanup_tmp_directories=True)
+                                               read_only=config is None,
+                                               cleanup_tmp_directories=config is not None)
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     "data": DataPositionHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -192,6 +193,11 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def close(self):
+        # orbax (0.12) removes a previous run's unfinished temporary directories on a thread that
+        # only a save awaits: a run that fails before its first save would close under it.
+        unfinished_cleanup = getattr(self.manager, "_cleanup_tmp_directory_future", None)
+        if unfinished_cleanup is not None:
+            unfinished_cleanup.result()
         self.manager.close()
 
 
