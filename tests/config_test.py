@@ -28,12 +28,26 @@ def test_every_default_key_is_in_the_reference():
     ("data.too_long", "wrap", "config.data.too_long='wrap' is not one of 'drop', 'truncate'"),
     ("per_device_eval_batch_size", 0, "config.per_device_eval_batch_size=0 must be a positive"),
     ("eval_every_steps", -1, "config.eval_every_steps=-1 must be a non-negative"),
+    ("quantization", "int4", "config.quantization='int4' is not one of 'none', 'int8'"),
+    ("prune.pattern", "4:8", "config.prune.pattern='4:8' is not one of"),
+    ("prune.sparsity", 1.0, r"config.prune.sparsity=1.0 must be in \[0, 1\)"),
+    ("distill.weight", 1.5, r"config.distill.weight=1.5 must be in \[0, 1\]"),
+    ("distill.temperature", 0.0, "config.distill.temperature=0.0 must be a positive"),
+    ("distill.teacher_config", "configs/multi30k.py", "config.distill.teacher_workdir is empty"),
+    ("model.rank_fraction", -0.5, r"config.model.rank_fraction=-0.5 must be in \[0, 1\]"),
 ])
 def test_bad_values_name_the_key(key, value, message):
     config = config_lib.default_config()
     section, _, leaf = key.rpartition(".")
     (config[section] if section else config)[leaf] = value
     with pytest.raises(ValueError, match=message):
+        config_lib.validate(config)
+
+
+def test_two_four_pruning_is_half_sparse():
+    config = config_lib.default_config()
+    config.prune.update(pattern="2:4", sparsity=0.75)
+    with pytest.raises(ValueError, match="set it to 0.5"):
         config_lib.validate(config)
 
 

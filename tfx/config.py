@@ -27,6 +27,8 @@ OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("rsqrt", "cosine")
 MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_POLICIES = ("none", "full", "dots")
+QUANTIZATIONS = ("none", "int8")
+PRUNE_PATTERNS = ("unstructured", "2:4")
 
 # Logical axis -> mesh axes, first match that is still free wins (see tfx/parallel.py).
 # Parameters: embed over fsdp (ZeRO-3 style), heads/mlp/vocab over tensor.
@@ -72,6 +74,7 @@ def model_config() -> ml_collections.ConfigDict:
             float32_logits=True,  # the output projection in float32 whatever dtype is (MaxText's logits_dot_in_fp32).
             remat="none",  # recompute activations in the backward pass: none, full, or dots (keep matmul outputs).
             scan_layers=False,  # one lax.scan over stacked layers: compile time flat in depth.
+            rank_fraction=0.0,  # > 0: every projection is a product of two of rank fraction x min(fan-in, fan-out) (low-rank, tfx/lowrank.py); 0: one full matrix.
         )
     )
 
@@ -148,6 +151,25 @@ def default_config() -> ml_collections.ConfigDict:
             lock_timeout_s=300.0,  # a workdir lock from another host whose heartbeat (every 30 s) is older than this is stale (tfx/lock.py).
             nonfinite_loss="stop",  # a NaN, infinite or diverged loss: stop (exit naming the step) or skip (leave the parameters and moments unchanged).
             divergence_factor=3.0,  # a loss above this x ln(vocab_size) (a uniform prediction's, about where training starts) has diverged; 0: only NaN/inf.
+            # Starting from another run (fine-tunes: int8 QAT, pruning, low-rank, pruned heads).
+            init_from="",  # a workdir whose parameters a new run starts from (its optimizer and step start afresh); "": random initialisation.
+            init_checkpoint="latest",  # which of init_from's checkpoints: latest, a step, or average:N.
+            # Efficiency toolbox (README "Distilling a student").
+            quantization="none",  # none or int8: training is quantization-aware (QAT), eval and translation run int8 matmuls (PTQ of float parameters); qwix (tfx/quantize.py).
+            distill=dict(
+                teacher_config="",  # word-level distillation from this teacher's config file ("": off; tfx/distill.py makes sequence-level corpora).
+                teacher_workdir="",  # the teacher's run (same tokenizer as the student).
+                teacher_checkpoint="latest",  # latest, a step, or average:N of the teacher.
+                weight=0.5,  # loss = (1 - weight) x label-smoothed cross-entropy + weight x temperature^2 x KL(teacher || student).
+                temperature=1.0,  # softens both distributions in the KL term.
+            ),
+            prune=dict(
+                sparsity=0.0,  # gradual magnitude pruning of the projection matrices to this fraction of zeros; 0: off.
+                pattern="unstructured",  # unstructured, or 2:4 (two of every four consecutive weights of a fan-in kept; sparsity 0.5).
+                begin_step=0,  # pruning starts at this step ...
+                end_step=0,  # ... and reaches the target sparsity here (cubic schedule of Zhu and Gupta, 2017); 0: num_train_steps.
+                every_steps=100,  # masks are recomputed this often in between.
+            ),
             # Multi-process (multi-host) runs; every process runs the same command.
             distributed=dict(
                 coordinator_address="",  # host:port of process 0; "": $JAX_COORDINATOR_ADDRESS or the detected cluster (TPU VM, SLURM, Open MPI).
@@ -216,24 +238,36 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                          ("tokenizer.model_type", TOKENIZER_MODEL_TYPES),
                          ("decode.strategy", DECODE_STRATEGIES), ("data.too_long", TOO_LONG_POLICIES),
                          ("nonfinite_loss", NONFINITE_POLICIES), ("optimizer", OPTIMIZERS),
-                         ("schedule", SCHEDULES)):
+                         ("schedule", SCHEDULES), ("quantization", QUANTIZATIONS),
+                         ("prune.pattern", PRUNE_PATTERNS)):
         _check_choice(config, key, choices)
     for key in ("model.vocab_size", "model.emb_dim", "model.num_heads", "model.num_kv_heads",
                 "model.mlp_dim", "model.max_len", "per_device_batch_size", "max_source_length",
                 "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps",
                 "per_device_eval_batch_size", "decode.beam_size", "decode.temperature",
                 "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "lock_timeout_s",
-                "distributed.heartbeat_timeout_s", "distributed.initialization_timeout_s"):
+                "distributed.heartbeat_timeout_s", "distributed.initialization_timeout_s",
+                "distill.temperature", "prune.every_steps"):
         _check_positive(config, key)
     for key in ("model.num_encoder_layers", "model.num_decoder_layers", "model.head_dim",
                 "warmup_steps", "train_minutes", "divergence_factor", "weight_decay", "grad_clip_norm", "z_loss", "decode.length_penalty",
                 "decode.max_length_offset", "decode.max_length", "decode.top_k", "data.worker_count", "eval_every_steps",
-                "eval_bleu_examples", "data.shards", "distributed.num_processes"):
+                "eval_bleu_examples", "data.shards", "distributed.num_processes",
+                "prune.begin_step", "prune.end_step"):
         _check_positive(config, key, allow_zero=True)
     for key in ("model.dropout_rate", "model.attention_dropout_rate",
-                "model.activation_dropout_rate", "label_smoothing"):
+                "model.activation_dropout_rate", "label_smoothing", "prune.sparsity"):
         if not 0.0 <= _lookup(config, key) < 1.0:
             raise ValueError(f"config.{key}={_lookup(config, key)!r} must be in [0, 1).")
+    for key in ("distill.weight", "model.rank_fraction"):
+        if not 0.0 <= _lookup(config, key) <= 1.0:
+            raise ValueError(f"config.{key}={_lookup(config, key)!r} must be in [0, 1].")
+    if config.distill.teacher_config and not config.distill.teacher_workdir:
+        raise ValueError("config.distill.teacher_config is set but config.distill.teacher_workdir "
+                         "is empty: name the teacher's run.")
+    if config.prune.pattern == "2:4" and config.prune.sparsity not in (0.0, 0.5):
+        raise ValueError(f"config.prune.pattern='2:4' keeps half the weights, but "
+                         f"config.prune.sparsity={config.prune.sparsity!r}; set it to 0.5.")
     if config.per_device_batch_size % config.grad_accum_steps:
         raise ValueError(
             f"config.per_device_batch_size={config.per_device_batch_size} is not divisible by "
@@ -268,14 +302,19 @@ def reference_table() -> str:
     """Markdown table of every key, its default and the comment beside it in this file (the
     README's config reference is this output: `python -m tfx.config`)."""
     comments = {}
-    for line in inspect.getsource(sys.modules[__name__]).splitlines():
-        match = re.match(r"\s+(\w+)=.*?,\s+# (.*)$", line)
-        if match:
-            comments.setdefault(match.group(1), match.group(2))
+    for function, prefix in ((model_config, "model."), (default_config, "")):
+        sections = [prefix]  # the dotted prefix of the `name=dict(` blocks the line is in.
+        for line in inspect.getsource(function).splitlines():
+            if match := re.match(r"\s+(\w+)=dict\($", line):
+                sections.append(f"{sections[-1]}{match.group(1)}.")
+            elif re.match(r"\s+\),$", line) and len(sections) > 1:
+                sections.pop()
+            elif match := re.match(r"\s+(\w+)=.*?,\s+# (.*)$", line):
+                comments[sections[-1] + match.group(1)] = match.group(2)
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for key, value in _flatten(default_config()):
         shown = "see DEFAULT_LOGICAL_AXIS_RULES" if key == "logical_axis_rules" else repr(value)
-        rows.append(f"| `{key}` | `{shown}` | {comments.get(key.split('.')[-1], '')} |")
+        rows.append(f"| `{key}` | `{shown}` | {comments.get(key, '')} |")
     return "\n".join(rows) + "\n"
 
 
