@@ -10,7 +10,6 @@ import importlib.util
 import inspect
 import os
 import re
-import sys
 
 import ml_collections
 
