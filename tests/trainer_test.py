@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tfx import budget, optim, trainer
+from tfx import config as config_lib
 from tfx.checkpoint import Checkpoints
 from tfx.experiment import Experiment
 from tfx.metrics import read_metrics
@@ -67,6 +68,22 @@ def test_a_diverging_loss_stops_naming_the_step(tmp_path, data_dir):
         trainer.train(config, str(tmp_path))
     bad_step = int(error.value.args[0].split("at step ")[1].split(",")[0])
     assert Checkpoints(str(tmp_path)).latest_step() == bad_step - 1
+
+
+@pytest.mark.parametrize("loss, grad_norm, expected", [
+    (2.0, 5.0, None),
+    (float("nan"), 5.0, "the training loss is nan at step 7"),
+    (2.0, float("inf"), "the gradient norm is inf at step 7 (loss 2)"),
+    (25.0, 5.0, "the training loss is 25 at step 7, above config.divergence_factor=3 x "
+                "ln(vocab_size) = 20.7: the run diverged"),
+])
+def test_a_stopped_run_names_what_diverged(loss, grad_norm, expected):
+    """The stop rule is the skip rule (`steps.diverged`): a non-finite gradient with a finite loss
+    stops too, before its NaN parameters could be saved."""
+    config = config_lib.default_config()
+    config.model.vocab_size = 1000
+    what = trainer.divergence({"loss": np.float32(loss), "grad_norm": np.float32(grad_norm)}, config)
+    assert (what and what.format(step=7)) == expected
 
 
 def test_skipped_steps_keep_the_parameters_and_the_applied_learning_rate_in_step(tmp_path, data_dir):

@@ -82,6 +82,22 @@ def log_line(step: int, num_train_steps: int, summary: dict[str, float]) -> str:
             f"{summary['step_time_s']:.3f} s/step, ETA {eta}")
 
 
+def divergence(metrics: dict, config: ml_collections.ConfigDict) -> str | None:
+    """What went wrong in a step's metrics, by the rule of `steps.diverged` (a non-finite
+    gradient with a finite loss has already made the parameters NaN), or None; "{step}" is left
+    for the caller."""
+    loss, grad_norm = metrics["loss"], metrics["grad_norm"]
+    if not bool(steps.diverged(loss, grad_norm, config)):
+        return None
+    if not np.isfinite(loss):
+        return f"the training loss is {loss:.4g} at step {{step}}"
+    if not np.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm:.4g} at step {{step}} (loss {loss:.4g})"
+    return (f"the training loss is {loss:.4g} at step {{step}}, above config.divergence_factor="
+            f"{config.divergence_factor:g} x ln(vocab_size) = {steps.divergence_limit(config):.1f}: "
+            "the run diverged")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) in `workdir`; returns the last eval metrics (empty if none ran)."""
     with contextlib.ExitStack() as cleanup:  # closed however the run ends.
@@ -161,13 +177,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
         done_step, device_metrics = step_metrics
         metrics = jax.device_get(device_metrics)
         stop_agreed = stop_agreed or bool(metrics.pop("stop"))
-        limit = steps.divergence_limit(config)
-        if config.nonfinite_loss == "stop" and not metrics["loss"] <= limit:  # NaN compares False.
-            why = "" if not np.isfinite(metrics["loss"]) else (
-                f", above config.divergence_factor={config.divergence_factor:g} x ln(vocab_size) "
-                f"= {limit:.1f}: the run diverged")
+        what = divergence(metrics, config) if config.nonfinite_loss == "stop" else None
+        if what:
             raise NonFiniteLossError(
-                f"the training loss is {metrics['loss']:.4g} at step {done_step}{why}; stopped without "
+                f"{what.format(step=done_step)}; stopped without "
                 f"saving it. The last good checkpoint is step {checkpoints.latest_step()} in "
                 f"{checkpoints.directory}. Lower config.learning_rate, or set "
                 "config.nonfinite_loss='skip' to skip such steps.")
