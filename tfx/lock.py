@@ -111,8 +111,12 @@ class WorkdirLock:
                 return json.load(f)
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, OSError):
-            return {"host": "?", "pid": -1, "started": 0.0, "heartbeat": os.path.getmtime(self.path)}
+        except (json.JSONDecodeError, OSError):  # unreadable: as fresh as its file, if it remains.
+            try:
+                heartbeat = os.path.getmtime(self.path)
+            except FileNotFoundError:
+                return None
+            return {"host": "?", "pid": -1, "started": 0.0, "heartbeat": heartbeat}
 
     def _beat(self):
         while not self._stop.wait(HEARTBEAT_S):
