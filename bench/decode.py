@@ -1,7 +1,7 @@
 """Translation throughput of beam search: prints one JSON line (its last line).
 
     python bench/decode.py --config configs/wmt_base.py:base --beam 4 --batch 32 \
-        [--source-length 32 --gen-length 31 --dtype float32] [--ctranslate2]
+        [--source-length 32 --gen-length 31 --dtype float32] [--quantization int8] [--ctranslate2]
 
 Random parameters, random sources of exactly --source-length tokens, and every hypothesis
 forced to --gen-length tokens (EOS forbidden), so each run does the same work. It times beam
@@ -11,6 +11,10 @@ cached search needs: the encoder and the cross-attention keys/values once, then 
 at every step the decoder's projections, attention over the prefix and the source, and the
 vocabulary projection. The peak is a large matmul in the compute dtype (float32 accumulation),
 measured in the same run before and after, the best kept.
+
+`--quantization int8` decodes with int8 matmuls (tfx/quantize.py) and times the cached search
+with float matmuls too, alternating the two run by run; `int8_speedup` is the float search's
+seconds over the int8 search's (above 1: int8 is faster).
 
 `--ctranslate2` also times CTranslate2 on CPU (float32 and int8 computation, one thread per
 core, the same batch and beam) on the same model exported by `tfx.export.ctranslate2_spec`
@@ -40,15 +44,17 @@ from tfx.model import decode
 from tfx.model.transformer import EncoderDecoder, count_params
 
 
-def time_runs(translate, params, inputs, runs: int) -> tuple[float, np.ndarray]:
-    """Median seconds of `runs` calls after one warm-up call (which compiles), and the tokens."""
-    jax.block_until_ready(translate(params, inputs))
-    times = []
+def time_runs(translates: list, params, inputs, runs: int) -> list[tuple[float, np.ndarray]]:
+    """Per translate function, the median seconds of `runs` calls after one warm-up call (which
+    compiles), and its tokens; the functions take turns, so a shared machine's load hits all."""
+    tokens = [jax.block_until_ready(translate(params, inputs)) for translate in translates]
+    times = [[] for _ in translates]
     for _ in range(runs):
-        start = time.perf_counter()
-        tokens = jax.block_until_ready(translate(params, inputs))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), np.asarray(tokens)
+        for i, translate in enumerate(translates):
+            start = time.perf_counter()
+            tokens[i] = jax.block_until_ready(translate(params, inputs))
+            times[i].append(time.perf_counter() - start)
+    return [(float(np.median(t)), np.asarray(out)) for t, out in zip(times, tokens)]
 
 
 def measure_ctranslate2(config, params, inputs: np.ndarray, beam: int, gen_length: int, runs: int) -> dict:
@@ -99,6 +105,8 @@ def main():
     parser.add_argument("--gen-length", type=int, default=31)
     parser.add_argument("--dtype", default=None, choices=config_lib.DTYPES,
                         help="overrides config.model.dtype (the computation dtype)")
+    parser.add_argument("--quantization", default=None, choices=config_lib.QUANTIZATIONS,
+                        help="overrides config.quantization; int8 also times float matmuls, alternated")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of the cached search")
     parser.add_argument("--full-recompute-runs", type=int, default=1,
                         help="timed runs of the search without a cache (0: skip it)")
@@ -109,6 +117,7 @@ def main():
 
     config = config_lib.load(args.config)
     config.model.dtype = precision.resolve(args.dtype or config.model.dtype)
+    config.quantization = args.quantization or config.quantization
     mesh = parallel.make_mesh(config.mesh_shape)
     graphdef, params = nnx.split(EncoderDecoder(config.model, nnx.Rngs(params=config.seed)))
     shardings = parallel.state_shardings(params, mesh, config.logical_axis_rules)
@@ -116,24 +125,38 @@ def main():
     rng = np.random.default_rng(0)
     inputs = rng.integers(2, config.model.vocab_size, (args.batch, args.source_length)).astype(np.int32)
 
-    def measure(full_recompute: bool, runs: int) -> dict:
-        translate = decode.make_translate(config, graphdef, mesh, shardings, strategy="beam",
-                                          beam_size=args.beam, forced_length=args.gen_length,
-                                          full_recompute=full_recompute)
-        seconds, tokens = time_runs(translate, params, inputs, runs)
+    def translator(config, full_recompute: bool):
+        return decode.make_translate(config, graphdef, mesh, shardings, strategy="beam",
+                                     beam_size=args.beam, forced_length=args.gen_length,
+                                     full_recompute=full_recompute)
+
+    def figures(seconds: float, tokens: np.ndarray) -> dict:
         return dict(seconds=round(seconds, 3), sentences_per_sec=round(args.batch / seconds, 2),
                     generated_tokens_per_sec=round(int((tokens > 0).sum()) / seconds, 1))
+
+    def measure(full_recompute: bool, runs: int) -> dict:
+        return figures(*time_runs([translator(config, full_recompute)], params, inputs, runs)[0])
 
     devices = list(mesh.devices.flat)
     dtype = jnp.dtype(config.model.dtype)
     peak = measure_peak_gflops(devices, dtype)
-    cached = measure(False, args.runs)
+    translates = [translator(config, False)]
+    if config.quantization == "int8":
+        float_config = config.copy_and_resolve_references()
+        float_config.quantization = "none"
+        translates.append(translator(float_config, False))
+    timed = time_runs(translates, params, inputs, args.runs)
+    cached = figures(*timed[0])
     flops = decode_flops(config.model, args.batch, args.beam, args.source_length, args.gen_length)
     result = dict(
         variant=config.variant or args.config, params=count_params(params), dtype=config.model.dtype,
+        quantization=config.quantization,
         devices=len(devices), platform=devices[0].platform, cpu=cpu_name(), beam=args.beam, batch=args.batch,
         source_length=args.source_length, gen_length=args.gen_length, **cached,
         decode_gflops=round(flops / cached["seconds"] / 1e9, 2))
+    if len(timed) > 1:
+        result.update(float_matmuls_seconds=round(timed[1][0], 3),
+                      int8_speedup=round(timed[1][0] / timed[0][0], 3))
     if args.full_recompute_runs:
         full = measure(True, args.full_recompute_runs)
         result.update({f"full_recompute_{name}": value for name, value in full.items()})

@@ -124,6 +124,7 @@ VARIANTS = {
     "untied_output": dict(logits_via_embedding=False),
     "unshared_embeddings": dict(share_embeddings=False, logits_via_embedding=False),
     "scan_layers": dict(scan_layers=True),
+    "low_rank": dict(rank_fraction=0.5, activation="swiglu", scan_layers=True),  # factors multiplied back.
 }
 PIECES = ["<pad>", "</s>", "<unk>"] + [f"piece{i}" for i in range(3, 50)]
 

@@ -8,7 +8,7 @@ def small_model(**overrides) -> ml_collections.ConfigDict:
     """d 4, 2 query heads and 1 key/value head of width 2, MLP 8, 1+1 layers, vocabulary 10."""
     return ml_collections.ConfigDict({**dict(
         emb_dim=4, num_heads=2, num_kv_heads=1, head_dim=0, mlp_dim=8, num_encoder_layers=1,
-        num_decoder_layers=1, vocab_size=10, activation="relu"), **overrides})
+        num_decoder_layers=1, vocab_size=10, activation="relu", rank_fraction=0.0), **overrides})
 
 
 # Multiply-adds per token with each weight matrix of small_model(), counted from its shapes.
@@ -36,6 +36,20 @@ def test_swiglu_adds_the_gate_projection():
     gate = 4 * 8  # [d, mlp], once in the encoder layer and once in the decoder layer.
     assert (flops.forward_flops(small_model(activation="swiglu"), [(3, 2)])
             - flops.forward_flops(small_model(), [(3, 2)])) == 2 * gate * (3 + 2)
+
+
+def test_low_rank_projections_count_their_factors():
+    """rank_fraction 0.25: query/out [4, 4] and the MLP's [4, 8] get rank 1, key/value [4, 2]
+    round to rank 0, raised to 1; each factorized weight costs rank x (fan-in + fan-out)."""
+    query = out = 1 * (4 + 4)
+    key = value = 1 * (4 + 2)
+    mlp = 2 * 1 * (4 + 8)
+    per_source = (query + key + value + out + mlp) + (key + value)
+    per_target = (query + key + value + out) + (query + out) + mlp + LOGITS
+    attended = 3 * 3 + (1 + 2) + 2 * 3
+    forward = 2 * (per_source * 3 + per_target * 2) + SCORE_AND_VALUE * attended
+    assert forward == 1104
+    assert flops.forward_flops(small_model(rank_fraction=0.25), [(3, 2)]) == forward
 
 
 def test_decode_flops_match_a_count_by_hand():

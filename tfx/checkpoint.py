@@ -13,6 +13,7 @@ of data shards and the global batch are the same (`DataPositionError` otherwise)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
 
 from tfx.data.pipeline import TrainBatches
 from tfx.steps import TrainState
@@ -33,7 +35,7 @@ class DataPositionError(ValueError):
 
 
 class ShapeMismatchError(ValueError):
-    """A saved array's shape differs from the config's."""
+    """A saved array's shape differs from the config's, or the config's array is not saved."""
 
 
 class CorruptCheckpointError(ValueError):
@@ -135,9 +137,28 @@ class Checkpoints:
         items = dict(state=ocp.args.StandardRestore(abstract))
         if batches is not None:
             items["data"] = DataPositionRestore(batches)
-        try:
+        with self._restoring(step):
             self._check_shapes(step, abstract)
             return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def restore_params(self, step: int, params: nnx.State) -> nnx.State:
+        """Only the parameters saved at `step`, placed like `params`. Nothing else of the saved
+        state is read, so its optimizer state may have any structure (another optimizer,
+        pruning masks); saved parameters that `params` lacks are left out."""
+        abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
+        args = ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract),
+                                      partial_restore=True)
+        with self._restoring(step), ocp.PyTreeCheckpointer() as checkpointer:
+            self._check_shapes(step, abstract)
+            return checkpointer.restore(os.path.join(self.directory, str(step), "state"),
+                                        args=args)["params"]
+
+    @contextlib.contextmanager
+    def _restoring(self, step: int):
+        """Turns any error of reading `step`, but for a mismatch with the config, into a
+        CorruptCheckpointError naming it."""
+        try:
+            yield
         except (ShapeMismatchError, DataPositionError):
             raise
         except Exception as error:  # orbax and TensorStore raise many kinds; all mean unreadable.
@@ -167,26 +188,36 @@ class Checkpoints:
         self.manager.reload()
         return target
 
-    def _check_shapes(self, step: int, abstract: TrainState):
-        """Names the first array whose saved shape differs from the config's."""
+    def _check_shapes(self, step: int, abstract):
+        """Names the first array of `abstract` (a train state, or a part of its tree) that is
+        not saved or whose saved shape differs from the config's."""
         saved = {_path_name(path): leaf.shape for path, leaf in
                  jax.tree_util.tree_leaves_with_path(self.manager.item_metadata(step)["state"])}
+        if not saved:
+            raise ValueError("its metadata lists no arrays")  # unreadable (see _restoring).
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
             name = _path_name(path)
-            if saved.get(name, leaf.shape) != leaf.shape:
+            if name not in saved:
+                raise ShapeMismatchError(
+                    f"{self.directory}/{step}: {name} is not in the checkpoint; was it trained "
+                    "with another config?")
+            if saved[name] != leaf.shape:
                 raise ShapeMismatchError(
                     f"{self.directory}/{step}: {name} has shape {saved[name]} in the checkpoint but "
                     f"{leaf.shape} in the config; was it trained with another config?")
 
     def average(self, steps: list[int], state: TrainState) -> TrainState:
-        """`state` of the last of `steps` with its parameters replaced by their mean over
-        `steps` (checkpoint averaging, as in Vaswani et al.)."""
+        """`state` of the last of `steps` with its parameters replaced by `average_params`."""
+        return self.restore(steps[-1], state).replace(params=self.average_params(steps, state.params))
+
+    def average_params(self, steps: list[int], params: nnx.State) -> nnx.State:
+        """The mean of the parameters saved at `steps` (checkpoint averaging, as in Vaswani et
+        al.), placed like `params`; only parameters are read (see `restore_params`)."""
         total = None
         for step in steps:
-            restored = self.restore(step, state)
-            total = restored.params if total is None else jax.tree.map(jnp.add, total, restored.params)
-        mean = jax.tree.map(lambda x: x / len(steps), total)
-        return restored.replace(params=mean)
+            restored = self.restore_params(step, params)
+            total = restored if total is None else jax.tree.map(jnp.add, total, restored)
+        return jax.tree.map(lambda x: x / len(steps), total)
 
     def wait(self):
         """Blocks until the asynchronous saves are on disk."""

@@ -19,6 +19,8 @@ plain multi-head attention. One difference is deliberate: tfx never generates to
 and the start token), and neither does the export, whose output projection has a bias of
 NO_TOKEN_BIAS at id 0; CTranslate2's probabilities are therefore tfx's renormalised without
 token 0, log p + log(1 / (1 - p(token 0))), which for a trained model is close to tfx's own.
+A low-rank model (model.rank_fraction > 0, tfx/lowrank.py) is exported with its factors
+multiplied back: CTranslate2 runs it at the full-rank model's size and speed.
 """
 from __future__ import annotations
 
@@ -148,6 +150,7 @@ def _set_attention(spec, attention: Mapping, model: ml_collections.ConfigDict, s
     """[out, in] weights; grouped key/value heads repeated so query head n reads kv head
     n // (N / K), as tfx's `Attention` groups them."""
     groups = model.num_heads // model.num_kv_heads
+    attention = {name: _full(attention[name]) for name in ("query", "key", "value", "out")}
     query_DxNxH = attention["query"]
     d, n, h = query_DxNxH.shape
     q = query_DxNxH.reshape(d, n * h).T
@@ -162,11 +165,20 @@ def _set_attention(spec, attention: Mapping, model: ml_collections.ConfigDict, s
 def _set_mlp(spec, norm: Mapping, mlp: Mapping):
     """CTranslate2 applies the activation to `linear_0` and multiplies by `linear_0_noact`."""
     _set_norm(spec.layer_norm, norm)
+    mlp = {name: _full(weight) for name, weight in mlp.items()}
     if "wi_gate" in mlp:
         spec.linear_0.weight, spec.linear_0_noact.weight = mlp["wi_gate"].T, mlp["wi"].T
     else:
         spec.linear_0.weight = mlp["wi"].T
     spec.linear_1.weight = mlp["wo"].T
+
+
+def _full(weight) -> np.ndarray:
+    """A projection's weight, or the product of its low-rank factors ({"a", "b"}, see
+    `layers.LowRank`)."""
+    if isinstance(weight, Mapping):
+        return np.tensordot(weight["a"], weight["b"], axes=1)
+    return weight
 
 
 class _SpecConverter(Converter):

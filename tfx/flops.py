@@ -3,7 +3,8 @@ the README.
 
 Counted, at 2 FLOPs per multiply-add: every product with a weight matrix, and the attention
 products (scores and weighted values) within each sentence pair, the causal half of them for
-the decoder's self-attention. Not counted: padding, norms, softmax, activations, the optimizer.
+the decoder's self-attention. A low-rank projection (model.rank_fraction > 0) is its two
+factors' products. Not counted: padding, norms, softmax, activations, the optimizer.
 Training is 3 forward passes' worth (the backward pass computes two products for each one of
 the forward pass).
 """
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from tfx.config import head_dim
+from tfx.model.layers import factor_rank
 
 Pairs = Sequence[tuple[int, int]]  # (source tokens, target tokens) of each sentence pair.
 
@@ -26,12 +28,20 @@ def _weights_per_token(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
     cross-attention queries/outputs and MLP, and the output projection.
     """
     d, h = cfg.emb_dim, head_dim(cfg)
-    query_out = 2 * d * cfg.num_heads * h
-    key_value = 2 * d * cfg.num_kv_heads * h
-    mlp = d * cfg.mlp_dim * (3 if cfg.activation == "swiglu" else 2)
+    query_out = 2 * _projection(cfg, d, cfg.num_heads * h)
+    key_value = 2 * _projection(cfg, d, cfg.num_kv_heads * h)
+    mlp = _projection(cfg, d, cfg.mlp_dim) * (3 if cfg.activation == "swiglu" else 2)
     source = cfg.num_encoder_layers * (query_out + key_value + mlp) + cfg.num_decoder_layers * key_value
     target = cfg.num_decoder_layers * (2 * query_out + key_value + mlp) + d * cfg.vocab_size
     return source, target
+
+
+def _projection(cfg: ml_collections.ConfigDict, fan_in: int, fan_out: int) -> int:
+    """Multiply-adds per token of a projection [fan_in, fan_out] (or [fan_out, fan_in]): the
+    matrix's, or its factors' [fan_in, R] and [R, fan_out] (`layers.LowRank`)."""
+    if not cfg.rank_fraction:
+        return fan_in * fan_out
+    return factor_rank(fan_in, fan_out, cfg.rank_fraction) * (fan_in + fan_out)
 
 
 def forward_flops(cfg: ml_collections.ConfigDict, pairs: Pairs) -> float:

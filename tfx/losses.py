@@ -1,4 +1,5 @@
-"""Token losses and metrics: label-smoothed cross-entropy, z-loss, accuracy, perplexity.
+"""Token losses and metrics: label-smoothed cross-entropy, z-loss, distillation, accuracy,
+perplexity.
 
 The loss is normalised as in T5X and the Flax WMT example: the entropy of the smoothed target
 distribution is subtracted, so predicting that distribution exactly gives loss 0.
@@ -41,33 +42,61 @@ def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, label_smoothin
     return loss_BxL, nll_BxL
 
 
-def metric_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array,
-                label_smoothing: float, z_loss: float) -> dict[str, jax.Array]:
-    """Scalar weighted sums (not means): 'loss', 'nll', 'correct' (target has the top logit),
-    'weight'.
+def distill_kl(logits_BxLxV: jax.Array, teacher_logits_BxLxV: jax.Array,
+               temperature: float) -> jax.Array:
+    """KL(softmax(teacher / temperature) || softmax(student / temperature)) per token, [B, L],
+    in float32 (word-level distillation, Hinton et al. 2015).
 
+    sum_v p_v (log p_v - log q_v) with log q_v = s_v - logsumexp(s): the student's log-softmax
+    is never built as a [B, L, V] array of its own.
+    """
+    s_BxLxV = logits_BxLxV.astype(jnp.float32) / temperature
+    log_p_BxLxV = jax.nn.log_softmax(teacher_logits_BxLxV.astype(jnp.float32) / temperature)
+    return (jnp.sum(jnp.exp(log_p_BxLxV) * (log_p_BxLxV - s_BxLxV), axis=-1)
+            + jax.nn.logsumexp(s_BxLxV, axis=-1))
+
+
+def metric_sums(logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array,
+                label_smoothing: float, z_loss: float, teacher_logits_BxLxV: jax.Array | None = None,
+                distill_weight: float = 0.0, temperature: float = 1.0) -> dict[str, jax.Array]:
+    """Scalar weighted sums (not means): 'loss', 'nll', 'correct' (target has the top logit),
+    'weight', and with a teacher's logits 'distill' (the `distill_kl` of each token).
+
+    With a teacher the token loss is (1 - distill_weight) x `token_losses`' loss (label-smoothed
+    cross-entropy, plus z-loss if set) + distill_weight x temperature^2 x `distill_kl`; the
+    temperature^2 keeps the KL term's gradients at the scale of temperature 1's.
     Sums add over gradient-accumulation microbatches and eval batches; `summarize` divides once.
     """
     loss_BxL, nll_BxL = token_losses(logits_BxLxV, targets_BxL, label_smoothing, z_loss)
     weights_BxL = weights_BxL.astype(jnp.float32)
+    if teacher_logits_BxLxV is not None:
+        kl_BxL = distill_kl(logits_BxLxV, teacher_logits_BxLxV, temperature)
+        loss_BxL = (1.0 - distill_weight) * loss_BxL + distill_weight * temperature**2 * kl_BxL
     # Correct when the target's logit is the maximum (a plain max is cheaper than argmax; an
     # exact tie, which has measure zero in float32, would count as correct).
     target_logit_BxL = _target_logit(logits_BxLxV, targets_BxL)
     correct_BxL = (target_logit_BxL >= jnp.max(logits_BxLxV, axis=-1)).astype(jnp.float32)
-    return {
+    sums = {
         "loss": jnp.sum(loss_BxL * weights_BxL),
         "nll": jnp.sum(nll_BxL * weights_BxL),
         "correct": jnp.sum(correct_BxL * weights_BxL),
         "weight": jnp.sum(weights_BxL),
     }
+    if teacher_logits_BxLxV is not None:
+        sums["distill"] = jnp.sum(kl_BxL * weights_BxL)
+    return sums
 
 
 def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-token loss, nll, accuracy and perplexity from `metric_sums` (added over batches).
+    """Per-token loss, nll, accuracy, perplexity and, when distilling, distill_kl from
+    `metric_sums` (added over batches).
 
     A zero total weight gives zeros (perplexity 1) rather than NaN.
     """
     weight = jnp.maximum(sums["weight"], 1e-9)
     nll = sums["nll"] / weight
-    return {"loss": sums["loss"] / weight, "nll": nll, "accuracy": sums["correct"] / weight,
-            "perplexity": jnp.exp(nll), "weight": sums["weight"]}
+    metrics = {"loss": sums["loss"] / weight, "nll": nll, "accuracy": sums["correct"] / weight,
+               "perplexity": jnp.exp(nll), "weight": sums["weight"]}
+    if "distill" in sums:
+        metrics["distill_kl"] = sums["distill"] / weight
+    return metrics

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from tfx import prune
 from tfx.config import OPTIMIZERS, SCHEDULES, choice_error
 
 
@@ -43,7 +44,8 @@ def decayed(params) -> object:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping (unless grad_clip_norm is 0), then AdamW or Adafactor on the schedule.
+    """Global-norm clipping (unless grad_clip_norm is 0), then AdamW or Adafactor on the schedule,
+    then, if config.prune asks, magnitude pruning (tfx/prune.py), which keeps pruned weights 0.
 
     Weight decay skips norm scales and biases (see `decayed`) unless config.weight_decay_norms.
     """
@@ -58,4 +60,5 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     else:
         raise choice_error("optimizer", config.optimizer, OPTIMIZERS)
     clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
-    return optax.chain(*clip, optimizer)
+    pruning = [prune.magnitude_pruning(config)] if prune.enabled(config) else []
+    return optax.chain(*clip, optimizer, *pruning)

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from tfx import losses, optim, parallel
+from tfx import losses, optim, parallel, quantize
 from tfx.model.transformer import EncoderDecoder
 
 MODEL_INPUTS = ("inputs_segment_ids", "targets_segment_ids", "inputs_positions", "targets_positions")
@@ -32,11 +32,11 @@ class TrainState:
     rng: jax.Array
 
 
-def _init_state(config: ml_collections.ConfigDict) -> TrainState:
+def _init_state(config: ml_collections.ConfigDict, params: nnx.State | None = None) -> TrainState:
     tx = optim.make_optimizer(config)
     params_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    model = EncoderDecoder(config.model, nnx.Rngs(params=params_key))
-    params = nnx.state(model, nnx.Param)
+    if params is None:
+        params = nnx.state(EncoderDecoder(config.model, nnx.Rngs(params=params_key)), nnx.Param)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=dropout_key)
 
@@ -57,6 +57,14 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
     return graphdef, state, shardings
 
 
+def fresh_state(config: ml_collections.ConfigDict, params: nnx.State, shardings: TrainState
+                ) -> TrainState:
+    """The state `create_train_state` makes (step 0, the optimizer initialised, the seed's
+    dropout RNG) around `params` instead of random ones; `params`, placed by shardings.params,
+    are donated."""
+    return jax.jit(lambda p: _init_state(config, p), out_shardings=shardings, donate_argnums=0)(params)
+
+
 def _model_kwargs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     unknown = set(batch) - {"inputs", "targets", *MODEL_INPUTS}
     if unknown:
@@ -70,11 +78,14 @@ def _target_weights(targets_BxT: jax.Array) -> jax.Array:
     return (targets_BxT > 0).astype(jnp.float32)
 
 
-def _metric_sums(graphdef, params, batch, config, rngs) -> dict[str, jax.Array]:
+def _metric_sums(graphdef, params, batch, config, rngs, teacher_logits_BxTxV=None
+                 ) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, params)
-    logits_BxTxV = model(batch["inputs"], batch["targets"], **_model_kwargs(batch), rngs=rngs)
+    with quantize.matmuls(config.quantization):  # int8: QAT under grad, else PTQ.
+        logits_BxTxV = model(batch["inputs"], batch["targets"], **_model_kwargs(batch), rngs=rngs)
     return losses.metric_sums(logits_BxTxV, batch["targets"], _target_weights(batch["targets"]),
-                              config.label_smoothing, config.z_loss)
+                              config.label_smoothing, config.z_loss, teacher_logits_BxTxV,
+                              config.distill.weight, config.distill.temperature)
 
 
 def divergence_limit(config: ml_collections.ConfigDict) -> float:
@@ -101,8 +112,14 @@ def _keep_unless(good, new, old):
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
-                    state_shardings: TrainState) -> Callable:
+                    state_shardings: TrainState,
+                    teacher: tuple[nnx.GraphDef, nnx.State] | None = None) -> Callable:
     """jit-compiled `train_step(state, batch) -> (state, metrics)`, state buffers donated.
+
+    With `teacher`, the (graphdef, params shardings) of config.distill's teacher (see
+    `trained.load_teacher`), it is `train_step(state, batch, teacher_params)` (not donated): the
+    teacher's forward pass on each (micro)batch (no dropout, float matmuls), outside the
+    differentiated function so frozen, gives the distillation targets of `losses.metric_sums`.
 
     A batch may carry `stop`, [B, 1] int32: each process sets its rows to 1 once it has a
     preemption signal, and metrics["stop"] is their maximum, the same on every process, so all
@@ -119,14 +136,24 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
     rules = config.logical_axis_rules
     accum = config.grad_accum_steps
     data_parallel = parallel.data_parallel_size(mesh, rules)
+    if (teacher is None) == bool(config.distill.teacher_config):
+        raise ValueError(f"config.distill.teacher_config={config.distill.teacher_config!r}: the "
+                         "train step needs the teacher exactly when this key is set.")
 
-    def grads_and_sums(params, batch, key, tokens):
+    def grads_and_sums(params, batch, key, tokens, teacher_params):
+        teacher_logits_BxTxV = None
+        if teacher is not None:
+            teacher_model = nnx.merge(teacher[0], teacher_params)
+            teacher_logits_BxTxV = teacher_model(batch["inputs"], batch["targets"],
+                                                 **_model_kwargs(batch))
+
         def loss_fn(p):
-            sums = _metric_sums(graphdef, p, batch, config, nnx.Rngs(dropout=key))
+            sums = _metric_sums(graphdef, p, batch, config, nnx.Rngs(dropout=key),
+                                teacher_logits_BxTxV)
             return sums["loss"] / tokens, sums
         return jax.grad(loss_fn, has_aux=True)(params)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params=None):
         batch = dict(batch)
         stop_Bx1 = batch.pop("stop", None)  # each process's rows carry its preemption flag.
         with parallel.activation_sharding(mesh, rules):
@@ -140,7 +167,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
                 )
             tokens = jnp.maximum(jnp.sum(_target_weights(batch["targets"])), 1.0)
             if accum == 1:
-                grads, sums = grads_and_sums(state.params, batch, key, tokens)
+                grads, sums = grads_and_sums(state.params, batch, key, tokens, teacher_params)
             else:
                 # Row r goes to microbatch r % accum, so each microbatch stays evenly sharded.
                 micro = jax.tree.map(
@@ -152,11 +179,11 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
                     micro_batch = jax.tree.map(
                         lambda x: parallel.constrain(x, ("batch", "length")), micro_batch)
                     grads, sums = grads_and_sums(state.params, micro_batch, jax.random.fold_in(key, i),
-                                                 tokens)
+                                                 tokens, teacher_params)
                     return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
                 zeros = jax.eval_shape(grads_and_sums, state.params,
-                                       jax.tree.map(lambda x: x[0], micro), key, tokens)
+                                       jax.tree.map(lambda x: x[0], micro), key, tokens, teacher_params)
                 zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
                 (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -175,8 +202,9 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
         return new_state, metrics
 
     batch_sharding = parallel.batch_sharding(mesh, rules)
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+    in_shardings = (state_shardings, batch_sharding) + (() if teacher is None else (teacher[1],))
+    return jax.jit(train_step, in_shardings=in_shardings, out_shardings=(state_shardings, None),
+                   donate_argnums=0)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
@@ -203,7 +231,7 @@ def make_score_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
     rules = config.logical_axis_rules
 
     def score_step(params, batch):
-        with parallel.activation_sharding(mesh, rules):
+        with parallel.activation_sharding(mesh, rules), quantize.matmuls(config.quantization):
             model = nnx.merge(graphdef, params)
             logits_BxTxV = model(batch["inputs"], batch["targets"], **_model_kwargs(batch))
             _, nll_BxT = losses.token_losses(logits_BxTxV, batch["targets"], 0.0, 0.0)

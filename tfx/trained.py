@@ -10,16 +10,20 @@ train.py does), so a run directory with its config is all that translation needs
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import filecmp
 import os
 import shutil
 import tempfile
 
 import jax
 import ml_collections
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
+from tfx import config as config_lib
 from tfx import parallel, steps
 from tfx.checkpoint import Checkpoints, CorruptCheckpointError
 from tfx.data import sources
@@ -39,9 +43,12 @@ class TrainedModel:
     label: str  # which checkpoint: "step2500", "average5-step2500".
 
 
-def restore_params(workdir: str, checkpoint: str, state) -> tuple[str, nnx.State]:
+def restore_params(workdir: str, checkpoint: str, state, key: str = "--checkpoint"
+                   ) -> tuple[str, nnx.State]:
     """(label, params) of `checkpoint` ("latest", a step, or "average:N" for the mean of the
-    last N) in `workdir`, placed like `state` (arrays, or ShapeDtypeStructs with shardings).
+    last N) in `workdir`, placed like `state.params` (arrays, or ShapeDtypeStructs with
+    shardings). Only parameters are read (`Checkpoints.restore_params`). `key` is the flag or
+    config key that chose `checkpoint`, for the errors.
 
     "latest" is the newest checkpoint that restores (a warning names each one skipped); a
     requested step, or a member of an average, that does not restore is an error naming it."""
@@ -53,22 +60,41 @@ def restore_params(workdir: str, checkpoint: str, state) -> tuple[str, nnx.State
         raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}; train first.")
     kind, _, count = checkpoint.partition(":")
     if checkpoint == "latest":
-        step, restored = checkpoints.restore_latest(state)
-        if step is None:
-            raise CorruptCheckpointError(f"no checkpoint in {checkpoints.directory} restores "
-                                         "(see the warnings above).")
-        return f"step{step}", restored.params
+        for step in reversed(saved):
+            try:
+                return f"step{step}", checkpoints.restore_params(step, state.params)
+            except CorruptCheckpointError as error:
+                logging.warning("skipping checkpoint step %d: %s", step, error)
+        raise CorruptCheckpointError(f"no checkpoint in {checkpoints.directory} restores "
+                                     "(see the warnings above).")
     if kind == "average" and count.isdigit() and 0 < int(count) <= len(saved):
         steps_, label = saved[-int(count):], f"average{count}-step{saved[-1]}"
     elif checkpoint.isdigit() and int(checkpoint) in saved:
         steps_, label = [int(checkpoint)], f"step{checkpoint}"
     else:
-        raise ValueError(f"--checkpoint={checkpoint!r}: use latest, a saved step, or average:N with "
+        raise ValueError(f"{key}={checkpoint!r}: use latest, a saved step, or average:N with "
                          f"N <= {len(saved)}; saved steps in {checkpoints.directory}: {saved}.")
     try:
-        return label, checkpoints.average(steps_, state).params
+        return label, checkpoints.average_params(steps_, state.params)
     except CorruptCheckpointError as error:
-        raise CorruptCheckpointError(f"--checkpoint={checkpoint}: {error}") from error
+        raise CorruptCheckpointError(f"{key}={checkpoint}: {error}") from error
+
+
+@contextlib.contextmanager
+def _naming(key: str, value: str):
+    """Prefixes the errors of reading another run with `config.<key>=<value>: `."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"config.{key}={value!r}: {error}") from error
+
+
+def init_params(config: ml_collections.ConfigDict, state) -> tuple[str, nnx.State]:
+    """(label, params) of config.init_checkpoint of the run in config.init_from, placed like
+    `state.params` (this run's mesh and shardings); errors name the keys."""
+    with _naming("init_from", config.init_from):
+        return restore_params(config.init_from, config.init_checkpoint, state,
+                              "config.init_checkpoint")
 
 
 def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_lib.Tokenizer:
@@ -101,8 +127,44 @@ def load(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "lat
     the train state is kept), and its tokenizer."""
     mesh = parallel.make_mesh(config.mesh_shape)
     graphdef, abstract, shardings = steps.abstract_train_state(config, mesh)
-    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-    label, params = restore_params(workdir, checkpoint, placed)
+    label, params = restore_params(workdir, checkpoint, _placed(abstract, shardings))
     return TrainedModel(config, mesh, graphdef, params, shardings.params,
                         tokenizer_for(config, workdir), label)
+
+
+def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh,
+                 tokenizer: tokenizer_lib.Tokenizer) -> TrainedModel:
+    """config.distill's teacher (its config file's model, its workdir's teacher_checkpoint)
+    placed on the student's `mesh` by the student's logical axis rules.
+
+    Distillation compares the two models' predictions token by token, so the teacher must have
+    the student's vocabulary: the same model.vocab_size, and a tokenizer.model in its workdir
+    with the bytes of the student's SentencePiece model `tokenizer`."""
+    distill = config.distill
+    with _naming("distill.teacher_config", distill.teacher_config):
+        teacher = config_lib.load(distill.teacher_config)
+    if teacher.model.vocab_size != config.model.vocab_size:
+        raise ValueError(
+            f"config.distill.teacher_config={distill.teacher_config!r} has model.vocab_size="
+            f"{teacher.model.vocab_size}, the student config.model.vocab_size="
+            f"{config.model.vocab_size}: distillation needs one vocabulary.")
+    copy = os.path.join(distill.teacher_workdir, TOKENIZER_FILE)
+    if not os.path.isfile(copy) or not filecmp.cmp(copy, tokenizer.path, shallow=False):
+        found = "differs from" if os.path.isfile(copy) else "is missing, so cannot be checked against"
+        raise ValueError(
+            f"config.distill.teacher_workdir={distill.teacher_workdir!r}: its {TOKENIZER_FILE} "
+            f"{found} the student's SentencePiece model {tokenizer.path}; distillation needs one "
+            "vocabulary (set the student's config.tokenizer.model_path to the teacher's).")
+    teacher.logical_axis_rules = config.logical_axis_rules
+    graphdef, abstract, shardings = steps.abstract_train_state(teacher, mesh)
+    with _naming("distill.teacher_workdir", distill.teacher_workdir):
+        label, params = restore_params(distill.teacher_workdir, distill.teacher_checkpoint,
+                                       _placed(abstract, shardings),
+                                       "config.distill.teacher_checkpoint")
+    return TrainedModel(teacher, mesh, graphdef, params, shardings.params, tokenizer, label)
+
+
+def _placed(abstract, shardings):
+    """ShapeDtypeStructs of `abstract` with `shardings`: where restored arrays go."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)

@@ -98,6 +98,30 @@ def divergence(metrics: dict, config: ml_collections.ConfigDict) -> str | None:
             "the run diverged")
 
 
+def starting_state(config: ml_collections.ConfigDict, experiment: Experiment,
+                   checkpoints: Checkpoints, batches: pipeline.TrainBatches | None
+                   ) -> steps.TrainState:
+    """The newest checkpoint of the workdir that restores (`batches`, if given, continue from
+    its data position unless config.data.reset_position); else config.init_from's parameters
+    with the optimizer, step and RNG afresh; else `experiment.state`. Process 0 says which."""
+    main_process = jax.process_index() == 0
+    reset_data = config.data.reset_position
+    latest, state = checkpoints.restore_latest(experiment.state, None if reset_data else batches,
+                                               move_aside=main_process)
+    if latest is not None:
+        if main_process:
+            print(f"resuming from step {latest} in {checkpoints.directory}"
+                  + (" with the data afresh (config.data.reset_position)" if reset_data else "")
+                  + (f"; config.init_from={config.init_from!r} is ignored" if config.init_from else ""))
+        return state
+    if not config.init_from:
+        return state
+    label, params = trained.init_params(config, state)
+    if main_process:
+        print(f"initialised from {config.init_from} {label}")
+    return steps.fresh_state(config, params, experiment.shardings)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) in `workdir`; returns the last eval metrics (empty if none ran)."""
     with contextlib.ExitStack() as cleanup:  # closed however the run ends.
@@ -112,20 +136,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
     checkpoints = Checkpoints(workdir, config)
     cleanup.callback(checkpoints.close)
     cleanup.callback(checkpoints.wait)  # (callbacks run last first: wait, then close)
-    state = experiment.state
     batches, length_counts = pipeline.train_iterator(
         config, experiment.splits["train"], experiment.tokenizer, experiment.train_shard)
     cleanup.callback(batches.close)
-    reset_data = config.data.reset_position
     main_process = jax.process_index() == 0
-    latest, state = checkpoints.restore_latest(state, None if reset_data else batches,
-                                               move_aside=main_process)
     if main_process and config.model.dtype == precision.AUTO:
         dtype, why = precision.auto_dtype()
         print(f"config.model.dtype='auto' computes in {dtype}: {why}")
-    if main_process and latest is not None:
-        print(f"resuming from step {latest} in {checkpoints.directory}"
-              + (" with the data afresh (config.data.reset_position)" if reset_data else ""))
+    state = starting_state(config, experiment, checkpoints, batches)
+    teacher = None
+    if config.distill.teacher_config:
+        teacher = trained.load_teacher(config, experiment.mesh, experiment.tokenizer)
+        if main_process:
+            print(f"distilling from {config.distill.teacher_workdir} {teacher.label}")
+    teacher_spec = None if teacher is None else (teacher.graphdef, teacher.params_shardings)
+    teacher_args = () if teacher is None else (teacher.params,)  # not donated, so kept.
     if main_process:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2))
@@ -146,7 +171,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
                       f"{plan_from + 1}-{plan_at} to plan the number of steps")
 
     train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
-                                       experiment.shardings)
+                                       experiment.shardings, teacher_spec)
     eval_step = steps.make_eval_step(config, experiment.graphdef, experiment.mesh,
                                      experiment.shardings.params)
     translate = decode.make_translate(config, experiment.graphdef, experiment.mesh,
@@ -189,7 +214,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
             elapsed = time.perf_counter() - window_start
             tokens = sum(float(m["weight"]) for m in window)
             summary = {k: float(np.mean([m[k] for m in window]))
-                       for k in ("loss", "nll", "accuracy", "grad_norm", "learning_rate")}
+                       for k in ("loss", "nll", "accuracy", "grad_norm", "learning_rate",
+                                 "distill_kl") if k in window[0]}
             summary.update(perplexity=math.exp(min(summary["nll"], 50)),
                            target_tokens_per_sec=tokens / elapsed,
                            step_time_s=elapsed / len(window),
@@ -207,7 +233,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
     while step < config.num_train_steps:
         batch = {**next(batches), "stop": preemption.stop_rows(experiment.train_shard.rows)}
         batch = pipeline.to_global(batch, experiment.sharding, experiment.train_shard)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch, *teacher_args)
         step += 1
         if plan_from is not None and step in (plan_from, plan_at):
             jax.block_until_ready(metrics)
@@ -218,7 +244,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
                 plan = budget.plan(config, workdir, step_time, step, plan_at - plan_from)
                 config = budget.with_steps(config, plan["num_train_steps"])
                 train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
-                                                   experiment.shardings)
+                                                   experiment.shardings, teacher_spec)
                 progress.total = config.num_train_steps
                 progress.write(budget.describe(plan))
                 plan_from = None

@@ -42,7 +42,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from tfx import parallel
+from tfx import parallel, quantize
 from tfx.config import DECODE_STRATEGIES, choice_error
 from tfx.model.transformer import EncoderDecoder, attention_mask
 
@@ -83,7 +83,7 @@ def jit_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mes
 
     @jax.jit
     def run(params, inputs_BxS, rng):
-        with parallel.activation_sharding(mesh, rules):
+        with parallel.activation_sharding(mesh, rules), quantize.matmuls(config.quantization):
             return decode(nnx.merge(graphdef, params), inputs_BxS, options, rng)
 
     return run

@@ -3,11 +3,12 @@
 Parameters are float32 `nnx.Param`s carrying `logical_axes` metadata (see tfx/parallel.py);
 computation runs in `dtype` (float32 or bfloat16), norms and softmax in float32.
 Shape suffixes: B batch, S source length, T target (query) length, D emb_dim, N query heads,
-K key/value heads, H head_dim, F mlp_dim, V vocab.
+K key/value heads, H head_dim, F mlp_dim, V vocab, R the rank of a low-rank projection.
 """
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -16,10 +17,12 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from tfx import quantize
 from tfx.parallel import constrain, target_platform
 
 Initializer = jax.nn.initializers.Initializer
 PROJECTION = "projection"  # the checkpoint name of every `project` result
+RANK = "rank"  # the logical axis of a `LowRank` factor's rank: no default rule splits it.
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], logical_axes) -> nnx.Param:
@@ -32,15 +35,70 @@ def dense_init(in_axis, out_axis) -> Initializer:
     return jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis, out_axis)
 
 
-def project(spec: str, x: jax.Array, weight: nnx.Param, dtype) -> jax.Array:
+def factor_rank(fan_in: int, fan_out: int, rank_fraction: float) -> int:
+    """The rank of a low-rank projection [fan_in, fan_out] (`config.model.rank_fraction` > 0):
+    rank_fraction x min(fan_in, fan_out), rounded, at least 1."""
+    return max(1, round(rank_fraction * min(fan_in, fan_out)))
+
+
+def projection_weight(rngs: nnx.Rngs, shape: Sequence[int], logical_axes, fan_in_dims: int,
+                      rank_fraction: float) -> nnx.Param | LowRank:
+    """A projection weight whose first `fan_in_dims` axes are its fan-in: one Xavier-uniform
+    parameter, or with `rank_fraction` > 0 a `LowRank` of rank `factor_rank`."""
+    if rank_fraction == 0:
+        init = dense_init(tuple(range(fan_in_dims)), tuple(range(fan_in_dims, len(shape))))
+        return param(rngs, init, shape, logical_axes)
+    rank = factor_rank(math.prod(shape[:fan_in_dims]), math.prod(shape[fan_in_dims:]), rank_fraction)
+    return LowRank(shape, logical_axes, fan_in_dims, rank, rngs)
+
+
+class LowRank(nnx.Module):
+    """A projection weight [*fan_in, *fan_out] stored as the product of two factors,
+    `a` [*fan_in, R] and `b` [R, *fan_out]: R x (fan_in + fan_out) parameters and multiply-adds
+    per token instead of fan_in x fan_out. `project` multiplies x by a, then the result by b;
+    `shape` is the full weight's, as a parameter's would be."""
+
+    def __init__(self, shape: Sequence[int], logical_axes, fan_in_dims: int, rank: int, rngs: nnx.Rngs):
+        """Initialised so that x a keeps the scale of x and a b has the variance of the
+        Xavier-uniform full weight, 2 / (fan_in + fan_out)."""
+        fan_in, fan_out = math.prod(shape[:fan_in_dims]), math.prod(shape[fan_in_dims:])
+        in_axes, out_axes = tuple(range(fan_in_dims)), tuple(range(1, 1 + len(shape) - fan_in_dims))
+        init_a = jax.nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axes, fan_in_dims)
+        init_b = jax.nn.initializers.variance_scaling(2 * fan_in / (fan_in + fan_out), "fan_in",
+                                                      "uniform", 0, out_axes)
+        self.a = param(rngs, init_a, (*shape[:fan_in_dims], rank), (*logical_axes[:fan_in_dims], RANK))
+        self.b = param(rngs, init_b, (rank, *shape[fan_in_dims:]), (RANK, *logical_axes[fan_in_dims:]))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.a.shape[:-1], *self.b.shape[1:])
+
+
+def project(spec: str, x: jax.Array, weight: nnx.Param | LowRank, dtype) -> jax.Array:
     """einsum of activations with a float32 parameter, computed in `dtype`.
 
     Operands are cast to `dtype`, products accumulate in float32, the result is in `dtype` and
     the weight gradient in float32 (see `_projection`). Every index of one operand must appear
     in the other or in the output, as in all projections here. The result is named PROJECTION
-    for rematerialisation policies.
+    for rematerialisation policies. A `LowRank` weight is two such projections, by its factors.
+    Under `quantize.matmuls("int8")` the product is int8 (see tfx/quantize.py).
     """
-    return checkpoint_name(_projection(spec, x.astype(dtype), weight[...]), PROJECTION)
+    if isinstance(weight, LowRank):
+        to_rank, from_rank = _factor_specs(spec)
+        return project(from_rank, project(to_rank, x, weight.a, dtype), weight.b, dtype)
+    projection = quantize.einsum if quantize.active() else _projection
+    return checkpoint_name(projection(spec, x.astype(dtype), weight[...]), PROJECTION)
+
+
+def _factor_specs(spec: str) -> tuple[str, str]:
+    """The einsum specs of x by a weight's first factor and of that by its second, the rank
+    indexed "r": "btd,dnh->btnh" gives "btd,dr->btr" and "btr,rnh->btnh" (fan-in indices
+    come first in a weight, as in all projections here)."""
+    inputs, out = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    kept = "".join(i for i in x_axes if i not in w_axes)
+    fan_in = "".join(i for i in w_axes if i in x_axes)
+    return f"{x_axes},{fan_in}r->{kept}r", f"{kept}r,r{w_axes[len(fan_in):]}->{out}"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -211,17 +269,18 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 dropout_rate: float, dtype, rngs: nnx.Rngs):
+                 dropout_rate: float, dtype, rngs: nnx.Rngs, rank_fraction: float = 0.0):
+        """`rank_fraction` > 0: each projection is a `LowRank` (see `projection_weight`)."""
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.dropout_rate, self.dtype = dropout_rate, dtype
-        self.query = param(rngs, dense_init(0, (1, 2)), (dim, num_heads, head_dim),
-                           ("embed", "heads", "head_dim"))
-        self.key = param(rngs, dense_init(0, (1, 2)), (dim, num_kv_heads, head_dim),
-                         ("embed", "kv_heads", "head_dim"))
-        self.value = param(rngs, dense_init(0, (1, 2)), (dim, num_kv_heads, head_dim),
-                           ("embed", "kv_heads", "head_dim"))
-        self.out = param(rngs, dense_init((0, 1), 2), (num_heads, head_dim, dim),
-                         ("heads", "head_dim", "embed"))
+        self.query = projection_weight(rngs, (dim, num_heads, head_dim), ("embed", "heads", "head_dim"),
+                                       1, rank_fraction)
+        self.key = projection_weight(rngs, (dim, num_kv_heads, head_dim),
+                                     ("embed", "kv_heads", "head_dim"), 1, rank_fraction)
+        self.value = projection_weight(rngs, (dim, num_kv_heads, head_dim),
+                                       ("embed", "kv_heads", "head_dim"), 1, rank_fraction)
+        self.out = projection_weight(rngs, (num_heads, head_dim, dim), ("heads", "head_dim", "embed"),
+                                     2, rank_fraction)
 
     def project_kv(self, x_BxSxD: jax.Array, for_decoding: bool = False) -> tuple[jax.Array, jax.Array]:
         """Keys and values [B, S, K, H]; `for_decoding`: keys [B, K, H, S] and values [B, K, S, H].
@@ -323,13 +382,14 @@ class Mlp(nnx.Module):
     """Position-wise feed-forward: relu, gelu, squared_relu (Primer) or swiglu (gated)."""
 
     def __init__(self, dim: int, mlp_dim: int, activation: str, dropout_rate: float, dtype,
-                 rngs: nnx.Rngs):
-        """`dropout_rate` acts on the hidden activations (fairseq's activation_dropout)."""
+                 rngs: nnx.Rngs, rank_fraction: float = 0.0):
+        """`dropout_rate` acts on the hidden activations (fairseq's activation_dropout);
+        `rank_fraction` > 0 makes each matrix a `LowRank` (see `projection_weight`)."""
         self.activation, self.dropout_rate, self.dtype = activation, dropout_rate, dtype
-        self.wi = param(rngs, dense_init(0, 1), (dim, mlp_dim), ("embed", "mlp"))
+        self.wi = projection_weight(rngs, (dim, mlp_dim), ("embed", "mlp"), 1, rank_fraction)
         if activation == "swiglu":
-            self.wi_gate = param(rngs, dense_init(0, 1), (dim, mlp_dim), ("embed", "mlp"))
-        self.wo = param(rngs, dense_init(0, 1), (mlp_dim, dim), ("mlp", "embed"))
+            self.wi_gate = projection_weight(rngs, (dim, mlp_dim), ("embed", "mlp"), 1, rank_fraction)
+        self.wo = projection_weight(rngs, (mlp_dim, dim), ("mlp", "embed"), 1, rank_fraction)
 
     def __call__(self, x_BxLxD: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         h = project("bld,df->blf", x_BxLxD, self.wi, self.dtype)

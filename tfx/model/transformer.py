@@ -6,6 +6,8 @@ each other, and `*_positions` restarts at 0 for each pair. Unpacked batches may 
 `config.model.remat` recomputes each layer's activations in the backward pass, and
 `config.model.scan_layers` stacks the parameters of the encoder's (decoder's) layers on a
 leading "layers" axis and runs them with one `lax.scan`, so compile time stays flat in depth.
+`config.model.rank_fraction` > 0 makes each attention and MLP projection the product of two
+low-rank factors (`layers.LowRank`); embeddings and the output projection stay whole.
 """
 from __future__ import annotations
 
@@ -65,9 +67,10 @@ class EncoderLayer(nnx.Module):
         self.pre_norm, self.dropout_rate = cfg.norm_position == "pre", cfg.dropout_rate
         self.attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
         self.attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg),
-                                   cfg.attention_dropout_rate, dtype, rngs)
+                                   cfg.attention_dropout_rate, dtype, rngs, cfg.rank_fraction)
         self.mlp_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
-        self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.activation_dropout_rate, dtype, rngs)
+        self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.activation_dropout_rate, dtype, rngs,
+                       cfg.rank_fraction)
 
     def __call__(self, x_BxSxD, mask_Bx1xSxS, rngs):
         x_BxSxD = residual(x_BxSxD, self.attention_norm, self.pre_norm, self.dropout_rate, rngs,
@@ -82,11 +85,12 @@ class DecoderLayer(nnx.Module):
         args = (cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg), cfg.attention_dropout_rate,
                 dtype)
         self.self_attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
-        self.self_attention = Attention(*args, rngs)
+        self.self_attention = Attention(*args, rngs, cfg.rank_fraction)
         self.cross_attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
-        self.cross_attention = Attention(*args, rngs)
+        self.cross_attention = Attention(*args, rngs, cfg.rank_fraction)
         self.mlp_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
-        self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.activation_dropout_rate, dtype, rngs)
+        self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.activation_dropout_rate, dtype, rngs,
+                       cfg.rank_fraction)
 
     def __call__(self, y_BxTxD, cross_kv, self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs, cache=None, index=0):
         """The layer over T positions, given its cross-attention (keys, values) of the encoder states.
