@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from tfx import evaluate
+from tfx import evaluate, trainer
 from tfx.average import average_last
-from tfx.checkpoint import Checkpoints
+from tfx.checkpoint import Checkpoints, DataPositionError
 from tfx.experiment import Experiment
 from tfx.trained import restore_params
 
@@ -42,6 +42,10 @@ def test_average_command_writes_a_checkpoint_eval_can_read(trained, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, written, on_the_fly)
     with pytest.raises(ValueError, match=r"--last=4, but .* has 3 checkpoints"):
         average_last(config, workdir, 4, str(tmp_path / "other"))
+    # Training does not resume from it (no data position), nor moves it aside as corrupt.
+    with pytest.raises(DataPositionError, match=r"has no data position.*config.init_from="):
+        trainer.train(config, str(tmp_path))
+    assert Checkpoints(str(tmp_path)).steps() == [6]
 
 
 def test_eval_bleu_equals_the_sacrebleu_command_on_the_written_files(trained):

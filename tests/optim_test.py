@@ -15,7 +15,8 @@ from tfx.model.transformer import EncoderDecoder
 def make_config(**overrides) -> ml_collections.ConfigDict:
     config = dict(optimizer="adamw", learning_rate=2e-3, schedule="rsqrt", warmup_steps=100,
                   num_train_steps=1000, cosine_end_fraction=0.1, adam_b1=0.9, adam_b2=0.98,
-                  adam_eps=1e-9, weight_decay=0.0, weight_decay_norms=False, grad_clip_norm=0.0)
+                  adam_eps=1e-9, weight_decay=0.0, weight_decay_norms=False, grad_clip_norm=0.0,
+                  prune=dict(sparsity=0.0, pattern="unstructured"))
     config.update(overrides)
     return ml_collections.ConfigDict(config)
 

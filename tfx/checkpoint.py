@@ -136,6 +136,12 @@ class Checkpoints:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         items = dict(state=ocp.args.StandardRestore(abstract))
         if batches is not None:
+            if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+                workdir = os.path.dirname(self.directory)
+                raise DataPositionError(
+                    f"{self.directory}/{step} has no data position: a tool wrote it (tfx.average, "
+                    "tfx.lowrank, tfx.heads), not training, so nothing resumes from it. Start a "
+                    f"new run from it with config.init_from={workdir!r} and another workdir.")
             items["data"] = DataPositionRestore(batches)
         with self._restoring(step):
             self._check_shapes(step, abstract)
