@@ -173,7 +173,7 @@ def test_sharded_int8_einsum_equals_one_device(spec, x_axes, w_axes):
     rules = config_lib.DEFAULT_LOGICAL_AXIS_RULES
     placed = [jax.device_put(a, jax.sharding.NamedSharding(mesh, parallel.logical_to_spec(
         axes, a.shape, rules, mesh))) for a, axes in ((x, x_axes), (w, w_axes))]
-    assert any(p.sharding.spec != jax.sharding.PartitionSpec() for p in placed[1:])
+    assert placed[1].sharding.spec != jax.sharding.PartitionSpec()
     np.testing.assert_allclose(einsum(spec, *placed), einsum(spec, x, w), rtol=1e-6, atol=1e-7)
 
 
@@ -185,7 +185,7 @@ def test_data_parallel_int8_eval_and_decoding_equal_one_device_row_by_row(tiny_c
     config = tiny_config(quantization="int8", decode=dict(strategy="greedy", max_length_offset=4))
     graphdef, params = nnx.split(EncoderDecoder(config.model, nnx.Rngs(params=1)))
     batch = make_batch(2, 8, 9, 11, config.model.vocab_size)
-    batch["inputs"][batch["inputs"] == 0] = 2  # unpadded: a batch's longest source sets the output limit.
+    batch["inputs"][batch["inputs"] == 0] = 2  # unpadded: the longest source sets the limit.
 
     def run(mesh, batch):
         shardings = parallel.state_shardings(params, mesh, config.logical_axis_rules)
@@ -195,7 +195,7 @@ def test_data_parallel_int8_eval_and_decoding_equal_one_device_row_by_row(tiny_c
         return [(jax.device_get(eval_step(placed, b)), np.asarray(translate(placed, b["inputs"])))
                 for b in batch]
 
-    (sums, tokens), = run(parallel.make_mesh("data:8"), [batch])
+    [(sums, tokens)] = run(parallel.make_mesh("data:8"), [batch])
     rows = run(parallel.make_mesh("data:1", jax.devices()[:1]),
                [{k: v[i:i + 1] for k, v in batch.items()} for i in range(8)])
     jax.tree.map(lambda total, *parts: np.testing.assert_allclose(total, sum(parts), rtol=1e-6),
