@@ -56,3 +56,10 @@ def test_configs_load_with_their_variants():
     assert config_lib.load(os.path.join(ROOT, "configs/wmt_base.py:big")).model.emb_dim == 1024
     with pytest.raises(ValueError, match="unknown direction"):
         config_lib.load(os.path.join(ROOT, "configs/multi30k.py:fr-en"))
+    student = os.path.join(ROOT, "configs/multi30k_student.py")
+    assert config_lib.load(student).data.train == config_lib.load(os.path.join(ROOT, "configs/multi30k.py")).data.train
+    assert config_lib.load(f"{student}:seq").data.train.endswith("runs/teacher-corpus/train")
+    both = config_lib.load(f"{student}:seq+word")
+    assert both.distill.teacher_workdir.endswith("runs/multi30k") and both.model.num_decoder_layers == 1
+    with pytest.raises(ValueError, match="unknown variant"):
+        config_lib.load(f"{student}:words")

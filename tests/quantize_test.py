@@ -1,6 +1,5 @@
 """int8 matmuls (config.quantization="int8", tfx/quantize.py) against integer arithmetic done
 here in numpy, the float model, one device, and the float gradients."""
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +10,10 @@ from jax.extend.core import jaxprs_in_params
 
 from tfx import config as config_lib
 from tfx import parallel, quantize, steps, trained
-from tfx.data.sources import read_lines
 from tfx.model import decode
 from tfx.model.transformer import EncoderDecoder
 
-from runs import ROOT
+from runs import validation_batch
 
 # The projections of the model: queries/keys/values, attention output, tied output projection.
 SPECS = [("btd,dnh->btnh", (2, 3, 8), (8, 4, 5)), ("btnh,nhd->btd", (2, 3, 4, 5), (4, 5, 8)),
@@ -209,20 +207,13 @@ def test_int8_eval_and_greedy_translations_of_a_trained_model_stay_near_float(co
     and most greedy translations come out token for token the same (one near-tie the noise
     reorders changes the rest of a translation, so not all)."""
     config, workdir = converged
-    valid = os.path.join(ROOT, "data", "multi30k-en-de", "valid")
-    pairs = list(zip(read_lines(f"{valid}.en"), read_lines(f"{valid}.de")))[:64]
     nll, outputs = {}, {}
     for quantization in ("none", "int8"):
         config = config.copy_and_resolve_references()
         config.quantization = quantization
         config.decode.update(strategy="greedy", max_length_offset=8)
         model = trained.load(config, workdir)
-        batch = {}
-        for side, key in enumerate(("inputs", "targets")):
-            ids = [model.tokenizer.encode(pair[side]) for pair in pairs]
-            batch[key] = np.zeros((len(ids), max(map(len, ids))), np.int32)
-            for row, tokens in enumerate(ids):
-                batch[key][row, :len(tokens)] = tokens
+        batch = validation_batch(model.tokenizer)
         sums = steps.make_eval_step(config, model.graphdef, model.mesh, model.params_shardings)(
             model.params, batch)
         nll[quantization] = float(sums["nll"] / sums["weight"])

@@ -5,7 +5,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 from tfx import config as config_lib
+from tfx.data.sources import read_lines
 from tfx.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +31,20 @@ def tiny_multi30k(data_dir: str, **overrides) -> config_lib.ml_collections.Confi
                        eval_every_steps=0, warmup_steps=4, max_source_length=32, max_target_length=32))
     config.update(overrides)
     return config_lib.validate(config)
+
+
+def validation_batch(tokenizer, count: int = 64) -> dict[str, np.ndarray]:
+    """The first `count` pairs of the bundled Multi30k validation split, tokenized and
+    right-padded with 0 into one unpacked batch."""
+    valid = os.path.join(ROOT, "data", "multi30k-en-de", "valid")
+    pairs = list(zip(read_lines(f"{valid}.en"), read_lines(f"{valid}.de")))[:count]
+    batch = {}
+    for side, key in enumerate(("inputs", "targets")):
+        ids = [tokenizer.encode(pair[side]) for pair in pairs]
+        batch[key] = np.zeros((len(ids), max(map(len, ids))), np.int32)
+        for row, tokens in enumerate(ids):
+            batch[key][row, :len(tokens)] = tokens
+    return batch
 
 
 def flags_for(config_overrides: dict) -> list[str]:

@@ -1,4 +1,3 @@
-import os
 
 import jax
 import numpy as np
@@ -7,9 +6,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tfx import parallel, steps, trained
-from tfx.data.sources import read_lines
 
-from runs import ROOT
+from runs import validation_batch
 from transformer_test import stack_layer_lists
 
 
@@ -211,19 +209,12 @@ def test_bfloat16_eval_loss_of_a_trained_model_is_within_one_percent_of_float32(
     """The converged tiny model's loss on 64 validation pairs, computed in bfloat16 (float32
     logits, norms and softmax) and in float32 from the same parameters."""
     config, workdir = converged
-    valid = os.path.join(ROOT, "data", "multi30k-en-de", "valid")
-    pairs = list(zip(read_lines(f"{valid}.en"), read_lines(f"{valid}.de")))[:64]
     nll = {}
     for dtype in ("float32", "bfloat16"):
         config = config.copy_and_resolve_references()
         config.model.dtype = dtype
         model = trained.load(config, workdir)
-        batch = {}
-        for side, key in enumerate(("inputs", "targets")):
-            ids = [model.tokenizer.encode(pair[side]) for pair in pairs]
-            batch[key] = np.zeros((len(ids), max(map(len, ids))), np.int32)
-            for row, tokens in enumerate(ids):
-                batch[key][row, :len(tokens)] = tokens
+        batch = validation_batch(model.tokenizer)
         eval_step = steps.make_eval_step(config, model.graphdef, model.mesh, model.params_shardings)
         sums = eval_step(model.params, batch)
         nll[dtype] = float(sums["nll"] / sums["weight"])

@@ -75,7 +75,7 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str = "test",
                         checkpoint: str = "latest", metrics=("bleu", "chrf")) -> dict:
     """Decodes `split` with a checkpoint of `workdir`, scores it, and writes the hypotheses
-    (`<split>-<checkpoint>.hyp.txt`, one per line in source order), the references and a JSON
+    (`<split>-<checkpoint>[-int8].hyp.txt`, one per line in source order), the references and a JSON
     results file into the workdir. Returns the results."""
     if not config.data[split]:
         raise ValueError(f"config.data.{split} is empty; there is no {split} split to evaluate.")
@@ -88,9 +88,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
                                           experiment.eval_shard, experiment.tokenizer, progress=True)
     references = experiment.references(split, batches)
     results = {"split": split, "spec": config.data[split], "checkpoint": label,
+               "quantization": config.quantization,
                "scores": score(hypotheses, [references], metrics), **speed}
     if jax.process_index() == 0:
-        prefix = os.path.join(workdir, f"{split}-{label}")
+        quantized = "" if config.quantization == "none" else f"-{config.quantization}"
+        prefix = os.path.join(workdir, f"{split}-{label}{quantized}")
         results.update(hypotheses=f"{prefix}.hyp.txt", references=os.path.join(workdir, f"{split}.ref.txt"))
         for path, lines in ((results["hypotheses"], hypotheses), (results["references"], references)):
             with open(path, "w", encoding="utf-8") as f:
