@@ -14,7 +14,6 @@ from tfx.model.transformer import EncoderDecoder, count_params
 
 import decode_test
 from runs import MULTI30K, ROOT, TINY, flags_for
-from steps_test import assert_mesh_matches_one_device
 
 ATTENTION = ("query", "key", "value", "out")
 KINDS = ({f"encoder attention.{w}" for w in ATTENTION}
@@ -111,13 +110,6 @@ def test_cached_decoding_equals_full_recomputation(tiny_config):
     recomputed = decode_test.translate(config, model, inputs, full_recompute=True)
     np.testing.assert_array_equal(cached, recomputed)
     decode_test.assert_well_formed(cached, limit=8 + 4)
-
-
-def test_sharded_low_rank_train_steps_equal_one_device(tiny_config, make_batch):
-    config = tiny_config(model=dict(vocab_size=64, emb_dim=32, num_heads=8, num_kv_heads=8, mlp_dim=64,
-                                    num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.1,
-                                    rank_fraction=0.5))
-    assert_mesh_matches_one_device(config, make_batch, "data:2,fsdp:2,tensor:2")
 
 
 def test_factorized_run_at_full_rank_translates_like_the_source(trained, tmp_path, make_batch):

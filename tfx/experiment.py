@@ -21,13 +21,14 @@ class Experiment:
             self.splits = sources.open_splits(config)
             self.tokenizer = tokenizer_lib.from_config(config, self.splits["train"])
         tokenizer_lib.check_vocab_size(self.tokenizer, config)
-        self.graphdef, self.state, self.shardings = steps.create_train_state(config, self.mesh)
         self.sharding = parallel.batch_sharding(self.mesh, rules)
         data_parallel = parallel.data_parallel_size(self.mesh, rules)
         self.train_shard = pipeline.process_shard(
             self.sharding, config.per_device_batch_size * data_parallel)
         self.eval_shard = pipeline.process_shard(
             self.sharding, config.per_device_eval_batch_size * data_parallel)
+        pipeline.data_shards(config, self.train_shard)  # refuses bad data.shards before compiling.
+        self.graphdef, self.state, self.shardings = steps.create_train_state(config, self.mesh)
 
     def eval_batches(self, split: str) -> list[dict[str, np.ndarray]]:
         return pipeline.eval_batches(self.config, self.splits[split], self.tokenizer, self.eval_shard)
