@@ -18,6 +18,8 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -177,14 +179,22 @@ class Checkpoints:
         """(step, state) of the newest checkpoint that restores, or (None, `state`) if none does.
         Each one skipped gets a warning line; with `move_aside` it is moved into
         `<workdir>/corrupt_checkpoints/` (kept for inspection, no longer listed)."""
+        step, restored = self.newest(lambda step: self.restore(step, state, batches), move_aside)
+        return step, state if step is None else restored
+
+    def newest(self, restore: Callable[[int], Any], move_aside: bool = False
+               ) -> tuple[int | None, Any]:
+        """(step, restore(step)) of the newest checkpoint that `restore` reads, or (None, None);
+        each one skipped (CorruptCheckpointError) gets a warning line and, with `move_aside`,
+        is moved into `<workdir>/corrupt_checkpoints/`."""
         for step in reversed(self.steps()):
             try:
-                return step, self.restore(step, state, batches)
+                return step, restore(step)
             except CorruptCheckpointError as error:
                 where = self._move_aside(step) if move_aside else None
                 logging.warning("skipping checkpoint step %d: %s%s", step, error,
                                 f"; moved to {where}" if where else "")
-        return None, state
+        return None, None
 
     def _move_aside(self, step: int) -> str:
         target = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints",

@@ -19,7 +19,6 @@ import tempfile
 
 import jax
 import ml_collections
-from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -60,13 +59,11 @@ def restore_params(workdir: str, checkpoint: str, state, key: str = "--checkpoin
         raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}; train first.")
     kind, _, count = checkpoint.partition(":")
     if checkpoint == "latest":
-        for step in reversed(saved):
-            try:
-                return f"step{step}", checkpoints.restore_params(step, state.params)
-            except CorruptCheckpointError as error:
-                logging.warning("skipping checkpoint step %d: %s", step, error)
-        raise CorruptCheckpointError(f"no checkpoint in {checkpoints.directory} restores "
-                                     "(see the warnings above).")
+        step, params = checkpoints.newest(lambda step: checkpoints.restore_params(step, state.params))
+        if step is None:
+            raise CorruptCheckpointError(f"no checkpoint in {checkpoints.directory} restores "
+                                         "(see the warnings above).")
+        return f"step{step}", params
     if kind == "average" and count.isdigit() and 0 < int(count) <= len(saved):
         steps_, label = saved[-int(count):], f"average{count}-step{saved[-1]}"
     elif checkpoint.isdigit() and int(checkpoint) in saved:
