@@ -27,11 +27,16 @@ from tfx.trained import restore_params
 
 def translate_batches(translate: Callable, params, batches: Sequence[dict[str, np.ndarray]],
                       sharding: NamedSharding, shard: Shard, tokenizer: Tokenizer,
-                      progress: bool = False) -> tuple[list[str], dict[str, float]]:
+                      progress: bool = False, warm_up: bool = False
+                      ) -> tuple[list[str], dict[str, float]]:
     """Detokenized translations of the eval `batches` (see pipeline.eval_batches), in the
-    order of their examples, and the decoding speed (sentences/s, generated tokens/s)."""
+    order of their examples, and the decoding speed (sentences/s, generated tokens/s). With
+    `warm_up`, `translate` first runs on the first batch (compiling it) before the clock starts."""
     translations: dict[int, str] = {}
     generated = 0
+    if warm_up and batches:
+        arrays = to_global({"inputs": batches[0]["inputs"]}, sharding, shard)
+        jax.block_until_ready(translate(params, arrays["inputs"]))
     start = time.perf_counter()
     show = progress and jax.process_index() == 0
     for batch in tqdm.tqdm(batches, desc="decoding", unit="batch", disable=not show):
@@ -74,7 +79,7 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str = "test",
                         checkpoint: str = "latest", metrics=("bleu", "chrf")) -> dict:
-    """Decodes `split` with a checkpoint of `workdir`, scores it, and writes the hypotheses
+    """Decodes `split` with a checkpoint of `workdir` (speed timed after compilation), scores it, and writes the hypotheses
     (`<split>-<checkpoint>[-int8].hyp.txt`, one per line in source order), the references and a JSON
     results file into the workdir. Returns the results."""
     if not config.data[split]:
@@ -85,7 +90,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
                                       experiment.shardings.params)
     batches = experiment.eval_batches(split)
     hypotheses, speed = translate_batches(translate, params, batches, experiment.sharding,
-                                          experiment.eval_shard, experiment.tokenizer, progress=True)
+                                          experiment.eval_shard, experiment.tokenizer, progress=True,
+                                          warm_up=True)
     references = experiment.references(split, batches)
     results = {"split": split, "spec": config.data[split], "checkpoint": label,
                "quantization": config.quantization,

@@ -1,0 +1,159 @@
+"""The README's "Distilling a student" table, measured in one run: prints one JSON line (its last
+line), after the table in Markdown.
+
+    python bench/table.py [--rows teacher,student-seq,...] [--batch 32] [--beam 4]
+
+Every row is a trained (or tool-written) run of README "Distilling a student", at the path the
+README's commands write. Each is decoded on the test split (Multi30k test2016) with beam search,
+the same beam and batch for all, in this one process, and scored with sacreBLEU, as eval.py
+does (its hypotheses files land in the row's workdir). `sentences_per_sec` is timed after
+compilation; `speedup` is that over the teacher's. `checkpoint_mb` is the row's parameters alone
+saved by orbax as tfx stores them (float32; zeros compress), `nonzero_params` counts the
+parameters that are not exactly 0, `train_minutes` is the wall time of the row's own training or
+fine-tune (its metrics.jsonl; post-training quantization and tool-written rows have none).
+Rows whose workdir is missing are listed under `missing`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from peak import cpu_name
+
+from tfx import config as config_lib
+from tfx import evaluate, host_memory, trained
+from tfx.model.transformer import count_params
+
+TEACHER = "configs/multi30k.py"
+STUDENT = "configs/multi30k_student.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str  # the key of --rows.
+    label: str  # the table's model column.
+    command: str  # where the README gives its command.
+    config: str
+    workdir: str
+    checkpoint: str = "latest"
+    overrides: tuple[tuple[str, object], ...] = ()  # (dotted config key, value).
+    trains: bool = True  # False: the workdir's training time is not this row's.
+
+
+HEADS2 = (("model.num_heads", 2), ("model.num_kv_heads", 2), ("model.head_dim", 64))
+INT8 = (("quantization", "int8"),)
+ROWS = (
+    Row("teacher", "teacher (`configs/multi30k.py`)", "README main job", TEACHER, "runs/multi30k", "average:5"),
+    Row("teacher-ptq", "teacher, int8 PTQ", "step 4, eval.py", TEACHER, "runs/multi30k", "average:5",
+        INT8, trains=False),
+    Row("teacher-qat", "teacher, int8 QAT, 500-step fine-tune (lr 2e-4)", "step 4, train.py", TEACHER,
+        "runs/teacher-qat", overrides=INT8),
+    Row("teacher-sparse50", "teacher, 50% pruned, 1,500-step fine-tune", "step 5, `--config.prune.sparsity=0.5`",
+        TEACHER, "runs/teacher-sparse50"),
+    Row("teacher-2of4", "teacher, 2:4 pruned, 1,000-step fine-tune (lr 5e-4)", "step 5, `--config.prune.pattern=2:4`",
+        TEACHER, "runs/teacher-2of4"),
+    Row("teacher-heads2", "teacher, 2 of 4 heads removed in every module, no fine-tune", "step 5, `tfx.heads`",
+        TEACHER, "runs/teacher-heads2", overrides=HEADS2),
+    Row("teacher-r25", "teacher, low rank 0.25, no fine-tune", "step 6, `tfx.lowrank`", TEACHER,
+        "runs/teacher-r25", overrides=(("model.rank_fraction", 0.25),)),
+    Row("student", "student, original pairs", "step 3", STUDENT, "runs/student", "average:5"),
+    Row("student-seq", "student, sequence-level", "step 3, `:seq`", f"{STUDENT}:seq", "runs/student-seq",
+        "average:5"),
+    Row("student-word", "student, word-level", "step 3, `:word`", f"{STUDENT}:word", "runs/student-word",
+        "average:5"),
+    Row("student-seq-word", "student, sequence- and word-level", "step 3, `:seq+word`", f"{STUDENT}:seq+word",
+        "runs/student-seq-word", "average:5"),
+)
+
+
+def train_minutes(workdir: str) -> float | None:
+    """Wall minutes to the last train record of the run's metrics.jsonl, or None."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    seconds = [r["wall_time_s"] for r in records if r.get("split") == "train"]
+    return round(seconds[-1] / 60, 1) if seconds else None
+
+
+def saved_mb(params) -> float:
+    """Megabytes of `params` saved alone by orbax."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "params")
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path, params)
+            checkpointer.wait_until_finished()
+        size = sum(os.path.getsize(os.path.join(root, name))
+                   for root, _, names in os.walk(path) for name in names)
+    return round(size / 1e6, 2)
+
+
+def measure(row: Row, beam: int, batch: int) -> dict:
+    config = config_lib.load(row.config)
+    config.update_from_flattened_dict(dict(row.overrides))
+    config.decode.beam_size = beam
+    config.per_device_eval_batch_size = batch
+    config = config_lib.validate(config)
+    model = trained.load(config, row.workdir, row.checkpoint)
+    params = jax.device_get(nnx.to_pure_dict(model.params))
+    leaves = jax.tree.leaves(params)
+    results = evaluate.evaluate_checkpoint(config, row.workdir, "test", row.checkpoint)
+    return dict(
+        name=row.name, checkpoint=results["checkpoint"], quantization=config.quantization,
+        params=count_params(model.params), nonzero_params=int(sum(np.count_nonzero(x) for x in leaves)),
+        checkpoint_mb=saved_mb(params), bleu=round(results["scores"]["bleu"]["score"], 2),
+        chrf=round(results["scores"]["chrf"]["score"], 2),
+        sentences_per_sec=round(results["sentences_per_sec"], 2),
+        train_minutes=train_minutes(row.workdir) if row.trains else None)
+
+
+def markdown(rows: list[Row], results: list[dict]) -> str:
+    lines = ["| model | command | parameters | checkpoint MB | BLEU | chrF | sentences/s | "
+             "train minutes |", "|---|---|---|---|---|---|---|---|"]
+    for row, r in zip(rows, results):
+        params = f"{r['params'] / 1e6:.2f}M"
+        if r["nonzero_params"] < 0.99 * r["params"]:
+            params = f"{r['nonzero_params'] / 1e6:.2f}M nonzero of {params}"
+        speed = f"{r['sentences_per_sec']:.1f}" + (f" ({r['speedup']:.2f}x)" if "speedup" in r else "")
+        minutes = "" if r["train_minutes"] is None else f"{r['train_minutes']:.0f}"
+        lines.append(f"| {row.label} | {row.command} | {params} | {r['checkpoint_mb']:.1f} | "
+                     f"{r['bleu']:.2f} | {r['chrf']:.2f} | {speed} | {minutes} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(row.name for row in ROWS),
+                        help="comma-separated row names (default: all)")
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=32, help="sentences per decoding batch")
+    args = parser.parse_args()
+    by_name = {row.name: row for row in ROWS}
+    unknown = [name for name in args.rows.split(",") if name not in by_name]
+    if unknown:
+        sys.exit(f"--rows: unknown {', '.join(unknown)}; rows are {', '.join(by_name)}.")
+    host_memory.keep_freed_memory_on_cpu()
+    chosen = [by_name[name] for name in args.rows.split(",")]
+    present = [row for row in chosen if os.path.isdir(row.workdir)]
+    results = [measure(row, args.beam, args.batch) for row in present]
+    teacher = next((r for r in results if r["name"] == "teacher"), None)
+    if teacher:
+        for r in results:
+            r["speedup"] = round(r["sentences_per_sec"] / teacher["sentences_per_sec"], 2)
+    print(markdown(present, results))
+    print(json.dumps(dict(cpu=cpu_name(), devices=jax.device_count(), beam=args.beam, batch=args.batch,
+                          rows=results, missing=[row.name for row in chosen if row not in present])))
+
+
+if __name__ == "__main__":
+    main()
