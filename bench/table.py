@@ -8,7 +8,9 @@ README's commands write. Each is decoded on the test split (Multi30k test2016) w
 the same beam and batch for all, in this one process, and scored with sacreBLEU, as eval.py
 does (its hypotheses files land in the row's workdir). `sentences_per_sec` is timed after
 compilation; `speedup` is that over the teacher's. `checkpoint_mb` is the row's parameters alone
-saved by orbax as tfx stores them (float32; zeros compress), `nonzero_params` counts the
+saved by orbax as tfx stores them (float32; zeros compress), `ctranslate2_int8_mb` its
+model.bin exported to CTranslate2 with int8 weights (`python -m tfx.export ctranslate2
+--quantization int8`: what a phone or browser would ship), `nonzero_params` counts the
 parameters that are not exactly 0, `train_minutes` is the wall time of the row's own training or
 fine-tune (its metrics.jsonl; post-training quantization and tool-written rows have none).
 Rows whose workdir is missing are listed under `missing`.
@@ -29,7 +31,7 @@ from flax import nnx
 from peak import cpu_name
 
 from tfx import config as config_lib
-from tfx import evaluate, host_memory, trained
+from tfx import evaluate, export, host_memory, trained
 from tfx.model.transformer import count_params
 
 TEACHER = "configs/multi30k.py"
@@ -97,6 +99,16 @@ def saved_mb(params) -> float:
     return round(size / 1e6, 2)
 
 
+def exported_int8_mb(model: trained.TrainedModel) -> float | None:
+    """Megabytes of the CTranslate2 model.bin of `model` with int8 weights, or None where the
+    model cannot be exported."""
+    if export.unsupported(model.config.model):
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        written = export.export_ctranslate2(model, os.path.join(scratch, "model"), "int8")
+        return round(os.path.getsize(os.path.join(written, "model.bin")) / 1e6, 2)
+
+
 def measure(row: Row, beam: int, batch: int) -> dict:
     config = config_lib.load(row.config)
     config.update_from_flattened_dict(dict(row.overrides))
@@ -110,22 +122,23 @@ def measure(row: Row, beam: int, batch: int) -> dict:
     return dict(
         name=row.name, checkpoint=results["checkpoint"], quantization=config.quantization,
         params=count_params(model.params), nonzero_params=int(sum(np.count_nonzero(x) for x in leaves)),
-        checkpoint_mb=saved_mb(params), bleu=round(results["scores"]["bleu"]["score"], 2),
+        checkpoint_mb=saved_mb(params), ctranslate2_int8_mb=exported_int8_mb(model), bleu=round(results["scores"]["bleu"]["score"], 2),
         chrf=round(results["scores"]["chrf"]["score"], 2),
         sentences_per_sec=round(results["sentences_per_sec"], 2),
         train_minutes=train_minutes(row.workdir) if row.trains else None)
 
 
 def markdown(rows: list[Row], results: list[dict]) -> str:
-    lines = ["| model | command | parameters | checkpoint MB | BLEU | chrF | sentences/s | "
-             "train minutes |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | command | parameters | checkpoint MB | CTranslate2 int8 MB | BLEU | chrF | "
+             "sentences/s | train minutes |", "|---|---|---|---|---|---|---|---|---|"]
     for row, r in zip(rows, results):
         params = f"{r['params'] / 1e6:.2f}M"
         if r["nonzero_params"] < 0.99 * r["params"]:
             params = f"{r['nonzero_params'] / 1e6:.2f}M nonzero of {params}"
         speed = f"{r['sentences_per_sec']:.1f}" + (f" ({r['speedup']:.2f}x)" if "speedup" in r else "")
         minutes = "" if r["train_minutes"] is None else f"{r['train_minutes']:.0f}"
-        lines.append(f"| {row.label} | {row.command} | {params} | {r['checkpoint_mb']:.1f} | "
+        exported = "" if r["ctranslate2_int8_mb"] is None else f"{r['ctranslate2_int8_mb']:.1f}"
+        lines.append(f"| {row.label} | {row.command} | {params} | {r['checkpoint_mb']:.1f} | {exported} | "
                      f"{r['bleu']:.2f} | {r['chrf']:.2f} | {speed} | {minutes} |")
     return "\n".join(lines)
 
