@@ -79,9 +79,9 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str = "test",
                         checkpoint: str = "latest", metrics=("bleu", "chrf")) -> dict:
-    """Decodes `split` with a checkpoint of `workdir` (speed timed after compilation), scores it, and writes the hypotheses
-    (`<split>-<checkpoint>[-int8].hyp.txt`, one per line in source order), the references and a JSON
-    results file into the workdir. Returns the results."""
+    """Decodes `split` with a checkpoint of `workdir` (speed timed after compilation), scores
+    it, and writes the hypotheses (`<split>-<checkpoint>[-int8].hyp.txt`, one per line in source
+    order), the references and a JSON results file into the workdir. Returns the results."""
     if not config.data[split]:
         raise ValueError(f"config.data.{split} is empty; there is no {split} split to evaluate.")
     experiment = Experiment(config)
