@@ -32,6 +32,7 @@ from peak import cpu_name
 
 from tfx import config as config_lib
 from tfx import evaluate, export, host_memory, trained
+from tfx.metrics import METRICS_FILE, read_metrics
 from tfx.model.transformer import count_params
 
 TEACHER = "configs/multi30k.py"
@@ -82,12 +83,9 @@ ROWS = (
 
 def train_minutes(workdir: str) -> float | None:
     """Wall minutes to the last train record of the run's metrics.jsonl, or None."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(workdir, METRICS_FILE)):
         return None
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    seconds = [r["wall_time_s"] for r in records if r.get("split") == "train"]
+    seconds = [r["wall_time_s"] for r in read_metrics(workdir) if r["split"] == "train"]
     return round(seconds[-1] / 60, 1) if seconds else None
 
 
@@ -123,11 +121,12 @@ def measure(row: Row, beam: int, batch: int) -> dict:
     params = jax.device_get(nnx.to_pure_dict(model.params))
     leaves = jax.tree.leaves(params)
     results = evaluate.evaluate_checkpoint(config, row.workdir, "test", row.checkpoint)
+    scores = results["scores"]
     return dict(
         name=row.name, checkpoint=results["checkpoint"], quantization=config.quantization,
         params=count_params(model.params), nonzero_params=int(sum(np.count_nonzero(x) for x in leaves)),
-        checkpoint_mb=saved_mb(params), ctranslate2_int8_mb=exported_int8_mb(model), bleu=round(results["scores"]["bleu"]["score"], 2),
-        chrf=round(results["scores"]["chrf"]["score"], 2),
+        checkpoint_mb=saved_mb(params), ctranslate2_int8_mb=exported_int8_mb(model),
+        bleu=round(scores["bleu"]["score"], 2), chrf=round(scores["chrf"]["score"], 2),
         sentences_per_sec=round(results["sentences_per_sec"], 2),
         train_minutes=train_minutes(row.workdir) if row.trains else None)
 
