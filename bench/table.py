@@ -53,6 +53,8 @@ class Row:
 
 HEADS2 = (("model.num_heads", 2), ("model.num_kv_heads", 2), ("model.head_dim", 64))
 INT8 = (("quantization", "int8"),)
+RANK25 = (("model.rank_fraction", 0.25),)
+RANK125 = (("model.rank_fraction", 0.125),)
 ROWS = (
     Row("teacher", "teacher (`configs/multi30k.py`)", "README main job", TEACHER, "runs/multi30k", "average:5"),
     Row("teacher-ptq", "teacher, int8 PTQ", "step 4, eval.py", TEACHER, "runs/multi30k", "average:5",
@@ -65,18 +67,26 @@ ROWS = (
         TEACHER, "runs/teacher-2of4"),
     Row("teacher-heads2", "teacher, 2 of 4 heads removed in every module, no fine-tune", "step 5, `tfx.heads`",
         TEACHER, "runs/teacher-heads2", overrides=HEADS2),
+    Row("teacher-heads2-ft", "teacher, 2 of 4 heads removed, 1,000-step fine-tune (lr 5e-4)", "step 5, train.py",
+        TEACHER, "runs/teacher-heads2-ft", overrides=HEADS2),
     Row("teacher-r25", "teacher, low rank 0.25, no fine-tune", "step 6, `tfx.lowrank`", TEACHER,
-        "runs/teacher-r25", overrides=(("model.rank_fraction", 0.25),)),
+        "runs/teacher-r25", overrides=RANK25),
+    Row("teacher-r25-ft", "teacher, low rank 0.25, 500-step fine-tune (lr 5e-4)", "step 6, train.py", TEACHER,
+        "runs/teacher-r25-ft", overrides=RANK25),
+    Row("teacher-r125", "teacher, low rank 0.125, no fine-tune", "step 6, `tfx.lowrank`", TEACHER,
+        "runs/teacher-r125", overrides=RANK125),
+    Row("teacher-r125-ft", "teacher, low rank 0.125, 500-step fine-tune (lr 5e-4)", "step 6, train.py", TEACHER,
+        "runs/teacher-r125-ft", overrides=RANK125),
     Row("student", "student, original pairs", "step 3", STUDENT, "runs/student", "average:5"),
     Row("student-ptq", "student, int8 PTQ", "step 4, eval.py", STUDENT, "runs/student", "average:5", INT8,
         trains=False),
     Row("student-qat", "student, int8 QAT, 500-step fine-tune (lr 2e-4)", "step 4, train.py", STUDENT,
         "runs/student-qat", overrides=INT8),
-    Row("student-seq", "student, sequence-level", "step 3, `:seq`", f"{STUDENT}:seq", "runs/student-seq",
+    Row("student-seq", "student, sequence-level (teacher + original)", "step 3, `:seq`", f"{STUDENT}:seq", "runs/student-seq",
         "average:5"),
     Row("student-word", "student, word-level", "step 3, `:word`", f"{STUDENT}:word", "runs/student-word",
         "average:5"),
-    Row("student-seq-word", "student, sequence- and word-level", "step 3, `:seq+word`", f"{STUDENT}:seq+word",
+    Row("student-seq-word", "student, sequence-level, then a 1,000-step word-level fine-tune", "step 3, `:seq+word`", f"{STUDENT}:seq+word",
         "runs/student-seq-word", "average:5"),
 )
 

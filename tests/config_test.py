@@ -61,5 +61,6 @@ def test_configs_load_with_their_variants():
     assert config_lib.load(f"{student}:seq").data.train.endswith("runs/teacher-corpus/train")
     both = config_lib.load(f"{student}:seq+word")
     assert both.distill.teacher_workdir.endswith("runs/multi30k") and both.model.num_decoder_layers == 1
+    assert both.init_from.endswith("runs/student-seq") and both.data.train == config_lib.load(f"{student}:seq").data.train
     with pytest.raises(ValueError, match="unknown variant"):
         config_lib.load(f"{student}:words")
