@@ -82,12 +82,12 @@ ROWS = (
         trains=False),
     Row("student-qat", "student, int8 QAT, 500-step fine-tune (lr 2e-4)", "step 4, train.py", STUDENT,
         "runs/student-qat", overrides=INT8),
-    Row("student-seq", "student, sequence-level (teacher + original)", "step 3, `:seq`", f"{STUDENT}:seq", "runs/student-seq",
-        "average:5"),
+    Row("student-seq", "student, sequence-level (teacher + original)", "step 3, `:seq`", f"{STUDENT}:seq",
+        "runs/student-seq", "average:5"),
     Row("student-word", "student, word-level", "step 3, `:word`", f"{STUDENT}:word", "runs/student-word",
         "average:5"),
-    Row("student-seq-word", "student, sequence-level, then a 1,000-step word-level fine-tune", "step 3, `:seq+word`", f"{STUDENT}:seq+word",
-        "runs/student-seq-word", "average:5"),
+    Row("student-seq-word", "student, sequence-level, then a 1,000-step word-level fine-tune", "step 3, `:seq+word`",
+        f"{STUDENT}:seq+word", "runs/student-seq-word", "average:5"),
 )
 
 

@@ -14,7 +14,8 @@ Variants, by what the student learns from:
     "word"      the original pairs and the teacher's token distributions (word level)
     "seq+word"  the "seq" student (runs/student-seq, average:5) fine-tuned on the same corpus with
                 the teacher's distributions too: 1,000 steps, learning rate 5e-4. The teacher's
-                forward pass costs a word-level step 60% more, so it is spent at the end only.
+                forward pass makes a word-level step dearer (README "Distilling a student"),
+                so it is spent at the end only.
 Paths are relative to the repository root, like the README's commands.
 """
 import os
