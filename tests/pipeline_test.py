@@ -201,6 +201,34 @@ def test_eval_batches_see_every_example_once_in_order(corpus, config):
     assert indices == list(range(NUM_PAIRS))
 
 
+def test_decode_batches_see_every_source_once_longest_first_in_buckets(corpus, config):
+    source, tokenizer = corpus
+    per_process = [pipeline.decode_batches(config, source, tokenizer, pipeline.Shard(i, 2, 7))
+                   for i in range(2)]
+    assert len(per_process[0]) == len(per_process[1]) == -(-NUM_PAIRS // 14)
+    indices, lengths = [], []
+    for batches in zip(*per_process):
+        assert len({batch["inputs"].shape for batch in batches}) == 1  # one global shape
+        global_lengths = []
+        for batch in batches:
+            for row, index in enumerate(batch["index"]):
+                if index < 0:
+                    assert not batch["inputs"][row].any()
+                    continue
+                indices.append(int(index))
+                assert tokenizer.decode(batch["inputs"][row]) == source[int(index)]["source"]
+                global_lengths.append(int(np.count_nonzero(batch["inputs"][row])))
+        assert batches[0]["inputs"].shape[1] == pipeline.bucket(max(global_lengths), config.model.max_len)
+        lengths += global_lengths
+    assert sorted(indices) == list(range(NUM_PAIRS))
+    assert lengths == sorted(lengths, reverse=True)
+
+
+def test_buckets_are_powers_of_two_within_max_len():
+    assert [pipeline.bucket(n, 128) for n in (1, 16, 17, 64, 65, 128)] == [16, 16, 32, 64, 128, 128]
+    assert pipeline.bucket(100, 100) == 100
+
+
 def test_process_shard_and_global_arrays_on_one_process():
     mesh = make_mesh("data:2,fsdp:2,tensor:2")
     sharding = batch_sharding(mesh, (("batch", ("data", "fsdp")),))

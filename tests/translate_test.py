@@ -9,7 +9,7 @@ from flax import nnx
 
 from tfx import trained as trained_lib
 from tfx.data.sources import read_lines
-from tfx.translate import Translator, bucket
+from tfx.translate import Translator
 
 from runs import MULTI30K, ROOT, TINY, flags_for
 
@@ -104,11 +104,6 @@ def test_scores_are_the_log_probabilities_of_the_model_logits(translator):
     assert report.tokens == sum(count for _, count in scores)
     with pytest.raises(ValueError, match="2 sources but 1 targets"):
         translator.score(["a", "b"], ["c"])
-
-
-def test_buckets_are_powers_of_two_within_max_len():
-    assert [bucket(n, 128) for n in (1, 16, 17, 64, 65, 128)] == [16, 16, 32, 64, 128, 128]
-    assert bucket(100, 100) == 100
 
 
 def cli(run, *args, stdin: bytes | None = None) -> subprocess.CompletedProcess:

@@ -29,13 +29,14 @@ def translate_batches(translate: Callable, params, batches: Sequence[dict[str, n
                       sharding: NamedSharding, shard: Shard, tokenizer: Tokenizer,
                       progress: bool = False, warm_up: bool = False
                       ) -> tuple[list[str], dict[str, float]]:
-    """Detokenized translations of the eval `batches` (see pipeline.eval_batches), in the
-    order of their examples, and the decoding speed (sentences/s, generated tokens/s). With
-    `warm_up`, `translate` first runs on the first batch (compiling it) before the clock starts."""
+    """Detokenized translations of the `batches` (pipeline.eval_batches or decode_batches), in
+    the order of their examples, and the decoding speed (sentences/s, generated tokens/s). With
+    `warm_up`, `translate` first runs on one batch of each shape (compiling it) before the clock
+    starts."""
     translations: dict[int, str] = {}
     generated = 0
-    if warm_up and batches:
-        arrays = to_global({"inputs": batches[0]["inputs"]}, sharding, shard)
+    for batch in ({b["inputs"].shape: b for b in batches}.values() if warm_up else ()):
+        arrays = to_global({"inputs": batch["inputs"]}, sharding, shard)
         jax.block_until_ready(translate(params, arrays["inputs"]))
     start = time.perf_counter()
     show = progress and jax.process_index() == 0
@@ -79,7 +80,8 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str = "test",
                         checkpoint: str = "latest", metrics=("bleu", "chrf")) -> dict:
-    """Decodes `split` with a checkpoint of `workdir` (speed timed after compilation), scores
+    """Decodes `split` with a checkpoint of `workdir` (in batches of similar source length; speed
+    timed after compilation), scores
     it, and writes the hypotheses (`<split>-<checkpoint>[-int8].hyp.txt`, one per line in source
     order), the references and a JSON results file into the workdir. Returns the results."""
     if not config.data[split]:
@@ -88,7 +90,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
     label, params = restore_params(workdir, checkpoint, experiment.state)
     translate = decode.make_translate(config, experiment.graphdef, experiment.mesh,
                                       experiment.shardings.params)
-    batches = experiment.eval_batches(split)
+    batches = experiment.decode_batches(split)
     hypotheses, speed = translate_batches(translate, params, batches, experiment.sharding,
                                           experiment.eval_shard, experiment.tokenizer, progress=True,
                                           warm_up=True)

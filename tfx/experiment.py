@@ -33,6 +33,9 @@ class Experiment:
     def eval_batches(self, split: str) -> list[dict[str, np.ndarray]]:
         return pipeline.eval_batches(self.config, self.splits[split], self.tokenizer, self.eval_shard)
 
+    def decode_batches(self, split: str) -> list[dict[str, np.ndarray]]:
+        return pipeline.decode_batches(self.config, self.splits[split], self.tokenizer, self.eval_shard)
+
     def first_batches(self, batches: list, examples: int) -> list:
         """The leading `batches` that hold the first `examples` examples (all if 0)."""
         if not examples:

@@ -21,13 +21,10 @@ import numpy as np
 import tqdm
 
 from tfx import parallel, steps
-from tfx.data.pipeline import truncate
+from tfx.data.pipeline import bucket, truncate
 from tfx.data.tokenizer import EOS_ID
 from tfx.model import decode
 from tfx.trained import TrainedModel
-
-SHORTEST_BUCKET = 16
-
 
 @dataclasses.dataclass(frozen=True)
 class Hypothesis:
@@ -48,11 +45,6 @@ class Report:
         rate = 1.0 / max(self.seconds, 1e-9)
         return (f"{self.sentences} sentences in {self.seconds:.1f} s ({self.sentences * rate:.1f} "
                 f"sentences/s, {self.tokens * rate:.0f} tokens/s); {self.truncated} truncated")
-
-
-def bucket(length: int, max_len: int) -> int:
-    """The padded length of a batch whose longest sequence has `length` tokens."""
-    return min(max(SHORTEST_BUCKET, 1 << (length - 1).bit_length()), max_len)
 
 
 def _encode(tokenizer, text: str, max_len: int) -> tuple[np.ndarray, bool]:

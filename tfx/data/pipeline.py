@@ -6,9 +6,11 @@ config.seed. The grain iterators' `get_state()` / `set_state()` is saved with ch
 restore continues with exactly the batch that would have come next, also on another number of
 processes when config.data.shards is fixed.
 
-Eval and test batches are finite and in order; every example is seen exactly once. Rows past
-the end of the split are empty (all padding, `index` -1), so nothing is dropped and an empty
-row adds nothing to a loss. The `index` of each row says which example it holds.
+Eval and test batches are finite; every example is seen exactly once. Rows past the end of
+the split are empty (all padding, `index` -1), so nothing is dropped and an empty row adds
+nothing to a loss. The `index` of each row says which example it holds. `eval_batches` (loss,
+periodic BLEU) keep the split's order and pad every batch alike; `decode_batches` (eval.py) sort
+the sources by length and pad each batch only to a `bucket` of its own longest.
 
 Batches are dicts of numpy arrays [rows, length] with the keys the train step reads: `inputs`,
 `targets` and, when packed, `*_segment_ids` (0 = padding) and `*_positions`. `to_global`
@@ -30,6 +32,7 @@ from tfx.data.sources import PairSource
 from tfx.data.tokenizer import EOS_ID, Tokenizer
 
 LENGTH_MULTIPLE = 8  # eval rows are padded to a multiple of this (fewer distinct shapes).
+SHORTEST_BUCKET = 16  # decoding batches are padded to a power of two, at least this.
 # Read and tokenize on the calling thread. grain's default (16 threads, 500 elements ahead) is
 # meant for remote disks; here the reads are local and the work holds the GIL, so its threads
 # only add overhead, taken from the cores XLA computes on (config.data.worker_count moves the
@@ -216,11 +219,19 @@ def pack_or_pad(pairs: grain.IterDataset, lengths: dict[str, int], pack: bool, n
 
 def eval_length(lengths: list[int], max_len: int, what: str) -> int:
     """Row length for an eval split: its longest example rounded up, at most model.max_len."""
-    longest = max(lengths)
-    if longest > max_len:
+    _warn_if_truncated(lengths, max_len, what)
+    return min(-(-max(lengths) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max_len)
+
+
+def _warn_if_truncated(lengths: list[int], max_len: int, what: str):
+    if max(lengths) > max_len:
         logging.warning("%d %s longer than config.model.max_len=%d are truncated.",
                         sum(n > max_len for n in lengths), what, max_len)
-    return min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max_len)
+
+
+def bucket(length: int, max_len: int) -> int:
+    """The padded length of a decoding batch whose longest sequence has `length` tokens."""
+    return min(max(SHORTEST_BUCKET, 1 << (length - 1).bit_length()), max_len)
 
 
 def eval_batches(config: ml_collections.ConfigDict, source: PairSource, tokenizer: Tokenizer,
@@ -246,5 +257,31 @@ def eval_batches(config: ml_collections.ConfigDict, source: PairSource, tokenize
                 for k, length in lengths.items():
                     batch[k][row] = pad_to(truncate(examples[i][k], length), length)
         batch["index"] = np.where(index < len(examples), index, -1).astype(np.int32)
+        batches.append(batch)
+    return batches
+
+
+def decode_batches(config: ml_collections.ConfigDict, source: PairSource, tokenizer: Tokenizer,
+                   shard: Shard) -> list[dict[str, np.ndarray]]:
+    """This process's rows of batches that decode every source of `source` once: sorted by
+    length (longest first), each global batch's `inputs` padded to the `bucket` of its longest
+    (at most model.max_len, truncating), so a short sentence is not padded to the split's longest
+    and only a few shapes compile; `index` is the example's position in `source` (-1: empty)."""
+    pairs = grain.MapDataset.source(source).map(Tokenize(tokenizer)).to_iter_dataset(IN_PROCESS)
+    inputs = [pair["inputs"] for pair in pairs]
+    max_len = config.model.max_len
+    lengths = [len(tokens) for tokens in inputs]
+    _warn_if_truncated(lengths, max_len, f"{source.spec} inputs")
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    global_rows = shard.rows * shard.count
+    batches = []
+    for start in range(0, len(order), global_rows):
+        length = bucket(lengths[order[start]], max_len)
+        mine = order[start:start + global_rows][shard.index * shard.rows:(shard.index + 1) * shard.rows]
+        batch = {"inputs": np.zeros((shard.rows, length), np.int32),
+                 "index": np.full((shard.rows,), -1, np.int32)}
+        for row, i in enumerate(mine):
+            batch["inputs"][row] = pad_to(truncate(inputs[i], length), length)
+            batch["index"][row] = i
         batches.append(batch)
     return batches
