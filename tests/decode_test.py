@@ -1,10 +1,12 @@
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from tfx import config as config_lib
 from tfx import parallel
 from tfx.model import decode, layers
 from tfx.model.decode import EOS
@@ -196,6 +198,33 @@ def test_chunked_top_k_equals_lax_top_k():
     expected_values, expected_indices = jax.lax.top_k(x, 8)
     np.testing.assert_array_equal(values, expected_values)
     np.testing.assert_array_equal(indices, expected_indices)
+
+
+def test_chunks_divide_the_vocabulary_where_they_can():
+    x = np.array(jax.random.normal(jax.random.PRNGKey(0), (2, 3, 2000)))  # chunks of 125, no padding
+    for got, expected in zip(decode._top_k(x, 8), jax.lax.top_k(x, 8)):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("t, forced_length", [(3, 0), (9, 0), (3, 12)])
+def test_best_extensions_equal_a_top_k_over_the_allowed_logits(t, forced_length):
+    options = decode.Options.from_config(config_lib.default_config(), forced_length=forced_length)
+    logits_BxWxV = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 3000)) * 4
+    logits_BxWxV = logits_BxWxV.at[:, :2, decode.PAD].set(50.0).at[:, 1:3, decode.EOS].set(40.0)
+    log_probs_BxW = jnp.array([[0.0, -1.0, -2.0, -jnp.inf], [-0.5, -0.7, -3.0, -4.0]])
+    limit = 10  # t = 9 is the last step: EOS only.
+    log_probs, parents, tokens = decode._best_extensions(log_probs_BxW, logits_BxWxV, 8, t, limit, options)
+    allowed_BxWxV = decode._allowed(logits_BxWxV, t, limit, options)
+    candidates_BxWV = (log_probs_BxW[..., None] + jax.nn.log_softmax(logits_BxWxV)
+                       + jnp.where(jnp.isfinite(allowed_BxWxV), 0.0, -jnp.inf)).reshape(2, -1)
+    expected_log_probs, expected = jax.lax.top_k(candidates_BxWV, 8)
+    np.testing.assert_allclose(log_probs, expected_log_probs, rtol=1e-6)
+    finite = np.isfinite(np.asarray(expected_log_probs))
+    np.testing.assert_array_equal(np.asarray(parents)[finite], (expected // 3000)[finite])
+    np.testing.assert_array_equal(np.asarray(tokens)[finite], (expected % 3000)[finite])
+    assert not np.isin(np.asarray(tokens)[finite], decode._banned(options)).any()
+    if t == limit - 1 and not forced_length:
+        assert (np.asarray(tokens)[finite] == decode.EOS).all()
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])

@@ -33,6 +33,8 @@ Sampling draws from softmax(logits / temperature) within the top_k tokens and th
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -210,14 +212,18 @@ def _full_decoder(model, encoded_BxSxD, source_segment_BxS, width, length) -> _D
     return _Decoder((), step, lambda state, parents_BxW: state)
 
 
+def _banned(options: Options) -> tuple[int, ...]:
+    """Tokens never generated: PAD, and EOS too with `forced_length`."""
+    return (PAD, EOS) if options.forced_length else (PAD,)
+
+
 def _allowed(logits_BxWxV, t, limit, options: Options) -> jax.Array:
-    """Logits, -inf where a token is not allowed: PAD always; EOS only at the last step, or never
-    with `forced_length`."""
+    """Logits, -inf where a token is not allowed: the `_banned` ones always, and every one but
+    EOS at the last step (without `forced_length`)."""
     vocab_V = jnp.arange(logits_BxWxV.shape[-1])
-    if options.forced_length:
-        banned_V = (vocab_V == PAD) | (vocab_V == EOS)
-    else:
-        banned_V = (vocab_V == PAD) | ((t == limit - 1) & (vocab_V != EOS))
+    banned_V = functools.reduce(operator.or_, (vocab_V == token for token in _banned(options)))
+    if not options.forced_length:
+        banned_V = banned_V | ((t == limit - 1) & (vocab_V != EOS))
     return jnp.where(banned_V[None, None, :], -jnp.inf, logits_BxWxV)
 
 
@@ -272,12 +278,24 @@ def _filtered(logits_BxV, options: Options) -> jax.Array:
     return logits_BxV
 
 
-def _best_extensions(log_probs_BxW, logits_BxWxV, allowed_BxWxV, k):
-    """The k most likely extensions of W hypotheses to allowed tokens: (log p, parent, token),
-    each [B, k]. Only the best k of each hypothesis can be among them."""
+def _best_extensions(log_probs_BxW, logits_BxWxV, k, t, limit, options: Options):
+    """The k most likely extensions of W hypotheses to tokens `_allowed` at step t: (log p,
+    parent, token), each [B, k]. Only the best k of each hypothesis can be among them: taken
+    from its top k + len(banned) logits less the banned tokens (or EOS alone at the last step),
+    which spares XLA a masked copy of the [B, W, V] logits."""
     batch, _, vocab = logits_BxWxV.shape
-    per_beam = min(k, vocab)
-    top_logits_BxWxK, tokens_BxWxK = _top_k(allowed_BxWxV, per_beam)
+    banned = _banned(options)
+    per_beam = min(k, vocab - len(banned))
+    top_logits_BxWxN, tokens_BxWxN = _top_k(logits_BxWxV, per_beam + len(banned))
+    is_banned_BxWxN = functools.reduce(operator.or_, (tokens_BxWxN == token for token in banned))
+    top_logits_BxWxK, i_BxWxK = jax.lax.top_k(jnp.where(is_banned_BxWxN, -jnp.inf, top_logits_BxWxN),
+                                              per_beam)
+    tokens_BxWxK = jnp.take_along_axis(tokens_BxWxN, i_BxWxK, axis=-1)
+    if not options.forced_length:
+        last = t == limit - 1
+        eos_only_BxWxK = jnp.where(jnp.arange(per_beam) == 0, logits_BxWxV[..., EOS:EOS + 1], -jnp.inf)
+        top_logits_BxWxK = jnp.where(last, eos_only_BxWxK, top_logits_BxWxK)
+        tokens_BxWxK = jnp.where(last, EOS, tokens_BxWxK)
     log_norm_BxW = jax.nn.logsumexp(logits_BxWxV, axis=-1)
     log_probs_BxWxK = log_probs_BxW[..., None] + top_logits_BxWxK - log_norm_BxW[..., None]
     top_log_probs_BxK, top_BxK = jax.lax.top_k(log_probs_BxWxK.reshape(batch, -1), k)
@@ -285,11 +303,13 @@ def _best_extensions(log_probs_BxW, logits_BxWxV, allowed_BxWxV, k):
             jnp.take_along_axis(tokens_BxWxK.reshape(batch, -1), top_BxK, axis=1))
 
 
-def _top_k(x_BxWxV, k: int, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+def _top_k(x_BxWxV, k: int, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """`lax.top_k` over the last axis; for a large one, within the k chunks of `chunk` values
     with the largest maxima, which hold the k largest values: a max over all values and a top-k
-    over k * chunk of them, 2x faster on XLA:CPU for a 32k vocabulary than a top-k over all."""
+    over k * chunk of them, 2x faster on XLA:CPU for a 32k vocabulary than a top-k over all.
+    `chunk` 0: a divisor of the axis in [64, 128] where one exists (no padding copy), else 128."""
     batch, width, v = x_BxWxV.shape
+    chunk = chunk or next((c for c in range(128, 63, -1) if v % c == 0), 128)
     if k * chunk >= v:
         return jax.lax.top_k(x_BxWxV, k)
     padded = jnp.pad(x_BxWxV, ((0, 0), (0, 0), (0, -v % chunk)), constant_values=-jnp.inf)
@@ -315,7 +335,7 @@ def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Option
     def body(b: _Beams) -> _Beams:
         logits_BxWxV, state = decoder.step(b.state, b.alive_BxWxL, b.t)
         top_log_probs_Bx2W, parents_Bx2W, tokens_Bx2W = _best_extensions(
-            b.alive_log_probs_BxW, logits_BxWxV, _allowed(logits_BxWxV, b.t, limit, options), 2 * width)
+            b.alive_log_probs_BxW, logits_BxWxV, 2 * width, b.t, limit, options)
         candidates_Bx2WxL = jax.lax.dynamic_update_slice_in_dim(
             jnp.take_along_axis(b.alive_BxWxL, parents_Bx2W[..., None], axis=1),
             tokens_Bx2W[..., None], b.t, axis=2)
