@@ -11,11 +11,13 @@ Variants, by what the student learns from:
     "seq"       the teacher's translations of them beside the original pairs (`python -m
                 tfx.distill ... --targets teacher+original --output runs/teacher-corpus`):
                 sequence-level distillation (Kim and Rush, 2016)
-    "word"      the original pairs and the teacher's token distributions (word level)
-    "seq+word"  the "seq" student (runs/student-seq, average:5) fine-tuned on the same corpus with
-                the teacher's distributions too: 1,000 steps, learning rate 5e-4. The teacher's
-                forward pass makes a word-level step dearer (README "Distilling a student"),
-                so it is spent at the end only.
+    "word"      the "" student (runs/student, average:5) fine-tuned on the original pairs with
+                the teacher's token distributions too (word level): 1,000 steps, learning
+                rate 5e-4
+    "seq+word"  the "seq" student (runs/student-seq, average:5) fine-tuned the same way on its
+                corpus
+The teacher's forward pass makes a word-level step dearer (README "Distilling a student"), so
+it is spent at the end only.
 Paths are relative to the repository root, like the README's commands.
 """
 import os
@@ -43,11 +45,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train_minutes = 40.0
     if "seq" in variant:
         config.data.train = f"text:{TEACHER_CORPUS}"
-    if variant == "seq+word":
-        config.update(dict(init_from=os.path.join(ROOT, "runs", "student-seq"), init_checkpoint="average:5",
+    if "word" in variant:
+        start = "student-seq" if "seq" in variant else "student"
+        config.update(dict(init_from=os.path.join(ROOT, "runs", start), init_checkpoint="average:5",
                            train_minutes=0.0, num_train_steps=1000, warmup_steps=100, learning_rate=5e-4,
                            checkpoint_every_steps=100))  # average:5 = steps 600-1000.
-    if "word" in variant:
         config.distill.update(dict(teacher_config=TEACHER_CONFIG, teacher_workdir=TEACHER_RUN,
                                    teacher_checkpoint="average:5", weight=0.5, temperature=1.0))
     return config

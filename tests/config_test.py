@@ -62,5 +62,8 @@ def test_configs_load_with_their_variants():
     both = config_lib.load(f"{student}:seq+word")
     assert both.distill.teacher_workdir.endswith("runs/multi30k") and both.model.num_decoder_layers == 1
     assert both.init_from.endswith("runs/student-seq") and both.data.train == config_lib.load(f"{student}:seq").data.train
+    word = config_lib.load(f"{student}:word")
+    assert word.init_from.endswith("runs/student") and word.data.train == config_lib.load(student).data.train
+    assert word.distill.weight > 0 and word.num_train_steps == both.num_train_steps == 1000
     with pytest.raises(ValueError, match="unknown variant"):
         config_lib.load(f"{student}:words")

@@ -201,7 +201,7 @@ def test_chunked_top_k_equals_lax_top_k():
 
 
 def test_chunks_divide_the_vocabulary_where_they_can():
-    x = np.array(jax.random.normal(jax.random.PRNGKey(0), (2, 3, 2000)))  # chunks of 125, no padding
+    x = np.array(jax.random.normal(jax.random.PRNGKey(0), (2, 3, 2000)))  # chunks of 50, no padding
     for got, expected in zip(decode._top_k(x, 8), jax.lax.top_k(x, 8)):
         np.testing.assert_array_equal(got, expected)
 
