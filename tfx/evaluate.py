@@ -78,35 +78,56 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
     return results
 
 
+class SplitDecoder:
+    """A checkpoint of `workdir` ready to decode `split` in batches of similar source length
+    (pipeline.decode_batches). Each call decodes the whole split, compiling on the first, and
+    gives the translations in source order and the speed, timed after compilation."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, split: str = "test",
+                 checkpoint: str = "latest"):
+        if not config.data[split]:
+            raise ValueError(f"config.data.{split} is empty; there is no {split} split to evaluate.")
+        self.config, self.workdir, self.split = config, workdir, split
+        self.experiment = Experiment(config)
+        self.label, self.params = restore_params(workdir, checkpoint, self.experiment.state)
+        self.batches = self.experiment.decode_batches(split)
+        self._translate = decode.make_translate(config, self.experiment.graphdef, self.experiment.mesh,
+                                                self.experiment.shardings.params)
+        self._compiled = False
+
+    def __call__(self, progress: bool = False) -> tuple[list[str], dict[str, float]]:
+        experiment = self.experiment
+        decoded = translate_batches(self._translate, self.params, self.batches, experiment.sharding,
+                                    experiment.eval_shard, experiment.tokenizer, progress=progress,
+                                    warm_up=not self._compiled)
+        self._compiled = True
+        return decoded
+
+    def results(self, hypotheses: Sequence[str], speed: dict[str, float], metrics=("bleu", "chrf")) -> dict:
+        """Scores the split's `hypotheses` and writes them (`<split>-<checkpoint>[-int8].hyp.txt`,
+        one per line in source order), the references and a JSON results file into the workdir.
+        Returns the results."""
+        config, split = self.config, self.split
+        references = self.experiment.references(split, self.batches)
+        results = {"split": split, "spec": config.data[split], "checkpoint": self.label,
+                   "quantization": config.quantization,
+                   "scores": score(hypotheses, [references], metrics), **speed}
+        if jax.process_index() == 0:
+            quantized = "" if config.quantization == "none" else f"-{config.quantization}"
+            prefix = os.path.join(self.workdir, f"{split}-{self.label}{quantized}")
+            results.update(hypotheses=f"{prefix}.hyp.txt",
+                           references=os.path.join(self.workdir, f"{split}.ref.txt"))
+            for path, lines in ((results["hypotheses"], hypotheses), (results["references"], references)):
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write("".join(line + "\n" for line in lines))
+            with open(f"{prefix}.json", "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2)
+        return results
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str = "test",
-                        checkpoint: str = "latest", metrics=("bleu", "chrf"), passes: int = 1) -> dict:
-    """Decodes `split` with a checkpoint of `workdir` (in batches of similar source length; speed
-    timed after compilation, the fastest of `passes` decodes), scores
-    it, and writes the hypotheses (`<split>-<checkpoint>[-int8].hyp.txt`, one per line in source
-    order), the references and a JSON results file into the workdir. Returns the results."""
-    if not config.data[split]:
-        raise ValueError(f"config.data.{split} is empty; there is no {split} split to evaluate.")
-    experiment = Experiment(config)
-    label, params = restore_params(workdir, checkpoint, experiment.state)
-    translate = decode.make_translate(config, experiment.graphdef, experiment.mesh,
-                                      experiment.shardings.params)
-    batches = experiment.decode_batches(split)
-    decoded = [translate_batches(translate, params, batches, experiment.sharding, experiment.eval_shard,
-                                 experiment.tokenizer, progress=True, warm_up=number == 0)
-               for number in range(passes)]
-    hypotheses = decoded[0][0]
-    speed = max((speed for _, speed in decoded), key=lambda speed: speed["sentences_per_sec"])
-    references = experiment.references(split, batches)
-    results = {"split": split, "spec": config.data[split], "checkpoint": label,
-               "quantization": config.quantization,
-               "scores": score(hypotheses, [references], metrics), **speed}
-    if jax.process_index() == 0:
-        quantized = "" if config.quantization == "none" else f"-{config.quantization}"
-        prefix = os.path.join(workdir, f"{split}-{label}{quantized}")
-        results.update(hypotheses=f"{prefix}.hyp.txt", references=os.path.join(workdir, f"{split}.ref.txt"))
-        for path, lines in ((results["hypotheses"], hypotheses), (results["references"], references)):
-            with open(path, "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in lines))
-        with open(f"{prefix}.json", "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-    return results
+                        checkpoint: str = "latest", metrics=("bleu", "chrf")) -> dict:
+    """Decodes `split` with a checkpoint of `workdir` (`SplitDecoder`), scores it and writes the
+    hypotheses, references and results into the workdir (`SplitDecoder.results`)."""
+    decoder = SplitDecoder(config, workdir, split, checkpoint)
+    return decoder.results(*decoder(progress=True), metrics)
