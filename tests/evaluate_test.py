@@ -11,6 +11,7 @@ from tfx import evaluate, trainer
 from tfx.average import average_last
 from tfx.checkpoint import Checkpoints, DataPositionError
 from tfx.experiment import Experiment
+from tfx.model import decode
 from tfx.trained import restore_params
 
 from runs import ROOT
@@ -65,6 +66,22 @@ def test_eval_bleu_equals_the_sacrebleu_command_on_the_written_files(trained):
                                 capture_output=True, text=True, check=True).stdout
     for metric in ("bleu", "chrf", "ter"):
         assert f'"{metric}": {round(results["scores"][metric]["score"], 2)}' in score_mode
+
+
+def test_length_sorted_decoding_gives_the_translations_of_split_order(converged):
+    config, workdir = converged
+    config = config.copy_and_resolve_references()
+    # Every batch caps outputs at 24 tokens (the cap is otherwise the batch's longest source +
+    # the offset), so the batching alone differs.
+    config.decode.update(max_length_offset=config.model.max_len, max_length=24)
+    decoder = evaluate.SplitDecoder(config, workdir, "eval")
+    by_length, speed = decoder()
+    assert speed["sentences_per_sec"] > 0 and len(by_length) == 1014
+    experiment = decoder.experiment
+    translate = decode.make_translate(config, experiment.graphdef, experiment.mesh, experiment.shardings.params)
+    in_order, _ = evaluate.translate_batches(translate, decoder.params, experiment.eval_batches("eval"),
+                                             experiment.sharding, experiment.eval_shard, experiment.tokenizer)
+    assert by_length == in_order
 
 
 def test_multi_reference_scores_use_every_stream():
