@@ -21,10 +21,11 @@ import numpy as np
 import tqdm
 
 from tfx import parallel, steps
-from tfx.data.pipeline import bucket, truncate
+from tfx.data.pipeline import bucket, longest_first, truncate
 from tfx.data.tokenizer import EOS_ID
 from tfx.model import decode
 from tfx.trained import TrainedModel
+
 
 @dataclasses.dataclass(frozen=True)
 class Hypothesis:
@@ -58,12 +59,6 @@ def _padded(rows: Sequence[np.ndarray], batch: int, max_len: int) -> np.ndarray:
     for i, row in enumerate(rows):
         out[i, :len(row)] = row
     return out
-
-
-def _by_length(lengths: Sequence[int], batch: int) -> list[np.ndarray]:
-    """Indices sorted by length (longest first, stable), cut into batches of `batch`."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i:i + batch] for i in range(0, len(order), batch)]
 
 
 class Translator:
@@ -110,7 +105,7 @@ class Translator:
                 report.truncated += cut
         found: dict[int, list[Hypothesis]] = {i: [] for i in sources}
         todo = [i for i in sources for _ in range(copies)]
-        batches = _by_length([len(sources[i]) for i in todo], self.rows)
+        batches = longest_first([len(sources[i]) for i in todo], self.rows)
         for number, rows in enumerate(tqdm.tqdm(batches, desc="translating", unit="batch",
                                                 disable=not progress)):
             indices = [todo[r] for r in rows]
@@ -141,7 +136,7 @@ class Translator:
             pairs.append((inputs, outputs))
             report.truncated += cut_source or cut_target
         results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-        batches = _by_length([max(len(a), len(b)) for a, b in pairs], self.rows)
+        batches = longest_first([max(len(a), len(b)) for a, b in pairs], self.rows)
         for rows in tqdm.tqdm(batches, desc="scoring", unit="batch", disable=not progress):
             batch = {key: _padded([pairs[r][side] for r in rows], self.rows, self.max_len)
                      for side, key in enumerate(("inputs", "targets"))}

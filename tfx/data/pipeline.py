@@ -234,6 +234,12 @@ def bucket(length: int, max_len: int) -> int:
     return min(max(SHORTEST_BUCKET, 1 << (length - 1).bit_length()), max_len)
 
 
+def longest_first(lengths: list[int], batch: int) -> list[np.ndarray]:
+    """Indices sorted by length (longest first, stable), cut into batches of `batch`."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i:i + batch] for i in range(0, len(order), batch)]
+
+
 def eval_batches(config: ml_collections.ConfigDict, source: PairSource, tokenizer: Tokenizer,
                  shard: Shard) -> list[dict[str, np.ndarray]]:
     """This process's rows of every eval batch over `source`, in order (see module doc).
@@ -272,12 +278,10 @@ def decode_batches(config: ml_collections.ConfigDict, source: PairSource, tokeni
     max_len = config.model.max_len
     lengths = [len(tokens) for tokens in inputs]
     _warn_if_truncated(lengths, max_len, f"{source.spec} inputs")
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    global_rows = shard.rows * shard.count
     batches = []
-    for start in range(0, len(order), global_rows):
-        length = bucket(lengths[order[start]], max_len)
-        mine = order[start:start + global_rows][shard.index * shard.rows:(shard.index + 1) * shard.rows]
+    for chosen in longest_first(lengths, shard.rows * shard.count):
+        length = bucket(lengths[chosen[0]], max_len)
+        mine = chosen[shard.index * shard.rows:(shard.index + 1) * shard.rows]
         batch = {"inputs": np.zeros((shard.rows, length), np.int32),
                  "index": np.full((shard.rows,), -1, np.int32)}
         for row, i in enumerate(mine):
