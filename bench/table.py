@@ -9,7 +9,8 @@ the same beam and batch for all, in this one process, and scored with sacreBLEU,
 does (its hypotheses files land in the row's workdir). `sentences_per_sec` is timed after
 compilation, the fastest of --passes decodes of the split, taken in rounds that decode every
 row once each (so a slow stretch of a shared machine hits all rows alike, and only ever slows a
-pass down); `speedup` is that over the teacher's. `checkpoint_mb` is the row's parameters alone
+pass down); `speedup` is that over the teacher's decoding alike (with the same shortlist or
+none). `checkpoint_mb` is the row's parameters alone
 saved by orbax as tfx stores them (float32; zeros compress), `ctranslate2_int8_mb` its
 model.bin exported to CTranslate2 with int8 weights (`python -m tfx.export ctranslate2
 --quantization int8`: what a phone or browser would ship), `nonzero_params` counts the
@@ -51,14 +52,18 @@ class Row:
     checkpoint: str = "latest"
     overrides: tuple[tuple[str, object], ...] = ()  # (dotted config key, value).
     trains: bool = True  # False: the workdir's training time is not this row's.
+    baseline: str = "teacher"  # the row whose speed `speedup` divides by: the teacher decoding alike.
 
 
 HEADS2 = (("model.num_heads", 2), ("model.num_kv_heads", 2), ("model.head_dim", 64))
 INT8 = (("quantization", "int8"),)
 RANK25 = (("model.rank_fraction", 0.25),)
 RANK125 = (("model.rank_fraction", 0.125),)
+SHORTLIST = (("decode.shortlist", "runs/multi30k/shortlist.npz"),)
 ROWS = (
     Row("teacher", "teacher (`configs/multi30k.py`)", "README main job", TEACHER, "runs/multi30k", "average:5"),
+    Row("teacher-shortlist", "teacher, lexical shortlist", "step 7, eval.py", TEACHER, "runs/multi30k",
+        "average:5", SHORTLIST, trains=False, baseline="teacher-shortlist"),
     Row("teacher-ptq", "teacher, int8 PTQ", "step 4, eval.py", TEACHER, "runs/multi30k", "average:5",
         INT8, trains=False),
     Row("teacher-qat", "teacher, int8 QAT, 500-step fine-tune (lr 2e-4)", "step 4, train.py", TEACHER,
@@ -80,6 +85,8 @@ ROWS = (
     Row("teacher-r125-ft", "teacher, low rank 0.125, 500-step fine-tune (lr 5e-4)", "step 6, train.py", TEACHER,
         "runs/teacher-r125-ft", overrides=RANK125),
     Row("student", "student, original pairs", "step 3", STUDENT, "runs/student", "average:5"),
+    Row("student-shortlist", "student, lexical shortlist", "step 7, eval.py", STUDENT, "runs/student",
+        "average:5", SHORTLIST, trains=False, baseline="teacher-shortlist"),
     Row("student-ptq", "student, int8 PTQ", "step 4, eval.py", STUDENT, "runs/student", "average:5", INT8,
         trains=False),
     Row("student-qat", "student, int8 QAT, 500-step fine-tune (lr 2e-4)", "step 4, train.py", STUDENT,
@@ -90,6 +97,9 @@ ROWS = (
         "runs/student-word", "average:5"),
     Row("student-seq-word", "student, sequence-level, then a 1,000-step word-level fine-tune", "step 3, `:seq+word`",
         f"{STUDENT}:seq+word", "runs/student-seq-word", "average:5"),
+    Row("student-word-shortlist", "student, word-level fine-tune, lexical shortlist", "step 7, eval.py",
+        f"{STUDENT}:word", "runs/student-word", "average:5", SHORTLIST, trains=False,
+        baseline="teacher-shortlist"),
 )
 
 
@@ -181,10 +191,10 @@ def main():
     for _ in range(args.passes):
         for r, decoder in zip(results, decoders):
             r["sentences_per_sec"] = max(r["sentences_per_sec"], round(decoder()[1]["sentences_per_sec"], 2))
-    teacher = next((r for r in results if r["name"] == "teacher"), None)
-    if teacher:
-        for r in results:
-            r["speedup"] = round(r["sentences_per_sec"] / teacher["sentences_per_sec"], 2)
+    speeds = {r["name"]: r["sentences_per_sec"] for r in results}
+    for row, r in zip(present, results):
+        if row.baseline in speeds:
+            r["speedup"] = round(r["sentences_per_sec"] / speeds[row.baseline], 2)
     print(markdown(present, results))
     print(json.dumps(dict(cpu=cpu_name(), devices=jax.device_count(), beam=args.beam, batch=args.batch,
                           passes=args.passes,

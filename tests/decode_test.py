@@ -8,6 +8,7 @@ from flax import nnx
 
 from tfx import config as config_lib
 from tfx import parallel
+from tfx.data import shortlist
 from tfx.model import decode, layers
 from tfx.model.decode import EOS
 from tfx.model.transformer import EncoderDecoder
@@ -281,3 +282,59 @@ def test_max_length_caps_the_outputs(tiny_config):
     assert tokens.shape == (8, 5)
     assert_well_formed(tokens, limit=5)
     assert (tokens[:, 4] == EOS).any()
+
+
+def shortlist_file(tmp_path, vocab, seed=0, per_token=3):
+    """A random lexical table over `vocab` tokens (tfx/data/shortlist.py's format)."""
+    rng = np.random.default_rng(seed)
+    candidates = rng.integers(2, vocab, (vocab, per_token)).astype(np.int32)
+    probs = np.sort(rng.random((vocab, per_token)), axis=1)[:, ::-1].astype(np.float32)
+    tokenizer = tmp_path / "tokenizer.model"
+    tokenizer.write_bytes(b"unused")
+    path = str(tmp_path / "shortlist.npz")
+    shortlist.save(path, candidates, probs, rng.integers(0, 100, vocab), 4, str(tokenizer))
+    return path
+
+
+def test_a_shortlist_of_the_whole_vocabulary_decodes_as_without(tiny_config, tmp_path):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config), sources(11, 8, 8, 50)
+    np.testing.assert_array_equal(
+        translate(config, model, inputs, shortlist=shortlist_file(tmp_path, 50), shortlist_size=50),
+        translate(config, model, inputs))
+
+
+@pytest.mark.parametrize("strategy", ["beam", "greedy"])
+def test_shortlist_decoding_scores_with_the_softmax_over_the_batch_shortlist(tiny_config, tmp_path, strategy):
+    """The independent answer: teacher-forced logits of the whole vocabulary, cut to the
+    batch's shortlist (from `shortlist.vocabulary`), then normalised."""
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config), sources(12, 8, 8, 50)
+    graphdef, params = model
+    path = shortlist_file(tmp_path, 50)
+    mesh = parallel.make_mesh("data:1", jax.devices()[:1])
+    shardings = parallel.state_shardings(params, mesh, config.logical_axis_rules)
+    tokens, scores = (np.asarray(x) for x in decode.make_translate(
+        config, graphdef, mesh, shardings, nbest=True, strategy=strategy, length_penalty=0.6,
+        shortlist=path, shortlist_size=16)(params, inputs))
+    vocab_S = np.asarray(shortlist.vocabulary(shortlist.load(path, 50), inputs, 16))
+    assert set(np.unique(tokens)) <= set(vocab_S) and len(set(vocab_S)) == 16
+    logits = np.asarray(nnx.merge(graphdef, params)(inputs, tokens[:, 0]), np.float64)
+    out_of_shortlist = ~np.isin(np.arange(50), vocab_S)
+    logits[..., out_of_shortlist] = -np.inf
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    taken = np.take_along_axis(log_probs, tokens[:, 0, :, None], axis=-1)[..., 0]
+    lengths = (tokens[:, 0] > 0).sum(-1)
+    expected = (taken * (tokens[:, 0] > 0)).sum(-1) / ((5 + lengths) / 6) ** 0.6
+    np.testing.assert_allclose(scores[:, 0], expected, rtol=1e-4, atol=1e-4)
+    assert_well_formed(tokens[:, 0], limit=8 + 4)
+
+
+def test_shortlist_decoding_on_a_data_and_tensor_mesh_equals_one_device(tiny_config, tmp_path):
+    """The batch's shortlist gathers sources from every data shard and output rows split over
+    the tensor axis."""
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config), sources(13, 8, 8, 50)
+    options = dict(shortlist=shortlist_file(tmp_path, 50), shortlist_size=16)
+    np.testing.assert_array_equal(translate(config, model, inputs, "data:2,tensor:4", **options),
+                                  translate(config, model, inputs, **options))

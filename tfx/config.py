@@ -116,6 +116,8 @@ def default_config() -> ml_collections.ConfigDict:
                 temperature=1.0,  # sampling only.
                 top_k=0,  # sampling only; 0: no top-k cut.
                 top_p=1.0,  # sampling only; 1.0: no nucleus cut.
+                shortlist="",  # a lexical shortlist (python -m tfx.data.shortlist); "": none.
+                shortlist_size=1024,  # with a shortlist: target tokens each batch decodes over.
             ),
             per_device_eval_batch_size=32,  # eval loss and decoding, separate from training.
             seed=0,  # parameters, dropout and data order.
@@ -243,7 +245,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("model.vocab_size", "model.emb_dim", "model.num_heads", "model.num_kv_heads",
                 "model.mlp_dim", "model.max_len", "per_device_batch_size", "max_source_length",
                 "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps",
-                "per_device_eval_batch_size", "decode.beam_size", "decode.temperature",
+                "per_device_eval_batch_size", "decode.beam_size", "decode.temperature", "decode.shortlist_size",
                 "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "lock_timeout_s",
                 "distributed.heartbeat_timeout_s", "distributed.initialization_timeout_s",
                 "distill.temperature", "prune.every_steps"):

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from tfx import config as config_lib
 from tfx import parallel, steps
 from tfx.checkpoint import Checkpoints, CorruptCheckpointError
-from tfx.data import sources
+from tfx.data import shortlist, sources
 from tfx.data import tokenizer as tokenizer_lib
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -95,7 +95,8 @@ def init_params(config: ml_collections.ConfigDict, state) -> tuple[str, nnx.Stat
 
 
 def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_lib.Tokenizer:
-    """The run's SentencePiece model (see the module doc), checked against model.vocab_size."""
+    """The run's SentencePiece model (see the module doc), checked against model.vocab_size and
+    the tokenizer config.decode.shortlist was learned with."""
     copy = os.path.join(workdir, TOKENIZER_FILE)
     if config.tokenizer.model_path:
         tokenizer = tokenizer_lib.Tokenizer(config.tokenizer.model_path)
@@ -106,6 +107,8 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_
         train = sources.open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir)
         tokenizer = tokenizer_lib.from_config(config, train)
     tokenizer_lib.check_vocab_size(tokenizer, config)
+    if config.decode.shortlist:
+        shortlist.check_tokenizer(config.decode.shortlist, tokenizer.path)
     return tokenizer
 
 

@@ -24,6 +24,10 @@ beam w), at j * W + w, written once: a beam attends to the slots of its ancestor
 [B, W, L] table names, so reordering beams gathers that table, never the cache (scoring W-fold
 the slots costs less than gathering the cache every step).
 
+With `config.decode.shortlist` (a lexical table, tfx/data/shortlist.py) each batch scores only
+its shortlist of `shortlist_size` target tokens, chosen from its sources: the output projection,
+softmax and top-k shrink from the vocabulary to those tokens.
+
 Beam search (as fairseq): each step takes the 2W most likely extensions of the W beams; those
 ending in EOS among the first W finish, scored with the GNMT length penalty
 log p / ((5 + length) / 6) ** length_penalty (length counts EOS), and the best W others go on.
@@ -46,6 +50,7 @@ from jax.sharding import Mesh
 
 from tfx import parallel, quantize
 from tfx.config import DECODE_STRATEGIES, choice_error
+from tfx.data import shortlist
 from tfx.model.transformer import EncoderDecoder, attention_mask
 
 PAD, EOS = 0, 1
@@ -63,6 +68,8 @@ class Options:
     top_k: int
     top_p: float
     max_length: int = 0
+    shortlist: str = ""  # a lexical shortlist's file (tfx/data/shortlist.py); "": the whole vocabulary.
+    shortlist_size: int = 1024  # target tokens a batch decodes over, with `shortlist`.
     forced_length: int = 0  # > 0: exactly this many tokens per hypothesis, EOS forbidden.
     full_recompute: bool = False  # no cache: rerun the decoder over the whole prefix each step.
 
@@ -130,8 +137,12 @@ def search(model: EncoderDecoder, inputs_BxS: jax.Array, options: Options,
     encoded_BxSxD = model.encode(inputs_BxS, segment_BxS)
     length, limit = _output_length(model.max_len, segment_BxS, options)
     width = options.beam_size if options.strategy == "beam" else 1
+    vocab_S = None
+    if options.shortlist:
+        table = shortlist.load(options.shortlist, model.vocab_size)
+        vocab_S = shortlist.vocabulary(table, inputs_BxS, options.shortlist_size)
     make_decoder = _full_decoder if options.full_recompute else _cached_decoder
-    decoder = make_decoder(model, encoded_BxSxD, segment_BxS, width, length)
+    decoder = make_decoder(model, encoded_BxSxD, segment_BxS, width, length, vocab_S)
     if options.strategy == "beam":
         return _beam_search(decoder, inputs_BxS.shape[0], width, length, limit, options)
     if options.strategy == "sample" and rng is None:
@@ -155,14 +166,20 @@ class _Decoder(NamedTuple):
 
     `step(state, tokens_BxWxL, t) -> (logits_BxWxV, state)` scores position t of hypotheses
     whose tokens before t are given; `reorder(state, parents_BxW)` makes beam w continue beam
-    parents[:, w].
+    parents[:, w]. With a shortlist `vocab_V` [V], logit i is token vocab_V[i]'s (PAD and EOS
+    keep their ids as positions); None: logit i is token i's.
     """
     state: Any
     step: Callable
     reorder: Callable
+    vocab_V: jax.Array | None
+
+    def tokens(self, positions):
+        """Token ids of logit positions."""
+        return positions if self.vocab_V is None else self.vocab_V[positions]
 
 
-def _cached_decoder(model, encoded_BxSxD, source_segment_BxS, width, length) -> _Decoder:
+def _cached_decoder(model, encoded_BxSxD, source_segment_BxS, width, length, vocab_S) -> _Decoder:
     """Incremental decoding: W beams per row, a self-attention cache of length * W slots."""
     batch = encoded_BxSxD.shape[0]
     cross_kv = model.cross_kv(encoded_BxSxD, for_decoding=True)
@@ -184,16 +201,16 @@ def _cached_decoder(model, encoded_BxSxD, source_segment_BxS, width, length) -> 
         y_BxWxD, caches = model.decoder_states(inputs_BxW, jnp.full((batch, width), t), cross_kv,
                                                self_mask, cross_mask_Bx1xWxS, caches=caches,
                                                index=t * width)
-        return model.logits(y_BxWxD), (caches, ancestors_BxWxL)
+        return model.logits(y_BxWxD, vocab_S), (caches, ancestors_BxWxL)
 
     def reorder(state, parents_BxW):
         caches, ancestors_BxWxL = state
         return caches, jnp.take_along_axis(ancestors_BxWxL, parents_BxW[..., None], axis=1)
 
-    return _Decoder((caches, ancestors_BxWxL), step, reorder)
+    return _Decoder((caches, ancestors_BxWxL), step, reorder, vocab_S)
 
 
-def _full_decoder(model, encoded_BxSxD, source_segment_BxS, width, length) -> _Decoder:
+def _full_decoder(model, encoded_BxSxD, source_segment_BxS, width, length, vocab_S) -> _Decoder:
     """No cache: each step reruns the decoder (and its cross-attention projections) on the prefix."""
     batch = encoded_BxSxD.shape[0]
     encoded_RxSxD = jnp.repeat(encoded_BxSxD, width, axis=0)
@@ -206,10 +223,10 @@ def _full_decoder(model, encoded_BxSxD, source_segment_BxS, width, length) -> _D
         inputs_RxL = jnp.pad(tokens_BxWxL.reshape(batch * width, length), ((0, 0), (1, 0)))[:, :-1]
         y_RxLxD, _ = model.decoder_states(inputs_RxL, positions_RxL, model.cross_kv(encoded_RxSxD),
                                           self_mask, cross_mask)
-        logits_Rx1xV = model.logits(jax.lax.dynamic_slice_in_dim(y_RxLxD, t, 1, axis=1))
+        logits_Rx1xV = model.logits(jax.lax.dynamic_slice_in_dim(y_RxLxD, t, 1, axis=1), vocab_S)
         return logits_Rx1xV.reshape(batch, width, -1), state
 
-    return _Decoder((), step, lambda state, parents_BxW: state)
+    return _Decoder((), step, lambda state, parents_BxW: state, vocab_S)
 
 
 def _banned(options: Options) -> tuple[int, ...]:
@@ -244,9 +261,10 @@ def _sample(decoder: _Decoder, batch, length, limit, options: Options, rng):
             token_B = jnp.argmax(logits_BxV, axis=-1)
         else:
             token_B = jax.random.categorical(jax.random.fold_in(rng, t), _filtered(logits_BxV, options))
-        token_B = jnp.where(done_B, PAD, token_B).astype(jnp.int32)
+        token_B = jnp.where(done_B, PAD, token_B).astype(jnp.int32)  # a position among the logits.
         token_log_prob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_Bx1xV[:, 0]), token_B[:, None],
                                                axis=1)[:, 0]
+        token_B = decoder.tokens(token_B)
         log_prob_B = log_prob_B + jnp.where(done_B, 0.0, token_log_prob_B)
         tokens_BxL = jax.lax.dynamic_update_slice_in_dim(tokens_BxL, token_B[:, None], t, axis=1)
         return t + 1, tokens_BxL, log_prob_B, done_B | (token_B == EOS), state
@@ -335,8 +353,9 @@ def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Option
     """([B, W, T] finished hypotheses, best first, [B, W] their scores)."""
     def body(b: _Beams) -> _Beams:
         logits_BxWxV, state = decoder.step(b.state, b.alive_BxWxL, b.t)
-        top_log_probs_Bx2W, parents_Bx2W, tokens_Bx2W = _best_extensions(
+        top_log_probs_Bx2W, parents_Bx2W, positions_Bx2W = _best_extensions(
             b.alive_log_probs_BxW, logits_BxWxV, 2 * width, b.t, limit, options)
+        tokens_Bx2W = decoder.tokens(positions_Bx2W)
         candidates_Bx2WxL = jax.lax.dynamic_update_slice_in_dim(
             jnp.take_along_axis(b.alive_BxWxL, parents_Bx2W[..., None], axis=1),
             tokens_Bx2W[..., None], b.t, axis=2)

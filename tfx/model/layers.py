@@ -199,10 +199,11 @@ class Embed(nnx.Module):
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         return lookup(self.embedding[...], tokens_BxL, float(np.sqrt(self.dim)), self.dtype)
 
-    def attend(self, x_BxLxD: jax.Array, dtype=None) -> jax.Array:
+    def attend(self, x_BxLxD: jax.Array, dtype=None, vocab_S: jax.Array | None = None) -> jax.Array:
         """Scores [B, L, V] of x against every embedding row, computed in `dtype` (default: the
-        module's)."""
-        return project("bld,vd->blv", x_BxLxD, self.embedding, dtype or self.dtype)
+        module's); with `vocab_S` [S] (token ids), [B, L, S] against those rows only."""
+        table_VxD = self.embedding if vocab_S is None else jnp.take(self.embedding[...], vocab_S, axis=0)
+        return project("bld,vd->blv", x_BxLxD, table_VxD, dtype or self.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -161,7 +161,7 @@ class EncoderDecoder(nnx.Module):
 
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
         self.emb_dim, self.dropout_rate, self.positions = cfg.emb_dim, cfg.dropout_rate, cfg.positions
-        self.max_len = cfg.max_len
+        self.max_len, self.vocab_size = cfg.max_len, cfg.vocab_size
         self.pre_norm, self.logits_via_embedding = cfg.norm_position == "pre", cfg.logits_via_embedding
         self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
         dtype = precision.compute_dtype(cfg.dtype)
@@ -283,8 +283,9 @@ class EncoderDecoder(nnx.Module):
 
         return jax.lax.scan(step, x, (params, xs, keys))
 
-    def logits(self, y_BxTxD) -> jax.Array:
-        """Logits [B, T, V] (float32) of decoder states: final norm (pre-LN), output projection.
+    def logits(self, y_BxTxD, vocab_S: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] (float32) of decoder states: final norm (pre-LN), output projection;
+        with `vocab_S` [S] (token ids: a decoding shortlist), [B, T, S] of those tokens only.
 
         With `model.float32_logits` the final norm's output and the projection are float32
         whatever `model.dtype` is, so the loss, beam scores and sampling never see logits
@@ -293,9 +294,12 @@ class EncoderDecoder(nnx.Module):
         if self.pre_norm:
             y_BxTxD = self.decoder_norm(y_BxTxD)
         if self.logits_via_embedding:
-            logits_BxTxV = self.target_embed.attend(y_BxTxD, self.logits_dtype)
+            logits_BxTxV = self.target_embed.attend(y_BxTxD, self.logits_dtype, vocab_S)
         else:
-            logits_BxTxV = project("btd,dv->btv", y_BxTxD, self.logits_projection, self.logits_dtype)
+            weight_DxV = self.logits_projection
+            if vocab_S is not None:
+                weight_DxV = jnp.take(weight_DxV[...], vocab_S, axis=1)
+            logits_BxTxV = project("btd,dv->btv", y_BxTxD, weight_DxV, self.logits_dtype)
         return constrain(logits_BxTxV, ("batch", "length", "vocab")).astype(jnp.float32)
 
     def __call__(self, inputs, targets, inputs_segment_ids=None, targets_segment_ids=None,

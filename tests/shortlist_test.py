@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from tfx.data import shortlist
+from tfx.data.shortlist import EOS, PAD
+
+
+def word_by_word_corpus(seed=0, pairs=400):
+    """Sources of tokens 2..9, each translated to token + 10, in shuffled order, and every
+    target also holding token 30 (a word with no source, like an article)."""
+    rng = np.random.default_rng(seed)
+    corpus = []
+    for _ in range(pairs):
+        source = rng.choice(np.arange(2, 10), size=rng.integers(1, 5), replace=False)
+        target = [*(source + 10), 30]
+        rng.shuffle(target)
+        corpus.append((list(source), target))
+    return corpus
+
+
+def test_ibm_model_1_finds_each_source_token_its_translation():
+    """Token 30 co-occurs with every source token as often as its translation does (a count
+    ratio ties them); EM explains it by the other tokens and NULL instead."""
+    candidates, probs, counts = shortlist.learn(word_by_word_corpus(), vocab_size=40, per_token=3)
+    np.testing.assert_array_equal(candidates[2:10, 0], np.arange(12, 20))
+    assert (probs[2:10, 0] > 0.5).all() and (probs[2:10, 0] > probs[2:10, 1]).all()
+    assert (np.diff(probs, axis=1) <= 0).all()  # most probable first.
+    assert (candidates[PAD] == PAD).all() and (probs[PAD] == 0).all()  # NULL keeps none.
+    assert (candidates[10:] == PAD).all()  # never a source: no candidates.
+    assert counts[30] == 400 and counts[:10].sum() == 0
+
+
+def table(tmp_path, candidates, probs, counts, frequent):
+    tokenizer = tmp_path / "tokenizer.model"
+    tokenizer.write_bytes(b"any bytes: only their digest is kept")
+    path = str(tmp_path / "shortlist.npz")
+    shortlist.save(path, np.asarray(candidates, np.int32), np.asarray(probs, np.float32),
+                   np.asarray(counts), frequent, str(tokenizer))
+    return path, str(tokenizer)
+
+
+def hand_table(tmp_path, vocab=12):
+    """Source 2 -> targets 5 (0.6), 6 (0.3); source 3 -> 7 (0.9), 8 (0.05); target 4 the most
+    frequent, then 11 and 10."""
+    candidates, probs = np.zeros((vocab, 2), np.int32), np.zeros((vocab, 2), np.float32)
+    candidates[2], probs[2] = (5, 6), (0.6, 0.3)
+    candidates[3], probs[3] = (7, 8), (0.9, 0.05)
+    counts = np.zeros(vocab, np.int64)
+    counts[[4, 11, 10]] = (100, 50, 20)
+    return table(tmp_path, candidates, probs, counts, frequent=1)
+
+
+def test_the_batch_vocabulary_takes_pad_eos_frequent_tokens_then_candidates_by_probability(tmp_path):
+    path, _ = hand_table(tmp_path)
+    inputs = np.array([[2, 0, 0], [3, 3, 0]], np.int32)
+    vocabulary = lambda size: list(np.asarray(shortlist.vocabulary(shortlist.load(path, 12), inputs, size)))
+    assert vocabulary(8) == [PAD, EOS, 4, 7, 5, 6, 8, 11]  # then the rest by frequency.
+    assert vocabulary(5) == [PAD, EOS, 4, 7, 5]  # the least probable candidates are cut.
+    assert sorted(vocabulary(40)) == list(range(12))  # at most the vocabulary.
+    assert vocabulary(8) == list(np.asarray(shortlist.vocabulary(  # padding adds nothing.
+        shortlist.load(path, 12), np.pad(inputs, ((0, 0), (0, 5))), 8)))
+
+
+def test_a_shortlist_for_another_vocabulary_or_tokenizer_or_no_shortlist_is_refused(tmp_path):
+    path, tokenizer = hand_table(tmp_path)
+    with pytest.raises(ValueError, match=r"config.decode.shortlist=.*12-token vocabulary.*vocab_size=50"):
+        shortlist.load(path, 50)
+    other = tmp_path / "other.model"
+    other.write_bytes(b"another model")
+    shortlist.check_tokenizer(path, tokenizer)
+    with pytest.raises(ValueError, match="learned with another tokenizer than .*other.model"):
+        shortlist.check_tokenizer(path, str(other))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    for bad in (str(tmp_path / "bad.npz"), str(tmp_path / "missing.npz")):
+        with pytest.raises(ValueError, match="is not a shortlist made by `python -m tfx.data.shortlist`"):
+            shortlist.load(bad, 12)
