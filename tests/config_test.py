@@ -24,6 +24,7 @@ def test_every_default_key_is_in_the_reference():
 @pytest.mark.parametrize("key, value, message", [
     ("decode.strategy", "nucleus", "config.decode.strategy='nucleus' is not one of"),
     ("decode.top_p", 0.0, r"config.decode.top_p=0.0 must be in \(0, 1\]"),
+    ("decode.shortlist_size", 2, "config.decode.shortlist_size=2 must be at least 3"),
     ("nonfinite_loss", "ignore", "config.nonfinite_loss='ignore' is not one of 'stop', 'skip'"),
     ("data.too_long", "wrap", "config.data.too_long='wrap' is not one of 'drop', 'truncate'"),
     ("per_device_eval_batch_size", 0, "config.per_device_eval_batch_size=0 must be a positive"),

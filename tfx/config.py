@@ -245,7 +245,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("model.vocab_size", "model.emb_dim", "model.num_heads", "model.num_kv_heads",
                 "model.mlp_dim", "model.max_len", "per_device_batch_size", "max_source_length",
                 "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps",
-                "per_device_eval_batch_size", "decode.beam_size", "decode.temperature", "decode.shortlist_size",
+                "per_device_eval_batch_size", "decode.beam_size", "decode.temperature",
                 "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "lock_timeout_s",
                 "distributed.heartbeat_timeout_s", "distributed.initialization_timeout_s",
                 "distill.temperature", "prune.every_steps"):
@@ -274,6 +274,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.per_device_batch_size={config.per_device_batch_size} is not divisible by "
             f"config.grad_accum_steps={config.grad_accum_steps}: each microbatch must still split "
             "evenly over the data axes.")
+    if config.decode.shortlist_size < 3:
+        raise ValueError(f"config.decode.shortlist_size={config.decode.shortlist_size!r} must be at "
+                         "least 3: PAD, EOS and a token to say.")
     if not 0.0 < config.decode.top_p <= 1.0:
         raise ValueError(f"config.decode.top_p={config.decode.top_p!r} must be in (0, 1].")
     if m.num_heads % m.num_kv_heads:
