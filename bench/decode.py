@@ -16,6 +16,11 @@ measured in the same run before and after, the best kept.
 with float matmuls too, alternating the two run by run; `int8_speedup` is the float search's
 seconds over the int8 search's (above 1: int8 is faster).
 
+`--shortlist FILE` (a lexical shortlist of the model's vocabulary size, `python -m
+tfx.data.shortlist`) times the cached search over each batch's shortlist of --shortlist-size
+tokens too, alternating; `shortlist_speedup` is the whole vocabulary's seconds over the
+shortlist's.
+
 `--ctranslate2` also times CTranslate2 on CPU (float32 and int8 computation, one thread per
 core, the same batch and beam) on the same model exported by `tfx.export.ctranslate2_spec`
 with a synthetic vocabulary, its hypotheses forced to --gen-length tokens too
@@ -107,6 +112,9 @@ def main():
                         help="overrides config.model.dtype (the computation dtype)")
     parser.add_argument("--quantization", default=None, choices=config_lib.QUANTIZATIONS,
                         help="overrides config.quantization; int8 also times float matmuls, alternated")
+    parser.add_argument("--shortlist", default="",
+                        help="a lexical shortlist: also times the cached search with it, alternated")
+    parser.add_argument("--shortlist-size", type=int, default=1024, help="tokens a batch decodes over")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of the cached search")
     parser.add_argument("--full-recompute-runs", type=int, default=1,
                         help="timed runs of the search without a cache (0: skip it)")
@@ -125,10 +133,10 @@ def main():
     rng = np.random.default_rng(0)
     inputs = rng.integers(2, config.model.vocab_size, (args.batch, args.source_length)).astype(np.int32)
 
-    def translator(config, full_recompute: bool):
+    def translator(config, full_recompute: bool, **shortlist):
         return decode.make_translate(config, graphdef, mesh, shardings, strategy="beam",
                                      beam_size=args.beam, forced_length=args.gen_length,
-                                     full_recompute=full_recompute)
+                                     full_recompute=full_recompute, **shortlist)
 
     def figures(seconds: float, tokens: np.ndarray) -> dict:
         return dict(seconds=round(seconds, 3), sentences_per_sec=round(args.batch / seconds, 2),
@@ -140,13 +148,16 @@ def main():
     devices = list(mesh.devices.flat)
     dtype = jnp.dtype(config.model.dtype)
     peak = measure_peak_gflops(devices, dtype)
-    translates = [translator(config, False)]
+    translates = {"cached": translator(config, False)}
     if config.quantization == "int8":
         float_config = config.copy_and_resolve_references()
         float_config.quantization = "none"
-        translates.append(translator(float_config, False))
-    timed = time_runs(translates, params, inputs, args.runs)
-    cached = figures(*timed[0])
+        translates["float"] = translator(float_config, False)
+    if args.shortlist:
+        translates["shortlist"] = translator(config, False, shortlist=args.shortlist,
+                                             shortlist_size=args.shortlist_size)
+    timed = dict(zip(translates, time_runs(list(translates.values()), params, inputs, args.runs)))
+    cached = figures(*timed["cached"])
     flops = decode_flops(config.model, args.batch, args.beam, args.source_length, args.gen_length)
     result = dict(
         variant=config.variant or args.config, params=count_params(params), dtype=config.model.dtype,
@@ -154,9 +165,12 @@ def main():
         devices=len(devices), platform=devices[0].platform, cpu=cpu_name(), beam=args.beam, batch=args.batch,
         source_length=args.source_length, gen_length=args.gen_length, **cached,
         decode_gflops=round(flops / cached["seconds"] / 1e9, 2))
-    if len(timed) > 1:
-        result.update(float_matmuls_seconds=round(timed[1][0], 3),
-                      int8_speedup=round(timed[1][0] / timed[0][0], 3))
+    if "float" in timed:
+        result.update(float_matmuls_seconds=round(timed["float"][0], 3),
+                      int8_speedup=round(timed["float"][0] / timed["cached"][0], 3))
+    if "shortlist" in timed:
+        result.update(shortlist_size=args.shortlist_size, shortlist_seconds=round(timed["shortlist"][0], 3),
+                      shortlist_speedup=round(timed["cached"][0] / timed["shortlist"][0], 3))
     if args.full_recompute_runs:
         full = measure(True, args.full_recompute_runs)
         result.update({f"full_recompute_{name}": value for name, value in full.items()})
