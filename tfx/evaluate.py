@@ -104,17 +104,21 @@ class SplitDecoder:
         return decoded
 
     def results(self, hypotheses: Sequence[str], speed: dict[str, float], metrics=("bleu", "chrf")) -> dict:
-        """Scores the split's `hypotheses` and writes them (`<split>-<checkpoint>[-int8].hyp.txt`,
-        one per line in source order), the references and a JSON results file into the workdir.
-        Returns the results."""
+        """Scores the split's `hypotheses` and writes them
+        (`<split>-<checkpoint>[-int8][-shortlist<size>].hyp.txt`, one per line in source order),
+        the references and a JSON results file into the workdir. Returns the results."""
         config, split = self.config, self.split
         references = self.experiment.references(split, self.batches)
+        shortlist = dict(shortlist=config.decode.shortlist,
+                         shortlist_size=config.decode.shortlist_size) if config.decode.shortlist else {}
         results = {"split": split, "spec": config.data[split], "checkpoint": self.label,
-                   "quantization": config.quantization,
+                   "quantization": config.quantization, **shortlist,
                    "scores": score(hypotheses, [references], metrics), **speed}
         if jax.process_index() == 0:
-            quantized = "" if config.quantization == "none" else f"-{config.quantization}"
-            prefix = os.path.join(self.workdir, f"{split}-{self.label}{quantized}")
+            suffix = "" if config.quantization == "none" else f"-{config.quantization}"
+            if shortlist:
+                suffix += f"-shortlist{config.decode.shortlist_size}"
+            prefix = os.path.join(self.workdir, f"{split}-{self.label}{suffix}")
             results.update(hypotheses=f"{prefix}.hyp.txt",
                            references=os.path.join(self.workdir, f"{split}.ref.txt"))
             for path, lines in ((results["hypotheses"], hypotheses), (results["references"], references)):
