@@ -328,6 +328,10 @@ def test_shortlist_decoding_scores_with_the_softmax_over_the_batch_shortlist(tin
     expected = (taken * (tokens[:, 0] > 0)).sum(-1) / ((5 + lengths) / 6) ** 0.6
     np.testing.assert_allclose(scores[:, 0], expected, rtol=1e-4, atol=1e-4)
     assert_well_formed(tokens[:, 0], limit=8 + 4)
+    if strategy == "greedy":  # the cache-free decoder takes the shortlist too.
+        np.testing.assert_array_equal(tokens[:, 0], translate(
+            config, model, inputs, strategy=strategy, length_penalty=0.6, shortlist=path,
+            shortlist_size=16, full_recompute=True))
 
 
 def test_shortlist_decoding_on_a_data_and_tensor_mesh_equals_one_device(tiny_config, tmp_path):
