@@ -1,5 +1,6 @@
 """The CTranslate2 export computes what tfx computes: the same log-probabilities for every
 architecture variant it accepts, and on a trained model the same greedy and beam translations."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,14 +13,16 @@ import pytest
 from flax import nnx
 
 from tfx import export, steps, trained
-from tfx.data.tokenizer import EOS_ID
+from tfx.data import shortlist
+from tfx.data.tokenizer import EOS_ID, UNK_ID
 from tfx.model import decode
 from tfx.model.transformer import EncoderDecoder
 
 from conftest import random_batch
 from runs import MULTI30K, ROOT, TINY, flags_for
 
-TEST_SOURCES = os.path.join(ROOT, "data", "multi30k-en-de", "test_2016_flickr.en")
+DATA = os.path.join(ROOT, "data", "multi30k-en-de")
+TEST_SOURCES = os.path.join(DATA, "test_2016_flickr.en")
 NUM_SENTENCES = 64
 
 
@@ -53,14 +56,14 @@ def output_limit(model: trained.TrainedModel, sources: list[list[int]]) -> int:
 
 
 def ct2_translate(translator, model: trained.TrainedModel, sources: list[list[int]],
-                  beam_size: int) -> list[list[int]]:
+                  beam_size: int, **options) -> list[list[int]]:
     """CTranslate2's translations (ids) of `sources` as tfx decodes them: EOS allowed from the
     first step, no length penalty, at most `output_limit` tokens before EOS."""
     processor = model.tokenizer.processor
     pieces = [[processor.id_to_piece(i) for i in ids[:-1]] for ids in sources]  # EOS: the export adds it.
     results = translator.translate_batch(pieces, beam_size=beam_size, length_penalty=0.0,
                                          min_decoding_length=0,
-                                         max_decoding_length=output_limit(model, sources))
+                                         max_decoding_length=output_limit(model, sources), **options)
     return [[processor.piece_to_id(p) for p in result.hypotheses[0]] for result in results]
 
 
@@ -110,6 +113,36 @@ def test_scores_match_tfx_scoring(run):
     assert [len(result.log_probs) for result in results] == tokens_B.tolist()
     per_token_B = (got_B - log_prob_B) / tokens_B
     assert np.all(per_token_B > -1e-5) and np.max(per_token_B) < 1e-3, per_token_B
+
+
+def test_the_exported_vocabulary_map_gives_ctranslate2_the_shortlist_tfx_decodes_over(run, tmp_path):
+    """A shortlist learned from 3,000 training pairs, with <unk> (which CTranslate2 always allows)
+    among the frequent tokens, and shortlist_size the number of tokens listed for the batch:
+    CTranslate2 with the export's vmap.txt and tfx decode over the same tokens, so their greedy
+    translations are token-identical."""
+    model, _, _, sources = run
+    with open(f"{DATA}/train.en", encoding="utf-8") as en, open(f"{DATA}/train.de", encoding="utf-8") as de:
+        pairs = [(model.tokenizer.encode(s)[:-1], model.tokenizer.encode(t)[:-1]) for s, t, _ in zip(en, de, range(3000))]
+    candidates, probs, counts = shortlist.learn(pairs, model.config.model.vocab_size, per_token=5)
+    counts[UNK_ID] = counts.max() + 1
+    path = str(tmp_path / "shortlist.npz")
+    shortlist.save(path, candidates, probs, counts, 20, model.tokenizer.path)
+    table = shortlist.load(path, model.config.model.vocab_size)
+    listed = set(shortlist.always_listed(table)) | {
+        int(c) for ids in sources for c, p in zip(candidates[ids].ravel(), probs[ids].ravel()) if p > 0}
+    assert UNK_ID in listed and len(listed) < model.config.model.vocab_size - 100
+
+    config = model.config.copy_and_resolve_references()
+    config.decode.shortlist = path
+    output = export.export_ctranslate2(dataclasses.replace(model, config=config), str(tmp_path / "ct2"))
+    translator = ctranslate2.Translator(output, device="cpu", compute_type="float32")
+    got = ct2_translate(translator, model, sources, beam_size=1, use_vmap=True)
+    expected = tfx_translate(model, sources, strategy="greedy", shortlist=path, shortlist_size=len(listed))
+    assert {token for ids in got for token in ids} <= listed
+    unlisted = ct2_translate(translator, model, sources, beam_size=1)
+    assert sum(g != u for g, u in zip(got, unlisted)) >= 2, "the shortlist should change some translations"
+    identical = sum(e == g for e, g in zip(expected, got))
+    assert identical == len(sources), f"{identical} of {len(sources)} greedy translations are identical"
 
 
 VARIANTS = {

@@ -21,6 +21,12 @@ NO_TOKEN_BIAS at id 0; CTranslate2's probabilities are therefore tfx's renormali
 token 0, log p + log(1 / (1 - p(token 0))), which for a trained model is close to tfx's own.
 A low-rank model (model.rank_fraction > 0, tfx/lowrank.py) is exported with its factors
 multiplied back: CTranslate2 runs it at the full-rank model's size and speed.
+
+With config.decode.shortlist (tfx/data/shortlist.py) the export also holds it as CTranslate2's
+vocabulary map, `vmap.txt`: each source piece with its candidate pieces, and the frequent pieces
+on the line of the empty key, which `translate_batch(..., use_vmap=True)` turns into each batch's
+output vocabulary. CTranslate2 takes all of the batch's candidates, with no cap, and always
+allows `<unk>`; tfx takes the `shortlist_size` of highest priority.
 """
 from __future__ import annotations
 
@@ -42,12 +48,14 @@ except ModuleNotFoundError as error:
     raise ModuleNotFoundError(f"tfx.export needs CTranslate2 ({error}): pip install 'tfx-mt[export]'.") from None
 
 from tfx.config import head_dim
+from tfx.data import shortlist
 from tfx.data.tokenizer import EOS_ID, PAD_ID, UNK_ID
 from tfx.model.layers import sinusoidal_positions
 
 FORMATS = ("ctranslate2",)
 QUANTIZATIONS = tuple(model_spec.ACCEPTED_MODEL_TYPES)  # int8, int8_float32, float32, ...
 SENTENCEPIECE_FILE = "sentencepiece.model"
+VOCABULARY_MAP_FILE = "vmap.txt"  # CTranslate2's name for it.
 NO_TOKEN_BIAS = -1e4  # output bias of token 0: never generated; still finite in float16.
 ACTIVATIONS = {"relu": common_spec.Activation.RELU,
                "gelu": common_spec.Activation.GELUTanh,  # jax.nn.gelu's default tanh form.
@@ -232,7 +240,24 @@ def export_ctranslate2(trained, output: str, quantization: str = "float32", forc
     processor = trained.tokenizer.processor
     pieces = [processor.id_to_piece(i) for i in range(processor.vocab_size())]
     spec = ctranslate2_spec(trained.config.model, params, pieces)
-    return write_ctranslate2(spec, output, quantization, force, {SENTENCEPIECE_FILE: trained.tokenizer.path})
+    files = {SENTENCEPIECE_FILE: trained.tokenizer.path}
+    with tempfile.TemporaryDirectory() as scratch:
+        if trained.config.decode.shortlist:
+            files[VOCABULARY_MAP_FILE] = os.path.join(scratch, VOCABULARY_MAP_FILE)
+            table = shortlist.load(trained.config.decode.shortlist, trained.config.model.vocab_size)
+            write_vocabulary_map(files[VOCABULARY_MAP_FILE], table, pieces)
+        return write_ctranslate2(spec, output, quantization, force, files)
+
+
+def write_vocabulary_map(path: str, table: shortlist.Shortlist, pieces: Sequence[str]):
+    """CTranslate2's vmap.txt of a shortlist: "<source piece>\t<candidate> <candidate> ...",
+    and the tokens in every shortlist under the empty key."""
+    lines = ["\t" + " ".join(pieces[i] for i in shortlist.always_listed(table))]
+    for source, (candidates_K, probs_K) in enumerate(zip(table.candidates_VxK, table.probs_VxK)):
+        if probs_K[0] > 0:
+            lines.append(pieces[source] + "\t" + " ".join(pieces[i] for i in candidates_K[probs_K > 0]))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def main():

@@ -133,6 +133,11 @@ def vocabulary(table: Shortlist, inputs_BxS: jax.Array, size: int) -> jax.Array:
     return jax.lax.top_k(priority_V, min(size, priority_V.shape[0]))[1]
 
 
+def always_listed(table: Shortlist) -> np.ndarray:
+    """The tokens in every shortlist: PAD, EOS and the frequent ones."""
+    return np.flatnonzero(table.base_priority_V >= 2.0)
+
+
 def main():
     """The command line (absl flags, defined here so that importing the module defines none)."""
     from absl import app, flags
