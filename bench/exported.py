@@ -2,7 +2,8 @@
 int8): prints one JSON line (its last line).
 
     python bench/exported.py --config configs/multi30k.py --workdir runs/multi30k \
-        --checkpoint average:5 [--split test] [--beam 4] [--length-penalty A] [--ct2-length-penalty 1.0]
+        --checkpoint average:5 [--split test] [--beam 4] [--length-penalty A] [--ct2-length-penalty 1.0] \
+        [--shortlist runs/multi30k/shortlist.npz [--shortlist-size 1024]]
 
 All engines translate the same sentences (config.data[split]) with the same beam and batch size
 (per_device_eval_batch_size x the data-parallel devices; both sort by length). tfx decodes as
@@ -10,7 +11,9 @@ config.decode says (GNMT length penalty); CTranslate2 with its own length penalt
 score / length ** --ct2-length-penalty, and at most model.max_len tokens. Each engine runs the
 whole set once to warm up (tfx compiles its shapes then), and the second run is timed.
 CTranslate2 gets intra_threads = the CPU cores. BLEU is sacreBLEU on the detokenized output;
-`tfx_speed_ratio` is tfx's sentences/s over the export's.
+`tfx_speed_ratio` is tfx's sentences/s over the export's. With --shortlist (a lexical shortlist,
+`python -m tfx.data.shortlist`) tfx decodes over each batch's shortlist and CTranslate2 over the
+export's vocabulary map of it (`use_vmap`).
 """
 from __future__ import annotations
 
@@ -51,6 +54,9 @@ def main():
     parser.add_argument("--length-penalty", type=float, default=None,
                         help="tfx's GNMT alpha (default: config.decode.length_penalty)")
     parser.add_argument("--ct2-length-penalty", type=float, default=1.0)
+    parser.add_argument("--shortlist", default="", help="a lexical shortlist for both engines")
+    parser.add_argument("--shortlist-size", type=int, default=None,
+                        help="tfx's tokens per batch (default: config.decode.shortlist_size)")
     args = parser.parse_args()
     host_memory.keep_freed_memory_on_cpu()
 
@@ -58,6 +64,10 @@ def main():
     config.decode.update(strategy="beam", beam_size=args.beam)
     if args.length_penalty is not None:
         config.decode.length_penalty = args.length_penalty
+    config.decode.shortlist = args.shortlist
+    if args.shortlist_size:
+        config.decode.shortlist_size = args.shortlist_size
+    config = config_lib.validate(config)
     model = trained.load(config, args.workdir, args.checkpoint)
     d = config.data
     split = sources.open_split(d[args.split], f"data.{args.split}", d.source_lang, d.target_lang,
@@ -83,7 +93,7 @@ def main():
                 outputs = engine.translate_batch(
                     [processor.encode(line, out_type=str) for line in lines], beam_size=args.beam,
                     max_batch_size=translator.rows, length_penalty=args.ct2_length_penalty,
-                    max_decoding_length=config.model.max_len)
+                    max_decoding_length=config.model.max_len, use_vmap=bool(args.shortlist))
                 return ([processor.decode(o.hypotheses[0]) for o in outputs],
                         sum(len(o.hypotheses[0]) + 1 for o in outputs))  # EOS included, as tfx.
 
@@ -100,7 +110,9 @@ def main():
     print(json.dumps(dict(config=args.config, workdir=args.workdir, checkpoint=model.label,
                           split=d[args.split], sentences=len(sentences), beam=args.beam,
                           batch=translator.rows, tfx_length_penalty=config.decode.length_penalty,
-                          ct2_length_penalty=args.ct2_length_penalty, cpu=cpu_name(),
+                          ct2_length_penalty=args.ct2_length_penalty, shortlist=args.shortlist,
+                          shortlist_size=config.decode.shortlist_size if args.shortlist else None,
+                          cpu=cpu_name(),
                           devices=jax.device_count(), signature=bleu["signature"], **results)))
 
 
