@@ -61,6 +61,17 @@ def test_the_batch_vocabulary_takes_pad_eos_frequent_tokens_then_candidates_by_p
         shortlist.load(path, 12), np.pad(inputs, ((0, 0), (0, 5))), 8)))
 
 
+def test_coverage_counts_the_target_tokens_in_their_batchs_shortlist(tmp_path):
+    path, _ = hand_table(tmp_path)
+    table = shortlist.load(path, 12)
+    pairs = [([2], [5, 6, 9]), ([3, 3], [7, 4])]
+    # One batch, longest first: [PAD, EOS, 4, 7, 5] holds 5, 7 and 4 of the five targets.
+    assert shortlist.coverage(table, pairs, size=5, batch=2) == pytest.approx(3 / 5)
+    # Alone, source [2] gets [PAD, EOS, 4, 5, 6] (not 9) and [3, 3] gets [PAD, EOS, 4, 7, 8].
+    assert shortlist.coverage(table, pairs, size=5, batch=1) == pytest.approx(4 / 5)
+    assert shortlist.coverage(table, pairs, size=12, batch=2) == 1.0
+
+
 def test_a_shortlist_for_another_vocabulary_or_tokenizer_or_no_shortlist_is_refused(tmp_path):
     path, tokenizer = hand_table(tmp_path)
     with pytest.raises(ValueError, match=r"config.decode.shortlist=.*12-token vocabulary.*vocab_size=50"):

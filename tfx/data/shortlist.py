@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tfx.data import pipeline
+
 PAD, EOS = 0, 1
 NULL = PAD  # the source token every target token may also align to.
 
@@ -133,6 +135,21 @@ def vocabulary(table: Shortlist, inputs_BxS: jax.Array, size: int) -> jax.Array:
     return jax.lax.top_k(priority_V, min(size, priority_V.shape[0]))[1]
 
 
+def coverage(table: Shortlist, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], size: int,
+             batch: int) -> float:
+    """The share of the target tokens of `pairs` (token ids) that their batch's shortlist of
+    `size` holds, the sources in batches of `batch`, longest first, as eval.py decodes them."""
+    covered = total = 0
+    for chosen in pipeline.longest_first([len(pairs[i][0]) for i in range(len(pairs))], batch):
+        inputs_BxS = np.zeros((len(chosen), max(len(pairs[i][0]) for i in chosen)), np.int32)
+        for row, i in enumerate(chosen):
+            inputs_BxS[row, :len(pairs[i][0])] = pairs[i][0]
+        targets = np.concatenate([np.asarray(pairs[i][1], np.int32) for i in chosen])
+        covered += np.isin(targets, np.asarray(vocabulary(table, inputs_BxS, size))).sum()
+        total += len(targets)
+    return covered / max(total, 1)
+
+
 def always_listed(table: Shortlist) -> np.ndarray:
     """The tokens in every shortlist: PAD, EOS and the frequent ones."""
     return np.flatnonzero(table.base_priority_V >= 2.0)
@@ -165,15 +182,20 @@ def main():
                 raise ValueError("--frequent must be >= 0, --per_token and --iterations >= 1.")
             tokenizer = trained.tokenizer_for(config, workdir.value)
             d = config.data
-            train = open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir)
-            pairs = ((tokenizer.encode(train[i]["source"])[:-1], tokenizer.encode(train[i]["target"])[:-1])
-                     for i in range(len(train)))  # without EOS.
-            table = learn(pairs, config.model.vocab_size, per_token.value, iterations.value)
-            save(output.value, *table, frequent.value, tokenizer.path)
+            encode = lambda split: [(tokenizer.encode(split[i]["source"])[:-1],  # without EOS.
+                                     tokenizer.encode(split[i]["target"])[:-1]) for i in range(len(split))]
+            train = encode(open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir))
+            save(output.value, *learn(train, config.model.vocab_size, per_token.value, iterations.value),
+                 frequent.value, tokenizer.path)
+            held_out = encode(open_split(d.eval, "data.eval", d.source_lang, d.target_lang, d.data_dir))
         except (ValueError, FileNotFoundError) as error:
             sys.exit(f"tfx.data.shortlist: {error}")
         print(f"{output.value}: {per_token.value} candidates per source token and the "
               f"{frequent.value} most frequent targets, from {len(train)} pairs of {d.train}")
+        table, batch = load(output.value, config.model.vocab_size), config.per_device_eval_batch_size
+        sizes = sorted({256, 512, 1024, 2048, config.decode.shortlist_size})
+        print(f"{d.eval}: reference tokens in their batch's shortlist (batches of {batch}): " + ", ".join(
+            f"{size}: {100 * coverage(table, held_out, size, batch):.1f}%" for size in sizes))
 
     app.run(run)
 
