@@ -72,6 +72,15 @@ def test_coverage_counts_the_target_tokens_in_their_batchs_shortlist(tmp_path):
     assert shortlist.coverage(table, pairs, size=12, batch=2) == 1.0
 
 
+def test_a_shortlist_rewritten_in_place_is_read_again(tmp_path):
+    path, _ = hand_table(tmp_path)
+    assert shortlist.load(path, 12).candidates_VxK[2, 0] == 5
+    candidates = np.zeros((12, 2), np.int32)
+    candidates[2] = (9, 10)
+    table(tmp_path, candidates, np.full((12, 2), 0.5), np.ones(12, np.int64), frequent=1)
+    assert shortlist.load(path, 12).candidates_VxK[2, 0] == 9
+
+
 def test_a_shortlist_for_another_vocabulary_or_tokenizer_or_no_shortlist_is_refused(tmp_path):
     path, tokenizer = hand_table(tmp_path)
     with pytest.raises(ValueError, match=r"config.decode.shortlist=.*12-token vocabulary.*vocab_size=50"):

@@ -104,9 +104,19 @@ def _read(path: str) -> dict[str, np.ndarray]:
                          f"`python -m tfx.data.shortlist` ({error}).") from None
 
 
-@functools.lru_cache(maxsize=4)
 def load(path: str, vocab_size: int) -> Shortlist:
-    """The table at `path` (config.decode.shortlist) for a `vocab_size`-token model."""
+    """The table at `path` (config.decode.shortlist) for a `vocab_size`-token model, read again
+    once the file is replaced (`save` writes a new inode)."""
+    try:
+        version = (os.stat(path).st_ino, os.stat(path).st_mtime_ns)
+    except OSError:
+        version = None  # _read names the missing file.
+    return _load(path, version, vocab_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, version: tuple[int, int] | None, vocab_size: int) -> Shortlist:
+    """`load`, cached by the file's `version` too."""
     f = _read(path)
     candidates_VxK, target_counts_V = f["candidates"], f["target_counts"]
     if candidates_VxK.shape[0] != vocab_size:
