@@ -108,7 +108,8 @@ def load(path: str, vocab_size: int) -> Shortlist:
     """The table at `path` (config.decode.shortlist) for a `vocab_size`-token model, read again
     once the file is replaced (`save` writes a new inode)."""
     try:
-        version = (os.stat(path).st_ino, os.stat(path).st_mtime_ns)
+        stat = os.stat(path)
+        version = (stat.st_ino, stat.st_mtime_ns)
     except OSError:
         version = None  # _read names the missing file.
     return _load(path, version, vocab_size)
