@@ -11,9 +11,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tfx import config as config_lib
-from tfx import distributed, evaluate, host_memory
+from tfx.core import config as config_lib
+from tfx.core import distributed, host_memory
 from tfx.data.sources import read_lines
+from tfx.infer import evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")

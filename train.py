@@ -7,8 +7,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tfx import config as config_lib
-from tfx import distributed, host_memory, lock, trainer
+from tfx.core import config as config_lib
+from tfx.core import distributed, host_memory
+from tfx.infer import evaluate
+from tfx.train import lock, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
@@ -23,7 +25,7 @@ def main(argv):
         config = config_lib.validate(_CONFIG.value)
         host_memory.keep_freed_memory_on_cpu()  # before JAX starts its threads.
         distributed.initialize(config)  # before any other JAX call.
-        trainer.train(config, _WORKDIR.value)
+        trainer.train(config, _WORKDIR.value, evaluate.periodic_bleu)
     except (ValueError, FileNotFoundError, lock.WorkdirLockedError, trainer.NonFiniteLossError) as error:
         sys.exit(f"train.py: {error}")
 

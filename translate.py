@@ -19,10 +19,11 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tfx import config as config_lib
-from tfx import host_memory, trained
+from tfx.core import config as config_lib
+from tfx.core import host_memory
 from tfx.data.sources import decode_lines, read_lines
-from tfx.translate import Translator
+from tfx.infer import trained
+from tfx.infer.translate import Translator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")

@@ -12,17 +12,17 @@ at every step the decoder's projections, attention over the prefix and the sourc
 vocabulary projection. The peak is a large matmul in the compute dtype (float32 accumulation),
 measured in the same run before and after, the best kept.
 
-`--quantization int8` decodes with int8 matmuls (tfx/quantize.py) and times the cached search
+`--quantization int8` decodes with int8 matmuls (tfx/model/quantize.py) and times the cached search
 with float matmuls too, alternating the two run by run; `int8_speedup` is the float search's
 seconds over the int8 search's (above 1: int8 is faster).
 
 `--shortlist FILE` (a lexical shortlist of the model's vocabulary size, `python -m
-tfx.data.shortlist`) times the cached search over each batch's shortlist of --shortlist-size
+tfx.model.shortlist`) times the cached search over each batch's shortlist of --shortlist-size
 tokens too, alternating; `shortlist_speedup` is the whole vocabulary's seconds over the
 shortlist's.
 
 `--ctranslate2` also times CTranslate2 on CPU (float32 and int8 computation, one thread per
-core, the same batch and beam) on the same model exported by `tfx.export.ctranslate2_spec`
+core, the same batch and beam) on the same model exported by `tfx.export.ctranslate2.ctranslate2_spec`
 with a synthetic vocabulary, its hypotheses forced to --gen-length tokens too
 (min = max decoding length). CTranslate2 appends EOS to each source itself, so it gets the
 first --source-length - 1 tokens of each: the same length. `tfx_over_ctranslate2_*` is tfx's
@@ -40,13 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from peak import cpu_name, measure_peak_gflops
 
-from tfx import config as config_lib
-from tfx import host_memory, parallel, precision
-from tfx.flops import decode_flops
+from tfx.core import config as config_lib
+from tfx.core import host_memory, parallel, precision
 from tfx.model import decode
+from tfx.model.flops import decode_flops
 from tfx.model.transformer import EncoderDecoder, count_params
+
+from peak import cpu_name, measure_peak_gflops
 
 
 def time_runs(translates: list, params, inputs, runs: int) -> list[tuple[float, np.ndarray]]:
@@ -67,7 +68,7 @@ def measure_ctranslate2(config, params, inputs: np.ndarray, beam: int, gen_lengt
     model of `config` and `params`, per compute type (see the module doc)."""
     import ctranslate2
 
-    from tfx import export
+    from tfx.export import ctranslate2 as export
 
     pieces = ["<pad>", "</s>", "<unk>"] + [f"piece{i}" for i in range(3, config.model.vocab_size)]
     spec = export.ctranslate2_spec(config.model, jax.device_get(nnx.to_pure_dict(params)), pieces)

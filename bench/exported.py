@@ -12,7 +12,7 @@ score / length ** --ct2-length-penalty, and at most model.max_len tokens. Each e
 whole set once to warm up (tfx compiles its shapes then), and the second run is timed.
 CTranslate2 gets intra_threads = the CPU cores. BLEU is sacreBLEU on the detokenized output;
 `tfx_speed_ratio` is tfx's sentences/s over the export's. With --shortlist (a lexical shortlist,
-`python -m tfx.data.shortlist`) tfx decodes over each batch's shortlist and CTranslate2 over the
+`python -m tfx.model.shortlist`) tfx decodes over each batch's shortlist and CTranslate2 over the
 export's vocabulary map of it (`use_vmap`).
 """
 from __future__ import annotations
@@ -26,13 +26,14 @@ import time
 import ctranslate2
 import jax
 
-from peak import cpu_name
-
-from tfx import config as config_lib
-from tfx import evaluate, host_memory, trained
+from tfx.core import config as config_lib
+from tfx.core import host_memory
 from tfx.data import sources
-from tfx.export import export_ctranslate2
-from tfx.translate import Translator
+from tfx.export.ctranslate2 import export_ctranslate2
+from tfx.infer import evaluate, trained
+from tfx.infer.translate import Translator
+
+from peak import cpu_name
 
 
 def timed(translate, sentences):

@@ -20,8 +20,8 @@ import time
 import jax
 import numpy as np
 
-from tfx import config as config_lib
-from tfx import parallel
+from tfx.core import config as config_lib
+from tfx.core import parallel
 from tfx.data import pipeline, sources
 from tfx.data import tokenizer as tokenizer_lib
 

@@ -14,9 +14,11 @@ import time
 
 import jax
 import numpy as np
-import options
 
-from tfx import parallel, steps
+from tfx.core import parallel
+from tfx.train import steps
+
+import options
 
 
 def main():

@@ -5,8 +5,8 @@ import argparse
 
 import ml_collections
 
-from tfx import config as config_lib
-from tfx import precision
+from tfx.core import config as config_lib
+from tfx.core import precision
 
 
 def parser(description: str) -> argparse.ArgumentParser:

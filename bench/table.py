@@ -31,12 +31,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from peak import cpu_name
 
-from tfx import config as config_lib
-from tfx import evaluate, export, host_memory, trained
-from tfx.metrics import METRICS_FILE, read_metrics
+from tfx.core import config as config_lib
+from tfx.core import host_memory
+from tfx.export import ctranslate2 as export
+from tfx.infer import evaluate, trained
 from tfx.model.transformer import count_params
+from tfx.train.metrics import METRICS_FILE, read_metrics
+
+from peak import cpu_name
 
 TEACHER = "configs/multi30k.py"
 STUDENT = "configs/multi30k_student.py"
@@ -72,15 +75,15 @@ ROWS = (
         TEACHER, "runs/teacher-sparse50"),
     Row("teacher-2of4", "teacher, 2:4 pruned, 1,000-step fine-tune (lr 5e-4)", "step 5, `--config.prune.pattern=2:4`",
         TEACHER, "runs/teacher-2of4"),
-    Row("teacher-heads2", "teacher, 2 of 4 heads removed in every module, no fine-tune", "step 5, `tfx.heads`",
+    Row("teacher-heads2", "teacher, 2 of 4 heads removed in every module, no fine-tune", "step 5, `tfx.compress.heads`",
         TEACHER, "runs/teacher-heads2", overrides=HEADS2),
     Row("teacher-heads2-ft", "teacher, 2 of 4 heads removed, 1,000-step fine-tune (lr 5e-4)", "step 5, train.py",
         TEACHER, "runs/teacher-heads2-ft", overrides=HEADS2),
-    Row("teacher-r25", "teacher, low rank 0.25, no fine-tune", "step 6, `tfx.lowrank`", TEACHER,
+    Row("teacher-r25", "teacher, low rank 0.25, no fine-tune", "step 6, `tfx.compress.lowrank`", TEACHER,
         "runs/teacher-r25", overrides=RANK25),
     Row("teacher-r25-ft", "teacher, low rank 0.25, 500-step fine-tune (lr 5e-4)", "step 6, train.py", TEACHER,
         "runs/teacher-r25-ft", overrides=RANK25),
-    Row("teacher-r125", "teacher, low rank 0.125, no fine-tune", "step 6, `tfx.lowrank`", TEACHER,
+    Row("teacher-r125", "teacher, low rank 0.125, no fine-tune", "step 6, `tfx.compress.lowrank`", TEACHER,
         "runs/teacher-r125", overrides=RANK125),
     Row("teacher-r125-ft", "teacher, low rank 0.125, 500-step fine-tune (lr 5e-4)", "step 6, train.py", TEACHER,
         "runs/teacher-r125-ft", overrides=RANK125),

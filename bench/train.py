@@ -5,7 +5,7 @@
 
 Batches are synthetic sentence pairs of realistic, varied lengths packed into rows of
 max_source_length/max_target_length, so the figures reflect the real step. Model FLOPs
-(`tfx/flops.py`) count only non-padding tokens: 6 x the weights each source/target token
+(`tfx/model/flops.py`) count only non-padding tokens: 6 x the weights each source/target token
 meets, plus the attention score/value products within each pair (causal half for decoder
 self-attention). Like train.py's, each batch carries the preemption `stop` column that all
 processes agree on inside the step; `--without-stop` leaves it out, to measure what it costs.
@@ -21,12 +21,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tfx.core import host_memory, parallel
+from tfx.model.flops import train_flops
+from tfx.model.transformer import count_params
+from tfx.train import steps
+
 import options
 from peak import measure_peak_gflops
-
-from tfx import host_memory, parallel, steps
-from tfx.flops import train_flops
-from tfx.model.transformer import count_params
 
 
 def packed_rows(rng, rows: int, source_len: int, target_len: int, vocab: int, tries: int = 8):

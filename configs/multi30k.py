@@ -7,7 +7,7 @@ import os
 
 import ml_collections
 
-from tfx.config import default_config
+from tfx.core.config import default_config
 
 DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data",
                                     "multi30k-en-de"))

@@ -9,7 +9,7 @@ the teacher's are over the same pieces.
 Variants, by what the student learns from:
     ""          the original Multi30k pairs
     "seq"       the teacher's translations of them beside the original pairs (`python -m
-                tfx.distill ... --targets teacher+original --output runs/teacher-corpus`):
+                tfx.compress.distill ... --targets teacher+original --output runs/teacher-corpus`):
                 sequence-level distillation (Kim and Rush, 2016)
     "word"      the "" student (runs/student, average:5) fine-tuned on the original pairs with
                 the teacher's token distributions too (word level): 1,000 steps, learning
@@ -24,7 +24,7 @@ import os
 
 import ml_collections
 
-from tfx import config as config_lib
+from tfx.core import config as config_lib
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 TEACHER_CONFIG = os.path.join(ROOT, "configs", "multi30k.py")

@@ -5,12 +5,12 @@ layers, a shared 32k vocabulary tied to the output projection, dropout 0.1/0.3, 
 smoothing 0.1, Adam (0.9, 0.98, 1e-9) with 4000 warmup steps of the inverse-sqrt schedule.
 
 A Cloud TPU slice after the comma (`configs/wmt_base.py:big,v5e-256`) sets the mesh and rows
-per chip that `python -m tfx.aot` found to fit that slice with the least communication
+per chip that `python -m tfx.tpu.aot` found to fit that slice with the least communication
 (README, "Before you rent a TPU"); compile it for the slice's `topology` to check a change.
 """
 import ml_collections
 
-from tfx.config import default_config
+from tfx.core.config import default_config
 
 VARIANTS = {
     "tiny": dict(emb_dim=128, mlp_dim=512, num_heads=4, num_kv_heads=4, num_encoder_layers=2,
@@ -22,8 +22,8 @@ VARIANTS = {
 }
 
 
-# Cloud TPU slices: the topology tfx.aot compiles for, and per variant the rows per chip. Every
-# preset is data-parallel (mesh_shape data:-1), which tfx.aot found to fit them all.
+# Cloud TPU slices: the topology tfx.tpu.aot compiles for, and per variant the rows per chip. Every
+# preset is data-parallel (mesh_shape data:-1), which tfx.tpu.aot found to fit them all.
 SLICES = {
     "v5e-8": dict(topology="v5e:2x4", base=64, big=32),
     "v5e-256": dict(topology="v5e:16x16", base=16, big=16),

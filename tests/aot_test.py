@@ -12,10 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from tfx import aot, parallel
-from tfx import config as config_lib
+from tfx.core import config as config_lib
+from tfx.core import parallel
 from tfx.model import layers
 from tfx.model.transformer import count_params
+from tfx.tpu import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WMT = os.path.join(ROOT, "configs", "wmt_base.py")
@@ -142,7 +143,7 @@ def test_an_unknown_topology_is_a_clear_error(topology, message):
 def run_cli(*flags):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device is enough to compile for a TPU.
-    return subprocess.run([sys.executable, "-m", "tfx.aot", f"--config={WMT}:tiny", *flags],
+    return subprocess.run([sys.executable, "-m", "tfx.tpu.aot", f"--config={WMT}:tiny", *flags],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
@@ -159,7 +160,7 @@ def test_the_command_prints_a_json_line_per_function_and_exits_3_when_one_does_n
 def test_the_command_names_the_known_generations_for_an_unknown_topology():
     run = run_cli("--topology=v9:8x8")
     assert run.returncode == 1
-    assert "tfx.aot: --topology='v9:8x8'" in run.stderr and "v5e" in run.stderr
+    assert "tfx.tpu.aot: --topology='v9:8x8'" in run.stderr and "v5e" in run.stderr
     assert "Traceback" not in run.stderr and run.stdout == ""
 
 

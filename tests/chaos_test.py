@@ -7,8 +7,8 @@ import time
 import jax
 import numpy as np
 
-from tfx.checkpoint import Checkpoints
-from tfx.experiment import Experiment
+from tfx.train.checkpoint import Checkpoints
+from tfx.train.experiment import Experiment
 
 from runs import finish, losses, tiny_multi30k, train_py, wait_for_step
 

@@ -5,9 +5,9 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from tfx import config as config_lib
-from tfx.checkpoint import Checkpoints
-from tfx.steps import TrainState
+from tfx.core import config as config_lib
+from tfx.train.checkpoint import Checkpoints
+from tfx.train.steps import TrainState
 
 
 def state_at(step: int) -> TrainState:
@@ -45,8 +45,8 @@ def test_average_is_the_mean_of_the_parameters_and_keeps_the_last_state(tmp_path
 # first save does; orbax's background clean-up of temporary directories must not outlive close.
 OPEN_AND_CLOSE = """
 import sys, tempfile
-from tfx import config as config_lib
-from tfx.checkpoint import Checkpoints
+from tfx.core import config as config_lib
+from tfx.train.checkpoint import Checkpoints
 for _ in range(int(sys.argv[1])):
     Checkpoints(tempfile.mkdtemp(dir=sys.argv[2]), config_lib.default_config()).close()
 """

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from tfx import config as config_lib
+from tfx.core import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -12,7 +12,7 @@ def test_readme_config_reference_is_the_generated_table():
         readme = f.read()
     start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
     table = readme[start:readme.index("<!-- config-reference:end -->")]
-    assert table == config_lib.reference_table(), "regenerate it with: python -m tfx.config"
+    assert table == config_lib.reference_table(), "regenerate it with: python -m tfx.core.config"
 
 
 def test_every_default_key_is_in_the_reference():

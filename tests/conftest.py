@@ -31,8 +31,8 @@ def pytest_sessionstart(session):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tfx import config as config_lib  # noqa: E402
-from tfx import trainer  # noqa: E402
+from tfx.core import config as config_lib  # noqa: E402
+from tfx.train import trainer  # noqa: E402
 
 from runs import tiny_multi30k  # noqa: E402
 

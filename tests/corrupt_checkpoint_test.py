@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from tfx import trained, trainer
-from tfx.checkpoint import Checkpoints, CorruptCheckpointError
+from tfx.train import rundir, trainer
+from tfx.train.checkpoint import Checkpoints, CorruptCheckpointError
 
 from runs import tiny_multi30k
 
@@ -41,14 +41,14 @@ def test_latest_falls_back_to_the_newest_checkpoint_that_restores(run, tmp_path,
     config = tiny_multi30k(data_dir)
     state = trainer.Experiment(config).state
 
-    label, _ = trained.restore_params(str(workdir), "latest", state)
+    label, _ = rundir.restore_params(str(workdir), "latest", state)
     assert label == "step4"
     assert any(f"skipping checkpoint step 8: {workdir}/checkpoints/8 does not restore" in r.getMessage()
                for r in caplog.records)
     with pytest.raises(CorruptCheckpointError, match=f"^--checkpoint=8: {workdir}/checkpoints/8 does not restore"):
-        trained.restore_params(str(workdir), "8", state)
+        rundir.restore_params(str(workdir), "8", state)
     with pytest.raises(CorruptCheckpointError, match=f"--checkpoint=average:2: {workdir}/checkpoints/8 does"):
-        trained.restore_params(str(workdir), "average:2", state)
+        rundir.restore_params(str(workdir), "average:2", state)
     assert (workdir / "checkpoints" / "8").exists()  # reading tools leave the workdir alone.
 
 

@@ -5,15 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from transformer_test import stack_layer_lists
 
-from tfx import config as config_lib
-from tfx import parallel
-from tfx.data import shortlist
-from tfx.model import decode, layers
+from tfx.core import config as config_lib
+from tfx.core import parallel
+from tfx.model import decode, layers, shortlist
 from tfx.model.decode import EOS
 from tfx.model.transformer import EncoderDecoder
-
-from transformer_test import stack_layer_lists
 
 # Compiling is most of this file's time: one encoder layer (the decoder is what matters here)
 # and one compiled `translate` per configuration, shared by the tests.

@@ -7,10 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from tfx import losses, parallel, steps, trainer
+from tfx.core import parallel
 from tfx.data import tokenizer as tokenizer_lib
-from tfx.metrics import read_metrics
-from tfx.trained import TOKENIZER_FILE, load_teacher
+from tfx.train import losses, steps, trainer
+from tfx.train.metrics import read_metrics
+from tfx.train.rundir import TOKENIZER_FILE, load_teacher
 
 from runs import tiny_multi30k
 

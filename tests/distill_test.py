@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from tfx import distill
-from tfx import trained as trained_lib
+from tfx.compress import distill
 from tfx.data.sources import open_split, read_lines
-from tfx.translate import Translator
+from tfx.infer import trained as trained_lib
+from tfx.infer.translate import Translator
 
 from runs import ROOT
 

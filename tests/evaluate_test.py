@@ -7,12 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from tfx import evaluate, trainer
-from tfx.average import average_last
-from tfx.checkpoint import Checkpoints, DataPositionError
-from tfx.experiment import Experiment
+from tfx.compress.average import average_last
+from tfx.infer import evaluate
 from tfx.model import decode
-from tfx.trained import restore_params
+from tfx.train import trainer
+from tfx.train.checkpoint import Checkpoints, DataPositionError
+from tfx.train.experiment import Experiment
+from tfx.train.rundir import restore_params
 
 from runs import ROOT
 

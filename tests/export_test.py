@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tfx import export, steps, trained
-from tfx.data import shortlist
+from tfx.compress import shortlist as shortlist_tool
 from tfx.data.tokenizer import EOS_ID, UNK_ID
-from tfx.model import decode
+from tfx.export import ctranslate2 as export
+from tfx.infer import trained
+from tfx.model import decode, shortlist
 from tfx.model.transformer import EncoderDecoder
+from tfx.train import rundir, steps
 
 from conftest import random_batch
 from runs import MULTI30K, ROOT, TINY, flags_for
@@ -38,7 +40,7 @@ def run(converged, tmp_path_factory):
     return model, workdir, output, sources
 
 
-def tfx_translate(model: trained.TrainedModel, sources: list[list[int]], **options) -> list[list[int]]:
+def tfx_translate(model: rundir.TrainedModel, sources: list[list[int]], **options) -> list[list[int]]:
     """tfx's translations (ids before EOS) of `sources`, with config.decode `options`."""
     rows = -(-len(sources) // 8) * 8  # a multiple of the 8 data-parallel devices.
     inputs_BxS = np.zeros((rows, max(map(len, sources))), np.int32)
@@ -50,12 +52,12 @@ def tfx_translate(model: trained.TrainedModel, sources: list[list[int]], **optio
     return [row[:row.index(EOS_ID)] for row in tokens_BxT]
 
 
-def output_limit(model: trained.TrainedModel, sources: list[list[int]]) -> int:
+def output_limit(model: rundir.TrainedModel, sources: list[list[int]]) -> int:
     """Tokens tfx may generate for `sources` before the last step, which only allows EOS."""
     return min(max(map(len, sources)) + model.config.decode.max_length_offset, model.config.model.max_len) - 1
 
 
-def ct2_translate(translator, model: trained.TrainedModel, sources: list[list[int]],
+def ct2_translate(translator, model: rundir.TrainedModel, sources: list[list[int]],
                   beam_size: int, **options) -> list[list[int]]:
     """CTranslate2's translations (ids) of `sources` as tfx decodes them: EOS allowed from the
     first step, no length penalty, at most `output_limit` tokens before EOS."""
@@ -94,7 +96,7 @@ def test_beam_translations_agree(run):
 
 def test_scores_match_tfx_scoring(run):
     """CTranslate2's sum of log p (EOS included) equals tfx's to 1e-3 per token; the difference
-    is the renormalisation without token 0 (see tfx.export), so CTranslate2's is never lower."""
+    is the renormalisation without token 0 (see tfx.export.ctranslate2), so CTranslate2's is never lower."""
     model, _, output, sources = run
     targets = [ids + [EOS_ID] for ids in tfx_translate(model, sources, strategy="greedy")]
     batch = {}
@@ -123,7 +125,7 @@ def test_the_exported_vocabulary_map_gives_ctranslate2_the_shortlist_tfx_decodes
     model, _, _, sources = run
     with open(f"{DATA}/train.en", encoding="utf-8") as en, open(f"{DATA}/train.de", encoding="utf-8") as de:
         pairs = [(model.tokenizer.encode(s)[:-1], model.tokenizer.encode(t)[:-1]) for s, t, _ in zip(en, de, range(3000))]
-    candidates, probs, counts = shortlist.learn(pairs, model.config.model.vocab_size, per_token=5)
+    candidates, probs, counts = shortlist_tool.learn(pairs, model.config.model.vocab_size, per_token=5)
     counts[UNK_ID] = counts.max() + 1
     path = str(tmp_path / "shortlist.npz")
     shortlist.save(path, candidates, probs, counts, 20, model.tokenizer.path)

@@ -1,7 +1,7 @@
 """Model FLOPs against a count by hand."""
 import ml_collections
 
-from tfx import flops
+from tfx.model import flops
 
 
 def small_model(**overrides) -> ml_collections.ConfigDict:

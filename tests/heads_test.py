@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tfx import heads, parallel
+from tfx.compress import heads
+from tfx.core import parallel
+from tfx.infer.trained import load
 from tfx.model.transformer import EncoderDecoder, count_params
-from tfx.trained import load
 
 MODULES = {"encoder_layers/0/attention", "decoder_layers/0/self_attention",
            "decoder_layers/0/cross_attention"}

@@ -1,7 +1,7 @@
 """Collectives read from optimized HLO text, as the TPU compiler writes it."""
 import pytest
 
-from tfx import hlo
+from tfx.tpu import hlo
 
 # A reduce-scatter written as an all-reduce and a slice in an `all-reduce-scatter` fusion; one
 # all-gather split into two steps that share its channel; a combined all-reduce of two arrays;

@@ -5,18 +5,18 @@ import sys
 
 import pytest
 
-from tfx import host_memory
+from tfx.core import host_memory
 
 # Imports all of tfx, calls `host_memory.keep_freed_memory_on_cpu` if asked to (as launchers
 # do), mallocs, touches and frees a 256 MB block twice on a worker thread (as XLA:CPU allocates
 # a step's temporaries) and prints the page faults of the second time.
 SECOND_TOUCH_FAULTS = """
 import ctypes, resource, sys, threading
-import tfx.trainer, tfx.evaluate, tfx.translate, tfx.plot, tfx.export, tfx.host_memory
+import tfx.train.trainer, tfx.infer.evaluate, tfx.infer.translate, tfx.train.plot, tfx.export.ctranslate2, tfx.core.host_memory
 from absl import flags
 assert "matplotlib.pyplot" not in sys.modules and not flags.FLAGS.is_parsed()
 if sys.argv[1] == "launcher":
-    assert tfx.host_memory.keep_freed_memory_on_cpu()
+    assert tfx.core.host_memory.keep_freed_memory_on_cpu()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]

@@ -5,10 +5,11 @@ import jax
 import numpy as np
 import pytest
 
-from tfx import parallel, steps, trainer
-from tfx.checkpoint import Checkpoints, ShapeMismatchError
-from tfx.experiment import Experiment
-from tfx.trained import init_params
+from tfx.core import parallel
+from tfx.train import steps, trainer
+from tfx.train.checkpoint import Checkpoints, ShapeMismatchError
+from tfx.train.experiment import Experiment
+from tfx.train.rundir import init_params
 
 from runs import tiny_multi30k
 

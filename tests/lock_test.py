@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from tfx import lock
+from tfx.train import lock
 
 from runs import ROOT, train_py
 
 HOLD = """
 import sys, time
-from tfx import lock
+from tfx.train import lock
 with lock.WorkdirLock(sys.argv[1], timeout_s=300):
     print("held", flush=True)
     time.sleep(600)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfx import losses
+from tfx.train import losses
 
 # Jitted once per shape: much faster on CPU than op-by-op dispatch, and how the steps call them.
 token_losses = jax.jit(losses.token_losses, static_argnums=(2, 3))

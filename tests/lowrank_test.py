@@ -3,16 +3,17 @@ import os
 import subprocess
 import sys
 
+import decode_test
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from tfx import flops, lowrank
-from tfx import trained as trained_lib
+from tfx.compress import lowrank
+from tfx.infer import trained as trained_lib
+from tfx.model import flops
 from tfx.model.transformer import EncoderDecoder, count_params
 
-import decode_test
 from runs import MULTI30K, ROOT, TINY, flags_for
 
 ATTENTION = ("query", "key", "value", "out")
@@ -86,7 +87,7 @@ def test_full_rank_factorization_reproduces_the_logits(tiny_config, make_batch, 
 
 
 def test_flops_saved_by_factorizing_are_those_xla_counts(tiny_config):
-    """XLA's count of a forward pass includes what tfx.flops leaves out (norms, softmax, the
+    """XLA's count of a forward pass includes what tfx.model.flops leaves out (norms, softmax, the
     masked half of causal attention), but that is the same with and without factors, so the
     difference between a full and a low-rank model is the projections' alone, as flops counts
     them. Rows without padding, where flops' real tokens are the tokens computed."""
@@ -147,7 +148,7 @@ def test_command_prints_the_counts_errors_and_how_to_use_the_output(trained, tmp
     output = str(tmp_path / "rank25")
     overrides = {**{f"model.{key}": value for key, value in TINY.items()},
                  "data.data_dir": config.data.data_dir}
-    out = subprocess.run([sys.executable, "-m", "tfx.lowrank", f"--config={MULTI30K}",
+    out = subprocess.run([sys.executable, "-m", "tfx.compress.lowrank", f"--config={MULTI30K}",
                           *flags_for(overrides), f"--workdir={workdir}", "--rank-fraction=0.25",
                           f"--output={output}"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tfx.checkpoint import Checkpoints
+from tfx.train.checkpoint import Checkpoints
+
 from runs import finish, losses, train_py, train_py_processes, wait_for_step
 
 # rsqrt: the learning rate does not depend on num_train_steps, so a run continued to more

@@ -8,8 +8,8 @@ import optax
 import pytest
 from flax import nnx
 
-from tfx import optim
 from tfx.model.transformer import EncoderDecoder
+from tfx.train import optim
 
 
 def make_config(**overrides) -> ml_collections.ConfigDict:

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tfx import config as config_lib
-from tfx import parallel, steps
+from tfx.core import config as config_lib
+from tfx.core import parallel
+from tfx.train import steps
 
 RULES = config_lib.DEFAULT_LOGICAL_AXIS_RULES
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from absl import flags
 
+from tfx.core.parallel import batch_sharding, make_mesh
 from tfx.data import pipeline
 from tfx.data import tokenizer as tok
 from tfx.data.sources import open_split
-from tfx.parallel import batch_sharding, make_mesh
 
 NUM_PAIRS = 60
 WORDS = "red green blue small big old young dog cat man woman child runs sits looks at the a".split()

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tfx import precision
+from tfx.core import precision
 
 SAPPHIRE_RAPIDS = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"})
 ZEN4 = frozenset({"avx2", "avx512f", "avx512_bf16"})

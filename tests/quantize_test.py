@@ -1,4 +1,4 @@
-"""int8 matmuls (config.quantization="int8", tfx/quantize.py) against integer arithmetic done
+"""int8 matmuls (config.quantization="int8", tfx/model/quantize.py) against integer arithmetic done
 here in numpy, the float model, one device, and the float gradients."""
 
 import jax
@@ -8,10 +8,12 @@ import pytest
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
-from tfx import config as config_lib
-from tfx import parallel, quantize, steps, trained
-from tfx.model import decode
+from tfx.core import config as config_lib
+from tfx.core import parallel
+from tfx.infer import trained
+from tfx.model import decode, quantize
 from tfx.model.transformer import EncoderDecoder
+from tfx.train import steps
 
 from runs import validation_batch
 

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 
-from tfx import config as config_lib
+from tfx.core import config as config_lib
 from tfx.data.sources import read_lines
-from tfx.metrics import read_metrics
+from tfx.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI30K = os.path.join(ROOT, "configs", "multi30k.py")

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from tfx.data import shortlist
-from tfx.data.shortlist import EOS, PAD
+from tfx.compress import shortlist as shortlist_tool
+from tfx.model import shortlist
+from tfx.model.shortlist import EOS, PAD
 
 
 def word_by_word_corpus(seed=0, pairs=400):
@@ -21,7 +22,7 @@ def word_by_word_corpus(seed=0, pairs=400):
 def test_ibm_model_1_finds_each_source_token_its_translation():
     """Token 30 co-occurs with every source token as often as its translation does (a count
     ratio ties them); EM explains it by the other tokens and NULL instead."""
-    candidates, probs, counts = shortlist.learn(word_by_word_corpus(), vocab_size=40, per_token=3)
+    candidates, probs, counts = shortlist_tool.learn(word_by_word_corpus(), vocab_size=40, per_token=3)
     np.testing.assert_array_equal(candidates[2:10, 0], np.arange(12, 20))
     assert (probs[2:10, 0] > 0.5).all() and (probs[2:10, 0] > probs[2:10, 1]).all()
     assert (np.diff(probs, axis=1) <= 0).all()  # most probable first.
@@ -66,10 +67,10 @@ def test_coverage_counts_the_target_tokens_in_their_batchs_shortlist(tmp_path):
     table = shortlist.load(path, 12)
     pairs = [([2], [5, 6, 9]), ([3, 3], [7, 4])]
     # One batch, longest first: [PAD, EOS, 4, 7, 5] holds 5, 7 and 4 of the five targets.
-    assert shortlist.coverage(table, pairs, size=5, batch=2) == pytest.approx(3 / 5)
+    assert shortlist_tool.coverage(table, pairs, size=5, batch=2) == pytest.approx(3 / 5)
     # Alone, source [2] gets [PAD, EOS, 4, 5, 6] (not 9) and [3, 3] gets [PAD, EOS, 4, 7, 8].
-    assert shortlist.coverage(table, pairs, size=5, batch=1) == pytest.approx(4 / 5)
-    assert shortlist.coverage(table, pairs, size=12, batch=2) == 1.0
+    assert shortlist_tool.coverage(table, pairs, size=5, batch=1) == pytest.approx(4 / 5)
+    assert shortlist_tool.coverage(table, pairs, size=12, batch=2) == 1.0
 
 
 def test_a_shortlist_rewritten_in_place_is_read_again(tmp_path):
@@ -92,5 +93,5 @@ def test_a_shortlist_for_another_vocabulary_or_tokenizer_or_no_shortlist_is_refu
         shortlist.check_tokenizer(path, str(other))
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     for bad in (str(tmp_path / "bad.npz"), str(tmp_path / "missing.npz")):
-        with pytest.raises(ValueError, match="is not a shortlist made by `python -m tfx.data.shortlist`"):
+        with pytest.raises(ValueError, match="is not a shortlist made by `python -m tfx.model.shortlist`"):
             shortlist.load(bad, 12)

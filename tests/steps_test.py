@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from transformer_test import stack_layer_lists
 
-from tfx import parallel, steps, trained
+from tfx.core import parallel
+from tfx.infer import trained
+from tfx.train import steps
 
 from runs import validation_batch
-from transformer_test import stack_layer_lists
 
 
 def run_steps(config, batches, mesh_shape, devices=None):

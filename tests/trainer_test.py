@@ -7,12 +7,13 @@ import sys
 import numpy as np
 import pytest
 
-from tfx import budget, optim, trainer
-from tfx import config as config_lib
-from tfx.checkpoint import Checkpoints
-from tfx.experiment import Experiment
-from tfx.metrics import read_metrics
-from tfx.plot import plot
+from tfx.core import config as config_lib
+from tfx.infer import evaluate
+from tfx.train import budget, optim, trainer
+from tfx.train.checkpoint import Checkpoints
+from tfx.train.experiment import Experiment
+from tfx.train.metrics import read_metrics
+from tfx.train.plot import plot
 
 from runs import MULTI30K, ROOT, losses, tiny_multi30k, train_py, wait_for_step
 
@@ -151,7 +152,7 @@ def test_eval_reports_loss_and_bleu(tmp_path, data_dir):
     config = tiny_multi30k(data_dir, num_train_steps=2, eval_every_steps=2, eval_bleu_examples=8)
     config.decode.strategy = "greedy"
     config.decode.max_length_offset = 4
-    metrics = trainer.train(config, str(tmp_path))
+    metrics = trainer.train(config, str(tmp_path), evaluate.periodic_bleu)
     assert {"loss", "accuracy", "perplexity", "bleu", "sentences_per_sec"} <= set(metrics)
     assert metrics["bleu"] >= 0 and np.isfinite(metrics["loss"])
     records = [r for r in read_metrics(str(tmp_path)) if r["split"] == "eval"]

@@ -5,10 +5,11 @@ import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
-from tfx import config as config_lib
-from tfx import losses, parallel
+from tfx.core import config as config_lib
+from tfx.core import parallel
 from tfx.model import layers
 from tfx.model.transformer import EncoderDecoder, attention_mask, count_params, shift_right
+from tfx.train import losses
 
 
 def build(config, seed=0):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tfx import trained as trained_lib
 from tfx.data.sources import read_lines
-from tfx.translate import Translator
+from tfx.infer import trained as trained_lib
+from tfx.infer.translate import Translator
 
 from runs import MULTI30K, ROOT, TINY, flags_for
 

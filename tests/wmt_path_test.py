@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tfx import config as config_lib
-from tfx import evaluate, trainer
+from tfx.core import config as config_lib
 from tfx.data import prepare
+from tfx.infer import evaluate
+from tfx.train import trainer
 
 from runs import ROOT
 
@@ -32,7 +33,7 @@ def test_wmt_base_prepares_trains_and_evaluates_through_tfds(tmp_path, direction
         assert report[:3] == [f"{which}: tfds:wmt14_translate/de-en:{split}: {EXAMPLES} pairs (0 skipped empty)"
                               for which, split in (("train", "train"), ("eval", "validation"), ("test", "test"))]
         assert report[3].startswith("tokenizer: ") and report[3].endswith("(300 pieces)")
-        metrics = trainer.train(config, workdir)
+        metrics = trainer.train(config, workdir, evaluate.periodic_bleu)
         assert np.isfinite(metrics["loss"]) and metrics["bleu"] >= 0
         results = evaluate.evaluate_checkpoint(config, workdir, "test", "latest")
         expected = [r[target_lang] for r in tfds.data_source("wmt14_translate/de-en", split="test")]

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-from tfx import config as config_lib
+
+from tfx.core import config as config_lib
 from tfx.data import sources
 from tfx.data import tokenizer as tokenizer_lib
+
 
 def prepare(config) -> Iterator[str]:
     """Prepares the config's splits and tokenizer; yields what it found, line by line."""

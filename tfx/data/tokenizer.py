@@ -14,11 +14,10 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
+import ml_collections
 import sentencepiece as spm
 
-import ml_collections
-
-from tfx.config import TOKENIZER_MODEL_TYPES, choice_error
+from tfx.core.config import TOKENIZER_MODEL_TYPES, choice_error
 from tfx.data.sources import PairSource, default_data_dir
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2

@@ -48,9 +48,9 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from tfx import parallel, quantize
-from tfx.config import DECODE_STRATEGIES, choice_error
-from tfx.data import shortlist
+from tfx.core import parallel
+from tfx.core.config import DECODE_STRATEGIES, choice_error
+from tfx.model import quantize, shortlist
 from tfx.model.transformer import EncoderDecoder, attention_mask
 
 PAD, EOS = 0, 1

@@ -1,6 +1,6 @@
 """Transformer building blocks: embeddings, positions, norms, attention, MLP, dropout.
 
-Parameters are float32 `nnx.Param`s carrying `logical_axes` metadata (see tfx/parallel.py);
+Parameters are float32 `nnx.Param`s carrying `logical_axes` metadata (see tfx/core/parallel.py);
 computation runs in `dtype` (float32 or bfloat16), norms and softmax in float32.
 Shape suffixes: B batch, S source length, T target (query) length, D emb_dim, N query heads,
 K key/value heads, H head_dim, F mlp_dim, V vocab, R the rank of a low-rank projection.
@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from tfx import quantize
-from tfx.parallel import constrain, target_platform
+from tfx.core.parallel import constrain, target_platform
+from tfx.model import quantize
 
 Initializer = jax.nn.initializers.Initializer
 PROJECTION = "projection"  # the checkpoint name of every `project` result
@@ -214,7 +214,7 @@ def lookup(table_VxD: jax.Array, tokens_BxL: jax.Array, scale: float, dtype) -> 
     Left to autodiff, XLA partitions the scatter-add of a table split over fsdp by all-reducing
     a float32 copy of the whole table over every device and all-gathering another, and without
     fsdp all-reduces a lookup's gradient apart from the output projection's (the README's
-    "Before you rent a TPU" has the bytes, from `python -m tfx.aot`). Here the rows' gradients
+    "Before you rent a TPU" has the bytes, from `python -m tfx.tpu.aot`). Here the rows' gradients
     are first resharded onto the table's embed shards (an all-to-all of activations), so each
     device adds into its own shard, and the table's gradients are reduced together, once.
     """

@@ -18,11 +18,23 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from tfx import precision
-from tfx.config import head_dim
-from tfx.model.layers import (PROJECTION, Attention, Embed, LearnedPositions, Mlp, Norm, dense_init,
-                              dropout, fusion_barrier, param, project, sinusoidal_positions)
-from tfx.parallel import constrain
+from tfx.core import precision
+from tfx.core.config import head_dim
+from tfx.core.parallel import constrain
+from tfx.model.layers import (
+    PROJECTION,
+    Attention,
+    Embed,
+    LearnedPositions,
+    Mlp,
+    Norm,
+    dense_init,
+    dropout,
+    fusion_barrier,
+    param,
+    project,
+    sinusoidal_positions,
+)
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 
@@ -141,7 +153,7 @@ def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
     """One module like `layers[0]` whose parameters are those of `layers` stacked on a leading axis.
 
     The axis is named "layers" in each parameter's `logical_axes`, so the other axes are
-    sharded as in one layer (see tfx/parallel.py).
+    sharded as in one layer (see tfx/core/parallel.py).
     """
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(layer) for layer in layers])
     module = nnx.merge(nnx.graphdef(layers[0]), stacked)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from tfx import distributed, parallel, steps
+from tfx.core import distributed, parallel
 from tfx.data import pipeline, sources
 from tfx.data import tokenizer as tokenizer_lib
+from tfx.train import steps
 
 
 class Experiment:

@@ -28,8 +28,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from tfx.core.pytree import path_name
 from tfx.data.pipeline import TrainBatches
-from tfx.steps import TrainState
+from tfx.train.steps import TrainState
 
 
 class DataPositionError(ValueError):
@@ -141,8 +142,8 @@ class Checkpoints:
             if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
                 workdir = os.path.dirname(self.directory)
                 raise DataPositionError(
-                    f"{self.directory}/{step} has no data position: a tool wrote it (tfx.average, "
-                    "tfx.lowrank, tfx.heads), not training, so nothing resumes from it. Start a "
+                    f"{self.directory}/{step} has no data position: a tool wrote it (tfx.compress.average, "
+                    "tfx.compress.lowrank, tfx.compress.heads), not training, so nothing resumes from it. Start a "
                     f"new run from it with config.init_from={workdir!r} and another workdir.")
             items["data"] = DataPositionRestore(batches)
         with self._restoring(step):
@@ -207,12 +208,12 @@ class Checkpoints:
     def _check_shapes(self, step: int, abstract):
         """Names the first array of `abstract` (a train state, or a part of its tree) that is
         not saved or whose saved shape differs from the config's."""
-        saved = {_path_name(path): leaf.shape for path, leaf in
+        saved = {path_name(path): leaf.shape for path, leaf in
                  jax.tree_util.tree_leaves_with_path(self.manager.item_metadata(step)["state"])}
         if not saved:
             raise ValueError("its metadata lists no arrays")  # unreadable (see _restoring).
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
-            name = _path_name(path)
+            name = path_name(path)
             if name not in saved:
                 raise ShapeMismatchError(
                     f"{self.directory}/{step}: {name} is not in the checkpoint; was it trained "
@@ -246,8 +247,3 @@ class Checkpoints:
         if unfinished_cleanup is not None:
             unfinished_cleanup.result()
         self.manager.close()
-
-
-def _path_name(path) -> str:
-    parts = (getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))) for key in path)
-    return "/".join(str(part) for part in parts)

@@ -1,13 +1,6 @@
-"""A trained run, loaded for inference: restored parameters on the config's mesh, and the
-run's own SentencePiece model.
-
-    model = trained.load(config, "runs/multi30k", checkpoint="average:5")
-    model.params, model.tokenizer, model.mesh, model.graphdef, model.params_shardings
-
-The tokenizer is `config.tokenizer.model_path` if set, else the copy training leaves in the
-workdir (`tokenizer.model`), else the vocabulary the config trains on its train split (as
-train.py does), so a run directory with its config is all that translation needs.
-"""
+"""A run directory as training leaves it, read back: the parameters of its checkpoints (one,
+the latest that restores, or an average), its SentencePiece model, and another run's
+parameters (config.init_from, the distillation teacher)."""
 from __future__ import annotations
 
 import contextlib
@@ -22,11 +15,10 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from tfx import config as config_lib
-from tfx import parallel, steps
-from tfx.checkpoint import Checkpoints, CorruptCheckpointError
-from tfx.data import shortlist, sources
+from tfx.core import config as config_lib
 from tfx.data import tokenizer as tokenizer_lib
+from tfx.train import steps
+from tfx.train.checkpoint import Checkpoints, CorruptCheckpointError
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -94,42 +86,14 @@ def init_params(config: ml_collections.ConfigDict, state) -> tuple[str, nnx.Stat
                               "config.init_checkpoint")
 
 
-def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_lib.Tokenizer:
-    """The run's SentencePiece model (see the module doc), checked against model.vocab_size and
-    the tokenizer config.decode.shortlist was learned with."""
-    copy = os.path.join(workdir, TOKENIZER_FILE)
-    if config.tokenizer.model_path:
-        tokenizer = tokenizer_lib.Tokenizer(config.tokenizer.model_path)
-    elif os.path.isfile(copy):
-        tokenizer = tokenizer_lib.Tokenizer(copy)
-    else:
-        d = config.data
-        train = sources.open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir)
-        tokenizer = tokenizer_lib.from_config(config, train)
-    tokenizer_lib.check_vocab_size(tokenizer, config)
-    if config.decode.shortlist:
-        shortlist.check_tokenizer(config.decode.shortlist, tokenizer.path)
-    return tokenizer
-
-
 def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer, workdir: str):
-    """Copies the tokenizer's model into `workdir` (atomically), for `tokenizer_for`."""
+    """Copies the tokenizer's model into `workdir` (atomically), for `tfx.infer.trained`."""
     target = os.path.join(workdir, TOKENIZER_FILE)
     with tempfile.NamedTemporaryFile(dir=workdir, suffix=".tmp", delete=False) as f:
         temporary = f.name
     shutil.copyfile(tokenizer.path, temporary)
     shutil.copymode(tokenizer.path, temporary)
     os.replace(temporary, target)
-
-
-def load(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "latest") -> TrainedModel:
-    """The run in `workdir` with `checkpoint` restored onto `config.mesh_shape` (nothing else of
-    the train state is kept), and its tokenizer."""
-    mesh = parallel.make_mesh(config.mesh_shape)
-    graphdef, abstract, shardings = steps.abstract_train_state(config, mesh)
-    label, params = restore_params(workdir, checkpoint, _placed(abstract, shardings))
-    return TrainedModel(config, mesh, graphdef, params, shardings.params,
-                        tokenizer_for(config, workdir), label)
 
 
 def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh,

@@ -5,10 +5,13 @@ import optax
 import pytest
 from flax import nnx
 
-from tfx import checkpoint, optim, parallel, prune, steps
+from tfx.compress import sparsity
+from tfx.core import parallel
+from tfx.core.pytree import path_name
 from tfx.model.transformer import EncoderDecoder
+from tfx.train import checkpoint, masks, optim, steps
 
-PRUNABLE = set(prune.PRUNABLE)
+PRUNABLE = set(masks.PRUNABLE)
 
 
 def pruning_config(tiny_config, model=None, prune_keys=None, **overrides):
@@ -34,7 +37,7 @@ def named_leaves(tree) -> dict:
     def value(leaf):
         leaf = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
         return np.asarray(leaf) if isinstance(leaf, jax.Array) else leaf
-    return {prune._path_name(path): value(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(
+    return {path_name(path): value(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(
         tree, is_leaf=lambda x: isinstance(x, nnx.Variable))}
 
 
@@ -43,11 +46,11 @@ def cubic(step: int, final: float, begin: int, end: int) -> float:
 
 
 def test_sparsity_follows_the_cubic_schedule(tiny_config):
-    schedule = prune.sparsity_schedule(pruning_config(
+    schedule = masks.sparsity_schedule(pruning_config(
         tiny_config, prune_keys=dict(sparsity=0.8, begin_step=10, end_step=50)))
     for step, expected in ((0, 0.0), (10, 0.0), (30, 0.8 * (1 - 0.5**3)), (50, 0.8), (90, 0.8)):
         np.testing.assert_allclose(schedule(step), expected, rtol=1e-6, atol=1e-7)
-    two_four = prune.sparsity_schedule(pruning_config(tiny_config, prune_keys=dict(pattern="2:4",
+    two_four = masks.sparsity_schedule(pruning_config(tiny_config, prune_keys=dict(pattern="2:4",
                                                                            begin_step=10)))
     assert float(two_four(9)) == 0.0 and float(two_four(10)) == float(two_four(99)) == 0.5
 
@@ -85,7 +88,7 @@ def test_pruned_weights_stay_exactly_zero_although_adam_momentum_would_revive_th
     params = {"mlp": {"wi": 0.1 * jnp.arange(1.0, 65.0).reshape(8, 8), "wo": jnp.ones((8, 4))},
               "norm": {"scale": jnp.ones((8,))}}
     adam = optax.adam(1e-2)
-    tx = optax.chain(adam, prune.magnitude_pruning(config))
+    tx = optax.chain(adam, masks.magnitude_pruning(config))
     opt_state = tx.init(params)
     update = jax.jit(tx.update)
     for t in range(45):
@@ -162,7 +165,7 @@ def test_impossible_pruning_is_refused_naming_the_key(tiny_config, model, prune_
 def test_without_pruning_the_chain_has_no_masks(tiny_config):
     config = tiny_config()
     opt_state = optim.make_optimizer(config).init(model_params(config))
-    assert not any(isinstance(s, prune.PruneState) for s in opt_state)
+    assert not any(isinstance(s, masks.PruneState) for s in opt_state)
 
 
 def test_masks_shard_like_their_parameters_update_like_one_device_and_save(tiny_config, tmp_path):
@@ -217,7 +220,7 @@ def test_sparsity_report_counts_zeros_per_matrix_per_layer_and_overall():
         "attention": {"query": jnp.array([[0.0, 2.0, 3.0, 4.0]])},
         "norm": {"scale": jnp.array([0.0, 1.0])},
     }
-    report = prune.sparsity_report(params)
+    report = sparsity.sparsity_report(params)
     assert report.matrices == {"encoder_layers/mlp/wi[0]": 0.75, "encoder_layers/mlp/wi[1]": 0.25,
                                "attention/query": 0.25}
     assert report.prunable_zeros == 5 / 12

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tfx.config import MESH_AXES
+from tfx.core.config import MESH_AXES
 
 Rules = Sequence[tuple[str, Any]]
 LogicalAxes = tuple[str | None, ...]

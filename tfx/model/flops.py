@@ -1,4 +1,4 @@
-"""Model FLOPs: the useful work of the Transformer, one formula for the benchmarks, tfx.aot and
+"""Model FLOPs: the useful work of the Transformer, one formula for the benchmarks, tfx.tpu.aot and
 the README.
 
 Counted, at 2 FLOPs per multiply-add: every product with a weight matrix, and the attention
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from tfx.config import head_dim
+from tfx.core.config import head_dim
 from tfx.model.layers import factor_rank
 
 Pairs = Sequence[tuple[int, int]]  # (source tokens, target tokens) of each sentence pair.

@@ -18,8 +18,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from tfx import losses, optim, parallel, quantize
+from tfx.core import parallel
+from tfx.model import quantize
 from tfx.model.transformer import EncoderDecoder
+from tfx.train import losses, optim
 
 MODEL_INPUTS = ("inputs_segment_ids", "targets_segment_ids", "inputs_positions", "targets_positions")
 
@@ -117,7 +119,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
     """jit-compiled `train_step(state, batch) -> (state, metrics)`, state buffers donated.
 
     With `teacher`, the (graphdef, params shardings) of config.distill's teacher (see
-    `trained.load_teacher`), it is `train_step(state, batch, teacher_params)` (not donated): the
+    `rundir.load_teacher`), it is `train_step(state, batch, teacher_params)` (not donated): the
     teacher's forward pass on each (micro)batch (no dropout, float matmuls), outside the
     differentiated function so frozen, gives the distillation targets of `losses.metric_sums`.
 

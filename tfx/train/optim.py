@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from tfx import prune
-from tfx.config import OPTIMIZERS, SCHEDULES, choice_error
+from tfx.core.config import OPTIMIZERS, SCHEDULES, choice_error
+from tfx.train import masks
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -60,5 +60,5 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     else:
         raise choice_error("optimizer", config.optimizer, OPTIMIZERS)
     clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm > 0 else []
-    pruning = [prune.magnitude_pruning(config)] if prune.enabled(config) else []
+    pruning = [masks.magnitude_pruning(config)] if masks.enabled(config) else []
     return optax.chain(*clip, optimizer, *pruning)

@@ -20,11 +20,12 @@ import jax
 import numpy as np
 import tqdm
 
-from tfx import parallel, steps
+from tfx.core import parallel
 from tfx.data.pipeline import bucket, longest_first, truncate
 from tfx.data.tokenizer import EOS_ID
 from tfx.model import decode
-from tfx.trained import TrainedModel
+from tfx.train import steps
+from tfx.train.rundir import TrainedModel
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,14 +15,15 @@ import ml_collections
 import numpy as np
 import sacrebleu
 import tqdm
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from tfx.data.pipeline import Shard, to_global
 from tfx.data.tokenizer import EOS_ID, Tokenizer
-from tfx.experiment import Experiment
 from tfx.model import decode
-from tfx.trained import restore_params
+from tfx.train.experiment import Experiment
+from tfx.train.rundir import restore_params
 
 
 def translate_batches(translate: Callable, params, batches: Sequence[dict[str, np.ndarray]],
@@ -76,6 +77,22 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]], metric
         results[name] = {"score": result.score, "signature": str(scorer.get_signature()),
                          "text": str(result)}
     return results
+
+
+def periodic_bleu(config: ml_collections.ConfigDict, experiment: Experiment, batches: list
+                  ) -> Callable[[nnx.State], dict[str, float]]:
+    """The trainer's periodic BLEU (`trainer.train`'s `make_bleu`): a function of the parameters
+    that translates the eval `batches` and returns their BLEU and the decoding speed."""
+    translate = decode.make_translate(config, experiment.graphdef, experiment.mesh,
+                                      experiment.shardings.params)
+    references = experiment.references("eval", batches)
+
+    def bleu(params: nnx.State) -> dict[str, float]:
+        hypotheses, speed = translate_batches(translate, params, batches, experiment.sharding,
+                                              experiment.eval_shard, experiment.tokenizer)
+        return {"bleu": score(hypotheses, [references], metrics=("bleu",))["bleu"]["score"], **speed}
+
+    return bleu
 
 
 class SplitDecoder:

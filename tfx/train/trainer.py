@@ -14,18 +14,24 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
 import numpy as np
 import tqdm
+from flax import nnx
 
-from tfx import budget, evaluate, lock, losses, precision, steps, trained
+from tfx.core import precision
 from tfx.data import pipeline
-from tfx.checkpoint import Checkpoints
-from tfx.experiment import Experiment
-from tfx.metrics import METRICS_FILE, MetricWriter, read_metrics
-from tfx.model import decode
+from tfx.train import budget, lock, losses, rundir, steps
+from tfx.train.checkpoint import Checkpoints
+from tfx.train.experiment import Experiment
+from tfx.train.metrics import METRICS_FILE, MetricWriter, read_metrics
+
+# Builds the periodic BLEU from the experiment and the eval batches it decodes: a function of
+# the parameters that returns {"bleu": ..., and any speed figures} (tfx.infer.evaluate.periodic_bleu).
+MakeBleu = Callable[[ml_collections.ConfigDict, Experiment, list], Callable[[nnx.State], dict]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,22 +122,26 @@ def starting_state(config: ml_collections.ConfigDict, experiment: Experiment,
         return state
     if not config.init_from:
         return state
-    label, params = trained.init_params(config, state)
+    label, params = rundir.init_params(config, state)
     if main_process:
         print(f"initialised from {config.init_from} {label}")
     return steps.fresh_state(config, params, experiment.shardings)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) in `workdir`; returns the last eval metrics (empty if none ran)."""
+def train(config: ml_collections.ConfigDict, workdir: str, make_bleu: MakeBleu | None = None
+          ) -> dict[str, float]:
+    """Trains (or resumes) in `workdir`; returns the last eval metrics (empty if none ran).
+    Each eval also reports BLEU on the first config.eval_bleu_examples eval pairs when
+    `make_bleu` is given (train.py gives tfx.infer.evaluate.periodic_bleu), and the checkpoint
+    with the best BLEU is kept."""
     with contextlib.ExitStack() as cleanup:  # closed however the run ends.
         if jax.process_index() == 0:
             cleanup.enter_context(lock.WorkdirLock(workdir, config.lock_timeout_s))
-        return _train(config, workdir, cleanup)
+        return _train(config, workdir, make_bleu, cleanup)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack
-           ) -> dict[str, float]:
+def _train(config: ml_collections.ConfigDict, workdir: str, make_bleu: MakeBleu | None,
+           cleanup: contextlib.ExitStack) -> dict[str, float]:
     experiment = Experiment(config)
     checkpoints = Checkpoints(workdir, config)
     cleanup.callback(checkpoints.close)
@@ -146,7 +156,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
     state = starting_state(config, experiment, checkpoints, batches)
     teacher = None
     if config.distill.teacher_config:
-        teacher = trained.load_teacher(config, experiment.mesh, experiment.tokenizer)
+        teacher = rundir.load_teacher(config, experiment.mesh, experiment.tokenizer)
         if main_process:
             print(f"distilling from {config.distill.teacher_workdir} {teacher.label}")
     teacher_spec = None if teacher is None else (teacher.graphdef, teacher.params_shardings)
@@ -154,7 +164,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
     if main_process:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json(indent=2))
-        trained.keep_tokenizer(experiment.tokenizer, workdir)
+        rundir.keep_tokenizer(experiment.tokenizer, workdir)
     plan_from = None  # the step after which the budget's timed steps start.
     if config.train_minutes:
         plan = budget.recorded(workdir, config)
@@ -174,10 +184,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
                                        experiment.shardings, teacher_spec)
     eval_step = steps.make_eval_step(config, experiment.graphdef, experiment.mesh,
                                      experiment.shardings.params)
-    translate = decode.make_translate(config, experiment.graphdef, experiment.mesh,
-                                      experiment.shardings.params)
     eval_batches = experiment.eval_batches("eval") if "eval" in experiment.splits else []
-    bleu_batches = experiment.first_batches(eval_batches, config.eval_bleu_examples)
+    bleu_of = None
+    if make_bleu and eval_batches and config.eval_every_steps:
+        bleu_of = make_bleu(config, experiment,
+                            experiment.first_batches(eval_batches, config.eval_bleu_examples))
     writer = MetricWriter(workdir)
     cleanup.callback(writer.close)
     start_time = time.perf_counter() - previous_wall_time(workdir)
@@ -263,15 +274,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.
         bleu = None
         if evaluate_now:
             eval_metrics = _eval_loss(eval_step, state.params, eval_batches, experiment)
-            hypotheses, speed = evaluate.translate_batches(
-                translate, state.params, bleu_batches, experiment.sharding,
-                experiment.eval_shard, experiment.tokenizer)
-            references = experiment.references("eval", bleu_batches)
-            bleu = evaluate.score(hypotheses, [references], metrics=("bleu",))["bleu"]["score"]
-            eval_metrics.update(bleu=bleu, wall_time_s=time.perf_counter() - start_time, **speed)
+            if bleu_of is not None:
+                eval_metrics.update(bleu_of(state.params))
+                bleu = eval_metrics["bleu"]
+            eval_metrics.update(wall_time_s=time.perf_counter() - start_time)
             writer.write("eval", step, eval_metrics)
-            progress.write(f"step {step}: eval loss {eval_metrics['loss']:.3f}, "
-                           f"BLEU {bleu:.2f}")
+            progress.write(f"step {step}: eval loss {eval_metrics['loss']:.3f}"
+                           + ("" if bleu is None else f", BLEU {bleu:.2f}"))
         checkpoints.save(state, batches, {"bleu": bleu} if bleu is not None else None)
         if stop_agreed:
             progress.write(f"{preemption.signal or 'a signal to another process'}: saved step "

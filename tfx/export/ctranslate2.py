@@ -45,11 +45,11 @@ try:
     from ctranslate2.converters import Converter
     from ctranslate2.specs import common_spec, model_spec, transformer_spec
 except ModuleNotFoundError as error:
-    raise ModuleNotFoundError(f"tfx.export needs CTranslate2 ({error}): pip install 'tfx-mt[export]'.") from None
+    raise ModuleNotFoundError(f"tfx.export.ctranslate2 needs CTranslate2 ({error}): pip install 'tfx-mt[export]'.") from None
 
-from tfx.config import head_dim
-from tfx.data import shortlist
+from tfx.core.config import head_dim
 from tfx.data.tokenizer import EOS_ID, PAD_ID, UNK_ID
+from tfx.model import shortlist
 from tfx.model.layers import sinusoidal_positions
 
 FORMATS = ("ctranslate2",)
@@ -233,7 +233,7 @@ def write_ctranslate2(spec: model_spec.ModelSpec, output: str, quantization: str
 
 
 def export_ctranslate2(trained, output: str, quantization: str = "float32", force: bool = False) -> str:
-    """Writes `trained` (a `tfx.trained.TrainedModel`) as a CTranslate2 model directory
+    """Writes `trained` (a `tfx.infer.trained.TrainedModel`) as a CTranslate2 model directory
     `output` with its SentencePiece model; returns the directory."""
     check_output(output, quantization, force)
     params = jax.device_get(nnx.to_pure_dict(trained.params))  # whole arrays, off their shards.
@@ -261,12 +261,12 @@ def write_vocabulary_map(path: str, table: shortlist.Shortlist, pieces: Sequence
 
 
 def main():
-    """The command line (absl flags, defined here so that importing tfx.export defines none)."""
+    """The command line (absl flags, defined here so that importing tfx.export.ctranslate2 defines none)."""
     from absl import app, flags, logging
     from ml_collections import config_flags
 
-    from tfx import config as config_lib
-    from tfx import trained as trained_lib
+    from tfx.core import config as config_lib
+    from tfx.infer import trained as trained_lib
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                                   lock_config=True)
@@ -292,7 +292,7 @@ def main():
             model = trained_lib.load(config, workdir.value, checkpoint.value)
             written = export_ctranslate2(model, output.value, quantization.value, force.value)
         except (ValueError, FileExistsError) as error:
-            sys.exit(f"tfx.export: {error}")
+            sys.exit(f"tfx.export.ctranslate2: {error}")
         print(f"exported {workdir.value} ({model.label}) to {written} as CTranslate2 "
               f"{quantization.value}")
 

@@ -1,0 +1,282 @@
+"""Sequence-level knowledge distillation (Kim and Rush, 2016): a teacher's translations of its
+training split, written as a parallel text corpus a student trains on.
+
+    python -m tfx.compress.distill --config configs/multi30k.py --workdir runs/multi30k --output runs/distilled \\
+        [--checkpoint latest|STEP|average:N] [--splits train,eval] \\
+        [--targets teacher|teacher+original|best-chrf] [--config.decode.beam_size=8]
+
+writes OUTPUT/train.<source_lang> and OUTPUT/train.<target_lang> (and eval.* for data.eval):
+line-aligned UTF-8, one sentence per line, so that a student config reads them with
+`config.data.train = "text:OUTPUT/train"`. The targets are
+- teacher: the teacher's best translation (config.decode says how it decodes);
+- teacher+original: every source twice, with the teacher's translation and then with its
+  reference (twice the lines);
+- best-chrf: of the beam's hypotheses, the one with the highest sentence chrF against the
+  reference (the selection of Mozilla's Bergamot recipe).
+Pairs with an empty side are skipped, as the split reader skips them.
+
+A split goes in chunks of `chunk_size` sentences: each is translated by `tfx.infer.translate.Translator`
+(sorted by length and batched; results in source order) and saved atomically as
+OUTPUT/chunks/<split>-NNNNNN.json. The corpus files appear, each atomically, when every chunk
+is there, and the chunks are then removed. A run killed at any moment and rerun with the same
+arguments continues from its saved chunks and writes the same bytes (given the same devices and
+batch size). OUTPUT/state.json holds what the corpus depends on (teacher, checkpoint, tokenizer,
+model and decoding settings, targets, chunk size, the splits' content): a rerun that differs in
+any of them is refused. OUTPUT/report.json has, per split, the sentences, the decoding seconds,
+and the BLEU and chrF of the teacher's best translations against the references.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import sacrebleu
+import tqdm
+
+from tfx.data.sources import PairSource, open_split
+from tfx.infer.evaluate import score
+from tfx.infer.translate import Translator
+
+CHUNK_SIZE = 2048
+TARGETS = ("teacher", "teacher+original", "best-chrf")
+SPLITS = ("train", "eval")
+STATE_FILE = "state.json"
+REPORT_FILE = "report.json"
+CHUNKS = "chunks"
+
+
+def _write_atomically(path: str, pieces: Iterable[str]):
+    """Writes `pieces` to `path` through a synced temporary file and a rename: `path` is whole
+    or untouched, whenever the process dies."""
+    directory = os.path.dirname(path)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, suffix=".tmp",
+                                     delete=False) as f:
+        f.writelines(pieces)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)  # the rename itself survives a crash.
+    finally:
+        os.close(handle)
+
+
+def _write_json(path: str, value):
+    _write_atomically(path, [json.dumps(value, indent=1, ensure_ascii=False)])
+
+
+def _one_line(text: str) -> str:
+    """`text` with line breaks made spaces, so that a sentence stays one line of the corpus."""
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def check_arguments(config, splits: Sequence[str], targets: str, chunk_size: int):
+    """Errors naming the flag, before the teacher is loaded."""
+    if targets not in TARGETS:
+        raise ValueError(f"--targets={targets!r}: use one of {', '.join(TARGETS)}.")
+    if targets == "best-chrf" and config.decode.strategy != "beam":
+        raise ValueError(f"--targets=best-chrf chooses among the beam's hypotheses, but "
+                         f"config.decode.strategy={config.decode.strategy!r}; use beam.")
+    if not splits or any(split not in SPLITS for split in splits) or len(set(splits)) < len(splits):
+        raise ValueError(f"--splits={','.join(splits)}: name each of {', '.join(SPLITS)} at most once.")
+    for split in splits:
+        if not config.data[split]:
+            raise ValueError(f"--splits={','.join(splits)}: config.data.{split} is empty.")
+    if chunk_size < 1:
+        raise ValueError(f"--chunk_size={chunk_size} must be positive.")
+
+
+def _settings(translator: Translator, workdir: str, targets: str, chunk_size: int,
+              splits: dict[str, PairSource]) -> dict:
+    """What the corpus depends on, keyed by the flag or config key that sets it."""
+    config, model = translator.model.config, translator.model
+    with open(model.tokenizer.path, "rb") as f:
+        tokenizer = hashlib.sha256(f.read()).hexdigest()[:16]
+    settings = {"--workdir": os.path.abspath(workdir), "--checkpoint": model.label,
+                "--targets": targets, "--chunk_size": chunk_size, "tokenizer (sha256)": tokenizer,
+                "config.seed": config.seed, "config.quantization": config.quantization,
+                "config.data.source_lang": config.data.source_lang,
+                "config.data.target_lang": config.data.target_lang,
+                **{f"config.model.{k}": v for k, v in config.model.to_dict().items()},
+                **{f"config.decode.{k}": v for k, v in config.decode.to_dict().items()},
+                **{f"config.data.{name} (content)": pairs.fingerprint for name, pairs in splits.items()}}
+    return json.loads(json.dumps(settings))  # as state.json gives them back (lists, not tuples).
+
+
+def _open_state(output: str, settings: dict) -> dict:
+    """The state of `output` (created if new), refusing settings that differ from its own."""
+    path = os.path.join(output, STATE_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        for key, value in settings.items():
+            saved = state["settings"].get(key, value)  # a split not distilled before may be added.
+            if saved != value:
+                raise ValueError(f"{key}: {output} was made with {saved!r}, this run has {value!r}; "
+                                 "rerun with the same arguments or choose a new --output.")
+        state["settings"].update(settings)
+    elif os.path.isdir(output) and os.listdir(output):
+        raise ValueError(f"--output={output} is not empty and has no {STATE_FILE} of a distillation; "
+                         "choose a new directory.")
+    else:
+        state = {"settings": settings, "done": {}}
+    os.makedirs(os.path.join(output, CHUNKS), exist_ok=True)
+    for folder in (output, os.path.join(output, CHUNKS)):
+        for temporary in glob.glob(os.path.join(folder, "*.tmp")):
+            os.remove(temporary)  # left by a killed run.
+    _write_json(path, state)
+    return state
+
+
+def _translate_chunk(translator: Translator, records: Sequence[dict[str, str]], targets: str) -> dict:
+    """The teacher's translations of `records` (pairs with an empty side skipped), and with
+    best-chrf the selected hypotheses, as a chunk file holds them."""
+    kept = [r for r in records if r["source"].strip() and r["target"].strip()]
+    sources, references = [r["source"] for r in kept], [r["target"] for r in kept]
+    results, report = translator.translate(sources, translator.width() if targets == "best-chrf" else 1)
+    chunk = {"sources": sources, "references": references, "teacher": [r[0].text for r in results],
+             "skipped_empty": len(records) - len(kept), "truncated": report.truncated,
+             "tokens": report.tokens, "seconds": report.seconds}
+    if targets == "best-chrf":
+        chrf = sacrebleu.CHRF()
+        chunk["selected"] = [
+            max(hypotheses, key=lambda h: chrf.sentence_score(h.text, [reference]).score).text
+            for hypotheses, reference in zip(results, references)]
+    return chunk
+
+
+def _pairs(chunk: dict, targets: str) -> list[tuple[str, str]]:
+    """The corpus lines (source, target) of a chunk."""
+    if targets == "teacher+original":
+        return [pair for source, teacher, reference
+                in zip(chunk["sources"], chunk["teacher"], chunk["references"])
+                for pair in ((source, teacher), (source, reference))]
+    return list(zip(chunk["sources"], chunk["selected" if targets == "best-chrf" else "teacher"]))
+
+
+def distill_split(translator: Translator, pairs: PairSource, prefix: str, targets: str = "teacher",
+                  chunk_size: int = CHUNK_SIZE, progress: bool = False) -> dict:
+    """Writes the corpus of `pairs` as `prefix`.<source_lang> and `prefix`.<target_lang>,
+    translating only the chunks not saved yet in the prefix's folder; returns the split's report."""
+    name, output = os.path.basename(prefix), os.path.dirname(prefix)
+    paths = [os.path.join(output, CHUNKS, f"{name}-{i:06d}.json")
+             for i in range(-(-len(pairs) // chunk_size))]
+    for number, path in enumerate(tqdm.tqdm(paths, desc=f"distilling {name}", unit="chunk",
+                                            disable=not progress)):
+        if not os.path.isfile(path):
+            start = number * chunk_size
+            records = [pairs[i] for i in range(start, min(start + chunk_size, len(pairs)))]
+            _write_json(path, _translate_chunk(translator, records, targets))
+    chunks = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            chunks.append(json.load(f))
+    lines = [pair for chunk in chunks for pair in _pairs(chunk, targets)]
+    files = [f"{prefix}.{language}" for language in pairs.languages]
+    for side, path in enumerate(files):
+        _write_atomically(path, (_one_line(pair[side]) + "\n" for pair in lines))
+    teacher = [text for chunk in chunks for text in chunk["teacher"]]
+    references = [text for chunk in chunks for text in chunk["references"]]
+    seconds = sum(chunk["seconds"] for chunk in chunks)
+    report = {"spec": pairs.spec, "files": files, "sentences": len(teacher), "lines": len(lines),
+              "skipped_empty": pairs.skipped_empty + sum(chunk["skipped_empty"] for chunk in chunks),
+              "truncated": sum(chunk["truncated"] for chunk in chunks),
+              "empty_translations": sum(not text.strip() for text in teacher), "seconds": seconds,
+              "sentences_per_sec": len(teacher) / max(seconds, 1e-9),
+              "tokens_per_sec": sum(chunk["tokens"] for chunk in chunks) / max(seconds, 1e-9),
+              "teacher_scores": score(teacher, [references])}
+    if targets == "best-chrf":
+        selected = [text for chunk in chunks for text in chunk["selected"]]
+        report["selected_scores"] = score(selected, [references])
+    return report
+
+
+def distill(translator: Translator, workdir: str, output: str, splits: Sequence[str] = ("train",),
+            targets: str = "teacher", chunk_size: int = CHUNK_SIZE, progress: bool = False) -> dict:
+    """Writes the corpora of the teacher config's `splits` into `output` (see the module doc),
+    resuming an interrupted run, and returns the report also written to OUTPUT/report.json.
+
+    `translator` holds the teacher (its config and checkpoint); `workdir` is the teacher's run."""
+    config = translator.model.config
+    check_arguments(config, splits, targets, chunk_size)
+    opened = {split: open_split(config.data[split], f"data.{split}", config.data.source_lang,
+                                config.data.target_lang, config.data.data_dir) for split in splits}
+    state = _open_state(output, _settings(translator, workdir, targets, chunk_size, opened))
+    for split, pairs in opened.items():
+        if split not in state["done"]:
+            state["done"][split] = distill_split(translator, pairs, os.path.join(output, split),
+                                                 targets, chunk_size, progress)
+            _write_json(os.path.join(output, STATE_FILE), state)
+        for path in glob.glob(os.path.join(output, CHUNKS, f"{split}-*.json")):
+            os.remove(path)
+    if not os.listdir(os.path.join(output, CHUNKS)):
+        os.rmdir(os.path.join(output, CHUNKS))
+    report = {"teacher": os.path.abspath(workdir), "checkpoint": translator.model.label,
+              "targets": targets, "decode": config.decode.to_dict(),
+              "splits": {split: state["done"][split] for split in splits}}
+    _write_json(os.path.join(output, REPORT_FILE), report)
+    return report
+
+
+def summary(report: dict) -> str:
+    """The report in a few lines, for the terminal."""
+    lines = [f"teacher {report['teacher']} ({report['checkpoint']}), targets {report['targets']}:"]
+    for split, r in report["splits"].items():
+        lines.append(f"{split} ({r['spec']}): {r['sentences']} sentences in {r['seconds']:.1f} s "
+                     f"({r['sentences_per_sec']:.1f} sentences/s); {r['skipped_empty']} pairs with an "
+                     f"empty side skipped, {r['truncated']} truncated, {r['empty_translations']} "
+                     f"empty translations; {r['lines']} lines in "
+                     f"{', '.join(r['files'])}")
+        for label, key in (("teacher", "teacher_scores"), ("selected", "selected_scores")):
+            for result in r.get(key, {}).values():
+                lines.append(f"  {label} vs references: {result['text']}  ({result['signature']})")
+    return "\n".join(lines)
+
+
+def main():
+    """The command line (absl flags, defined here so that importing tfx.compress.distill defines none)."""
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    from tfx.core import config as config_lib
+    from tfx.core import host_memory
+    from tfx.infer import trained
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "The teacher's config file[:variant].", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "The teacher's run.")
+    output = flags.DEFINE_string("output", None, "Directory for the corpus; a rerun resumes there.")
+    checkpoint = flags.DEFINE_string("checkpoint", "latest", "latest, a step, or average:N.")
+    splits = flags.DEFINE_list("splits", ["train"], "Which of config.data.train and eval to translate.")
+    targets = flags.DEFINE_enum("targets", "teacher", TARGETS,
+                                "The teacher's translation, it and the original, or the beam's best by chrF.")
+    chunk_size = flags.DEFINE_integer("chunk_size", CHUNK_SIZE, "Sentences per resumable chunk.")
+    flags.mark_flags_as_required(["config", "workdir", "output"])
+
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        logging.set_verbosity(logging.ERROR)  # orbax warns of every read-only checkpoint directory.
+        try:
+            config = config_lib.validate(config_flag.value)
+            check_arguments(config, splits.value, targets.value, chunk_size.value)
+            host_memory.keep_freed_memory_on_cpu()
+            translator = Translator(trained.load(config, workdir.value, checkpoint.value))
+            report = distill(translator, workdir.value, output.value, splits.value, targets.value,
+                             chunk_size.value, progress=True)
+        except (ValueError, FileNotFoundError) as error:
+            sys.exit(f"tfx.compress.distill: {error}")
+        print(summary(report))
+        print(f"report: {os.path.join(output.value, REPORT_FILE)}")
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Attention-head pruning by importance (Michel, Levy and Neubig, 2019), removing the heads.
+
+The importance of head h of an attention module is |dL/dxi_h|, where xi_h gates the head's
+output (xi = 1 is the model as it is) and L is a batch's mean token cross-entropy under teacher
+forcing (no label smoothing, no dropout), summed over batches, as Michel et al.'s code does,
+and normalised per module (L2) as they do. The head's output is linear in its slice of the out
+projection, so gating the head is scaling that slice, and dL/dxi_h = sum(W_out[h] * dL/dW_out[h]):
+the parameters' gradient gives it, with no change to the model.
+
+`keep_indices` then drops the K least important heads of every attention module (encoder self-,
+decoder self- and cross-attention) and `remove_heads` takes their slices out of query [D, N, H],
+key and value [D, N, H] and out [N, H, D]. Every module loses the same number of heads, so the
+result is again a uniform Transformer that a config describes (num_heads N - K and an explicit
+head_dim); Michel et al. rank the heads of all modules together, which leaves modules with
+different head counts. Grouped-query attention (num_kv_heads < num_heads) is refused: a
+key/value head serves a group of query heads, and removing query heads would unbalance groups.
+
+    python -m tfx.compress.heads --config configs/multi30k.py --workdir runs/multi30k --prune 1 \\
+        --output runs/multi30k-heads [--checkpoint latest] [--batches 20] [--split eval]
+
+writes the pruned parameters as a checkpoint of the output workdir (step 0, the optimizer
+state fresh), its config.json and the run's tokenizer, and prints the importance of every head
+and the eval.py and fine-tune (train.py --config.init_from=OUTPUT) commands, with the config
+overrides the pruned model needs (`overrides`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import sys
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tfx.core import config as config_lib
+from tfx.core import parallel
+from tfx.data import pipeline
+from tfx.model.transformer import count_params
+from tfx.train import losses, rundir, steps
+from tfx.train.checkpoint import Checkpoints
+from tfx.train.experiment import Experiment
+
+ATTENTION = ("query", "key", "value", "out")  # the parameters of an attention module.
+HEAD_AXIS = {"query": 1, "key": 1, "value": 1, "out": 0}  # their heads axis (unstacked).
+
+
+def check_prunable(config: ml_collections.ConfigDict, count: int):
+    """Raises ValueError unless `count` heads can come out of each of config's attention modules."""
+    m = config.model
+    if m.num_kv_heads != m.num_heads:
+        raise ValueError(
+            f"config.model.num_kv_heads={m.num_kv_heads} < config.model.num_heads={m.num_heads}: "
+            "head pruning needs multi-head attention (each query head with its own key/value "
+            "head); with grouped-query attention, removing query heads would unbalance groups.")
+    if m.rank_fraction:
+        raise ValueError(f"config.model.rank_fraction={m.rank_fraction}: head pruning needs full "
+                         "projection matrices, not low-rank factors.")
+    if not 0 < count < m.num_heads:
+        raise ValueError(f"--prune={count}: remove at least 1 head and fewer than "
+                         f"config.model.num_heads={m.num_heads} from each attention module.")
+
+
+def pruned_config(config: ml_collections.ConfigDict, count: int) -> ml_collections.ConfigDict:
+    """`config` for the model with `count` heads fewer per attention module (validated)."""
+    pruned = config.copy_and_resolve_references()
+    heads = config.model.num_heads - count
+    pruned.model.update(num_heads=heads, num_kv_heads=heads, head_dim=config_lib.head_dim(config.model))
+    return config_lib.validate(pruned)
+
+
+def overrides(config: ml_collections.ConfigDict) -> str:
+    """The command-line flags that turn the unpruned config into `config` (a pruned one)."""
+    m = config.model
+    return (f"--config.model.num_heads={m.num_heads} --config.model.num_kv_heads={m.num_kv_heads} "
+            f"--config.model.head_dim={m.head_dim}")
+
+
+def attention_modules(tree, path: tuple = ()) -> Iterator[tuple[str, dict]]:
+    """("path/to/module", its dict) for every attention module of a pure dict of parameters."""
+    if isinstance(tree, dict):
+        if set(ATTENTION) <= tree.keys():
+            yield "/".join(map(str, path)), tree
+            return
+        for key, subtree in tree.items():
+            yield from attention_modules(subtree, (*path, key))
+
+
+def gate_gradients(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array]
+                   ) -> dict[str, jax.Array]:
+    """dL/dxi per attention module at xi = 1: [N], or [layers, N] for stacked layers
+    (model.scan_layers). L is the batch's mean token cross-entropy (teacher forcing)."""
+    def loss(params):
+        model = nnx.merge(graphdef, params)
+        logits_BxTxV = model(batch["inputs"], batch["targets"])
+        _, nll_BxT = losses.token_losses(logits_BxTxV, batch["targets"], 0.0, 0.0)
+        weights_BxT = (batch["targets"] > 0).astype(jnp.float32)
+        return jnp.sum(nll_BxT * weights_BxT) / jnp.maximum(jnp.sum(weights_BxT), 1.0)
+
+    grads = nnx.to_pure_dict(jax.grad(loss)(params))
+    outs = dict(attention_modules(nnx.to_pure_dict(params)))
+    return {path: jnp.sum(outs[path]["out"] * module["out"], axis=(-2, -1))
+            for path, module in attention_modules(grads)}
+
+
+def head_importance(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: nnx.State,
+                    batches: Sequence[dict[str, jax.Array]], mesh) -> dict[str, np.ndarray]:
+    """Michel et al.'s importance per attention module, [N] or [layers, N]: the sum over
+    `batches` of |dL/dxi|, divided by its L2 norm over the module's heads."""
+    rules = config.logical_axis_rules
+
+    @jax.jit
+    def batch_importance(params, batch):
+        with parallel.activation_sharding(mesh, rules):
+            return jax.tree.map(jnp.abs, gate_gradients(graphdef, params, batch))
+
+    total = None
+    for batch in batches:
+        scores = batch_importance(params, batch)
+        total = scores if total is None else jax.tree.map(jnp.add, total, scores)
+    if total is None:
+        raise ValueError("no batches to score the heads on.")
+    return {path: np.asarray(s / jnp.linalg.norm(s, axis=-1, keepdims=True))
+            for path, s in jax.device_get(total).items()}
+
+
+def keep_indices(importance: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """The heads each module keeps, in their order: all but its `count` least important."""
+    return {path: np.sort(np.argsort(scores, axis=-1, kind="stable")[..., count:], axis=-1)
+            for path, scores in importance.items()}
+
+
+def remove_heads(params: dict, keep: dict[str, np.ndarray]) -> dict:
+    """A copy of a pure dict of parameters whose attention modules have only the heads `keep`
+    names (per module: [N'] indices, or [layers, N'] for stacked layers)."""
+    def copy(tree, path=()):
+        if not isinstance(tree, dict):
+            return tree
+        name = "/".join(map(str, path))
+        if name in keep:
+            kept = np.asarray(keep[name])
+            return {key: _take_heads(np.asarray(value), kept, HEAD_AXIS[key]) if key in HEAD_AXIS
+                    else value for key, value in tree.items()}
+        return {key: copy(subtree, (*path, key)) for key, subtree in tree.items()}
+    return copy(params)
+
+
+def _take_heads(value: np.ndarray, kept: np.ndarray, axis: int) -> np.ndarray:
+    if kept.ndim == 1:
+        return np.take(value, kept, axis=axis)
+    return np.stack([np.take(layer, k, axis=axis) for layer, k in zip(value, kept, strict=True)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruned:
+    config: ml_collections.ConfigDict  # the pruned model's (see `pruned_config`).
+    label: str  # the source checkpoint: "step2500", "average5-step2500".
+    importance: dict[str, np.ndarray]  # per attention module, [N] or [layers, N].
+    params_before: int
+    params_after: int
+
+
+def prune_heads(config: ml_collections.ConfigDict, workdir: str, checkpoint: str, count: int,
+                output: str, batches: int, split: str = "eval") -> Pruned:
+    """Removes the `count` least important heads of each attention module of `workdir`'s
+    `checkpoint` (importance on the first `batches` batches of config.data.<split>) and writes
+    the result as the workdir `output` (see the module doc)."""
+    check_prunable(config, count)
+    if not config.data[split]:
+        raise ValueError(f"config.data.{split} is empty: name a split to score the heads on.")
+    if os.path.isdir(os.path.join(output, "checkpoints")) and Checkpoints(output).steps():
+        raise FileExistsError(f"--output={output} already holds checkpoints; choose a new directory.")
+    experiment = Experiment(config)
+    label, params = rundir.restore_params(workdir, checkpoint, experiment.state)
+    scored = [pipeline.to_global({k: v for k, v in batch.items() if k != "index"},
+                                 experiment.sharding, experiment.eval_shard)
+              for batch in experiment.eval_batches(split)[:batches]]
+    importance = head_importance(config, experiment.graphdef, params, scored, experiment.mesh)
+    pruned = pruned_config(config, count)
+    _, abstract, shardings = steps.abstract_train_state(pruned, experiment.mesh)
+    host_params = abstract.params
+    nnx.replace_by_pure_dict(host_params, remove_heads(nnx.to_pure_dict(jax.device_get(params)),
+                                                       keep_indices(importance, count)))
+    state = steps.fresh_state(pruned, jax.device_put(host_params, shardings.params), shardings)
+    target = Checkpoints(output, pruned)
+    target.save(state)
+    target.wait()
+    target.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
+            f.write(pruned.to_json(indent=2))
+        rundir.keep_tokenizer(experiment.tokenizer, output)
+    return Pruned(pruned, label, importance, count_params(params), count_params(state.params))
+
+
+def main():
+    """The command line (absl flags, defined here so that importing tfx.compress.heads defines none)."""
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "The run's config file[:variant].",
+                                                  lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "The run whose heads are pruned.")
+    checkpoint = flags.DEFINE_string("checkpoint", "latest", "latest, a step, or average:N.")
+    prune = flags.DEFINE_integer("prune", None, "Heads removed from every attention module.")
+    output = flags.DEFINE_string("output", None, "Workdir to write the pruned model to.")
+    batches = flags.DEFINE_integer("batches", 20, "Batches of --split the importance is summed over.")
+    split = flags.DEFINE_enum("split", "eval", ["train", "eval", "test"],
+                              "The config.data split the importance is computed on.")
+    flags.mark_flags_as_required(["config", "workdir", "prune", "output"])
+
+    def prune_command(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        logging.set_verbosity(logging.WARNING)
+        config = config_lib.validate(config_flag.value)
+        try:
+            done = prune_heads(config, workdir.value, checkpoint.value, prune.value, output.value,
+                               batches.value, split.value)
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
+            sys.exit(f"tfx.compress.heads: {error}")
+        given = flags.FLAGS["config"]  # the file and overrides, to repeat in the commands below.
+        changed = {f"model.{key}" for key in ("num_heads", "num_kv_heads", "head_dim")}
+        kept = [f"--config.{key}={shlex.quote(str(value))}"
+                for key, value in config_flags.get_override_values(given).items() if key not in changed]
+        config_args = " ".join(["--config", config_flags.get_config_filename(given), *kept,
+                                overrides(done.config)])
+        print(f"head importance on {split.value} (|dL/dxi| summed over {batches.value} batches, "
+              "L2-normalised per module):")
+        width = max(map(len, done.importance))
+        for path, scores in done.importance.items():
+            print(f"  {path:<{width}}  {np.array2string(scores, precision=3)}")
+        print(f"removed the {prune.value} least important of {config.model.num_heads} heads of each "
+              f"attention module of {workdir.value} ({done.label}) into {output.value}: "
+              f"{done.params_before:,} -> {done.params_after:,} parameters")
+        print(f"evaluate:  python eval.py {config_args} --workdir {output.value}")
+        print(f"fine-tune: python train.py {config_args} --config.init_from={output.value} "
+              f"--workdir {output.value}-ft")
+
+    app.run(prune_command)
+
+
+if __name__ == "__main__":
+    main()

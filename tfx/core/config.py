@@ -1,0 +1,335 @@
+"""The config schema: every key tfx reads, its default, and its validation.
+
+This is the only place that knows defaults. A config file (`configs/*.py`) starts from
+`default_config()` and overrides keys; `validate()` runs once at start-up and names the key
+that is wrong.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import re
+
+import ml_collections
+
+ACTIVATIONS = ("relu", "gelu", "swiglu", "squared_relu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+POSITIONS = ("sinusoidal", "learned")
+DTYPES = ("auto", "float32", "bfloat16")
+DECODE_STRATEGIES = ("beam", "greedy", "sample")
+TOO_LONG_POLICIES = ("drop", "truncate")
+NONFINITE_POLICIES = ("stop", "skip")
+TOKENIZER_MODEL_TYPES = ("unigram", "bpe")
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("rsqrt", "cosine")
+MESH_AXES = ("data", "fsdp", "tensor")
+REMAT_POLICIES = ("none", "full", "dots")
+QUANTIZATIONS = ("none", "int8")
+PRUNE_PATTERNS = ("unstructured", "2:4")
+
+# Logical axis -> mesh axes, first match that is still free wins (see tfx/core/parallel.py).
+# Parameters: embed over fsdp (ZeRO-3 style), heads/mlp/vocab over tensor.
+# Activations: batch over data and fsdp; their embed then finds fsdp taken and stays whole.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("position", None),
+    ("layers", None),  # the stacked-layer axis of model.scan_layers.
+)
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """Architecture keys (`config.model.*`); the defaults are a tiny Transformer."""
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=32000,  # SentencePiece pieces, shared by source and target.
+            emb_dim=64,  # d_model.
+            num_heads=4,
+            num_kv_heads=4,  # = num_heads: MHA; 1: MQA; in between: GQA.
+            head_dim=0,  # 0: emb_dim // num_heads.
+            mlp_dim=256,  # hidden width of the position-wise MLP.
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            activation="relu",  # relu, gelu, swiglu or squared_relu (Primer).
+            norm="layernorm",  # layernorm or rmsnorm.
+            norm_position="pre",  # pre (pre-LN, stable) or post (the original Transformer).
+            norm_epsilon=1e-6,
+            positions="sinusoidal",  # sinusoidal or learned.
+            max_len=256,  # longest sequence the model accepts (learned positions, decoding).
+            share_embeddings=True,  # one embedding for source and target.
+            logits_via_embedding=True,  # output projection tied to the target embedding.
+            dropout_rate=0.1,  # embeddings and residual branches, as in Vaswani et al.
+            attention_dropout_rate=0.0,  # attention weights; > 0 leaves the fused kernel.
+            activation_dropout_rate=0.0,  # MLP hidden activations (fairseq's default is 0).
+            dtype="auto",  # computation dtype: auto (bfloat16 where matmuls in it are fast, see tfx/precision.py), float32 or bfloat16; parameters stay float32.
+            float32_logits=True,  # the output projection in float32 whatever dtype is (MaxText's logits_dot_in_fp32).
+            remat="none",  # recompute activations in the backward pass: none, full, or dots (keep matmul outputs).
+            scan_layers=False,  # one lax.scan over stacked layers: compile time flat in depth.
+            rank_fraction=0.0,  # > 0: every projection is a product of two of rank fraction x min(fan-in, fan-out) (low-rank, tfx/lowrank.py); 0: one full matrix.
+        )
+    )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key with its default. Configs override these; nothing else defines defaults."""
+    config = ml_collections.ConfigDict(
+        dict(
+            variant="",  # a label for reports, set by configs with variants.
+            model=model_config(),
+            # SentencePiece vocabulary of model.vocab_size pieces, joint over source and target.
+            tokenizer=dict(
+                model_path="",  # "": train on the training split on first use, then cache.
+                model_type="unigram",  # unigram or bpe.
+                character_coverage=1.0,  # characters covered; the rest fall back to bytes.
+                input_sentence_size=0,  # > 0: train on that many sampled lines (big corpora).
+            ),
+            # Data: each split is "tfds:NAME[/CONFIG]:SPLIT" or "text:PATH_PREFIX" (the files
+            # PATH_PREFIX.<source_lang> and PATH_PREFIX.<target_lang>, line-aligned).
+            data=dict(
+                source_lang="en",  # translate from this language ...
+                target_lang="de",  # ... into this one.
+                train="",  # split spec of the training data (required).
+                eval="",  # validation: eval loss and BLEU during training.
+                test="",  # split spec eval.py scores by default.
+                data_dir="",  # "": $TFDS_DATA_DIR or ~/tensorflow_datasets.
+                too_long="drop",  # pairs over max_source/target_length: drop or truncate.
+                pack=True,  # several pairs per row (segment ids + positions); False pads.
+                worker_count=0,  # grain worker processes for the train split (0: in-process).
+                shards=0,  # fixed train-data shards (a multiple of the process count) keep batches and resume across slice sizes; 0: one per process.
+                reset_position=False,  # on resume, start the data afresh instead of refusing a changed global batch.
+            ),
+            # Decoding (eval.py, periodic BLEU). Max output length is source length + offset.
+            decode=dict(
+                strategy="beam",  # beam, greedy or sample.
+                beam_size=4,  # hypotheses kept per sentence.
+                length_penalty=0.6,  # GNMT alpha: ((5 + length) / 6) ** alpha.
+                max_length_offset=50,  # outputs stop at source length + this many tokens.
+                max_length=0,  # outputs stop at this many tokens too (EOS included); 0: model.max_len.
+                temperature=1.0,  # sampling only.
+                top_k=0,  # sampling only; 0: no top-k cut.
+                top_p=1.0,  # sampling only; 1.0: no nucleus cut.
+                shortlist="",  # a lexical shortlist (python -m tfx.model.shortlist); "": none.
+                shortlist_size=1024,  # with a shortlist: target tokens each batch decodes over.
+            ),
+            per_device_eval_batch_size=32,  # eval loss and decoding, separate from training.
+            seed=0,  # parameters, dropout and data order.
+            # Optimisation.
+            optimizer="adamw",  # adamw or adafactor.
+            learning_rate=1e-3,  # peak, reached at the end of warmup.
+            schedule="rsqrt",  # rsqrt (inverse square root) or cosine, both after a linear warmup.
+            warmup_steps=4000,  # linear warmup from 0 to learning_rate.
+            num_train_steps=100_000,  # optimizer updates to train for.
+            train_minutes=0.0,  # > 0: num_train_steps is set to fill this many minutes of train steps, timed on the first steps (tfx/budget.py).
+            cosine_end_fraction=0.0,  # cosine schedule ends at this fraction of learning_rate.
+            adam_b1=0.9,
+            adam_b2=0.98,
+            adam_eps=1e-9,
+            weight_decay=0.0,  # decoupled (AdamW) weight decay.
+            weight_decay_norms=False,  # also decay norm scales and biases (optax's default decays every parameter).
+            grad_clip_norm=1.0,  # 0 disables clipping.
+            grad_accum_steps=1,  # microbatches per update (the global batch is split into these).
+            # Loss.
+            label_smoothing=0.1,
+            z_loss=0.0,  # weight of log(Z)^2, which keeps the softmax normaliser near 1.
+            # Batch shape.
+            per_device_batch_size=16,  # rows per data-parallel device; global = this x (data x fsdp).
+            max_source_length=64,  # row length of the source side (packed rows hold several pairs).
+            max_target_length=64,  # row length of the target side.
+            # Training loop (train.py). Steps count optimizer updates.
+            log_every_steps=50,  # metrics to the JSONL/TensorBoard files and the progress bar.
+            eval_every_steps=1000,  # eval loss and BLEU on data.eval; 0 disables.
+            eval_bleu_examples=0,  # periodic BLEU on the first N eval pairs; 0: all of them.
+            checkpoint_every_steps=1000,  # also at the end and on SIGTERM/SIGINT.
+            keep_checkpoints=3,  # the latest K, plus the best by eval BLEU.
+            lock_timeout_s=300.0,  # a workdir lock from another host whose heartbeat (every 30 s) is older than this is stale (tfx/lock.py).
+            nonfinite_loss="stop",  # a NaN, infinite or diverged loss: stop (exit naming the step) or skip (leave the parameters and moments unchanged).
+            divergence_factor=3.0,  # a loss above this x ln(vocab_size) (a uniform prediction's, about where training starts) has diverged; 0: only NaN/inf.
+            # Starting from another run (fine-tunes: int8 QAT, pruning, low-rank, pruned heads).
+            init_from="",  # a workdir whose parameters a new run starts from (its optimizer and step start afresh); "": random initialisation.
+            init_checkpoint="latest",  # which of init_from's checkpoints: latest, a step, or average:N.
+            # Efficiency toolbox (README "Distilling a student").
+            quantization="none",  # none or int8: training is quantization-aware (QAT), eval and translation run int8 matmuls (PTQ of float parameters); qwix (tfx/quantize.py).
+            distill=dict(
+                teacher_config="",  # word-level distillation from this teacher's config file ("": off; tfx/distill.py makes sequence-level corpora).
+                teacher_workdir="",  # the teacher's run (same tokenizer as the student).
+                teacher_checkpoint="latest",  # latest, a step, or average:N of the teacher.
+                weight=0.5,  # loss = (1 - weight) x label-smoothed cross-entropy + weight x temperature^2 x KL(teacher || student).
+                temperature=1.0,  # softens both distributions in the KL term.
+            ),
+            prune=dict(
+                sparsity=0.0,  # gradual magnitude pruning of the projection matrices to this fraction of zeros; 0: off.
+                pattern="unstructured",  # unstructured, or 2:4 (two of every four consecutive weights of a fan-in kept; sparsity 0.5).
+                begin_step=0,  # pruning starts at this step ...
+                end_step=0,  # ... and reaches the target sparsity here (cubic schedule of Zhu and Gupta, 2017); 0: num_train_steps.
+                every_steps=100,  # masks are recomputed this often in between.
+            ),
+            # Multi-process (multi-host) runs; every process runs the same command.
+            distributed=dict(
+                coordinator_address="",  # host:port of process 0; "": $JAX_COORDINATOR_ADDRESS or the detected cluster (TPU VM, SLURM, Open MPI).
+                num_processes=0,  # 0: from the cluster; 1 with no coordinator: single process.
+                process_id=-1,  # -1: from the cluster.
+                heartbeat_timeout_s=100,  # a process silent this long is declared dead and the others stop.
+                initialization_timeout_s=300,  # how long to wait for all processes to connect.
+            ),
+            # Parallelism.
+            mesh_shape="data:-1,fsdp:1,tensor:1",  # device mesh; -1: the devices left over.
+            logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES,  # logical axis -> mesh axes (see above).
+        )
+    )
+    config.lock()  # configs may change values, not invent keys: a typo fails loudly.
+    return config
+
+
+def head_dim(model: ml_collections.ConfigDict) -> int:
+    """`model.head_dim`, or emb_dim // num_heads when it is 0."""
+    return model.head_dim or model.emb_dim // model.num_heads
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Loads and validates `path/to/config.py[:variant]` (the variant goes to get_config)."""
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("tfx_user_config", path)
+    if module_spec is None or not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+    return validate(config)
+
+
+def choice_error(key: str, value, choices: tuple[str, ...]) -> ValueError:
+    """The error for a config key whose value is not one of `choices`."""
+    return ValueError(f"config.{key}={value!r} is not one of {', '.join(map(repr, choices))}.")
+
+
+def _check_choice(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...]):
+    value = _lookup(config, key)
+    if value not in choices:
+        raise choice_error(key, value, choices)
+
+
+def _check_positive(config: ml_collections.ConfigDict, key: str, allow_zero: bool = False):
+    value = _lookup(config, key)
+    if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"config.{key}={value!r} must be a {kind} number.")
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str):
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks values and their combinations; raises ValueError naming the config key."""
+    m = config.model
+    for key, choices in (("model.activation", ACTIVATIONS), ("model.norm", NORMS),
+                         ("model.norm_position", NORM_POSITIONS), ("model.positions", POSITIONS),
+                         ("model.dtype", DTYPES), ("model.remat", REMAT_POLICIES),
+                         ("tokenizer.model_type", TOKENIZER_MODEL_TYPES),
+                         ("decode.strategy", DECODE_STRATEGIES), ("data.too_long", TOO_LONG_POLICIES),
+                         ("nonfinite_loss", NONFINITE_POLICIES), ("optimizer", OPTIMIZERS),
+                         ("schedule", SCHEDULES), ("quantization", QUANTIZATIONS),
+                         ("prune.pattern", PRUNE_PATTERNS)):
+        _check_choice(config, key, choices)
+    for key in ("model.vocab_size", "model.emb_dim", "model.num_heads", "model.num_kv_heads",
+                "model.mlp_dim", "model.max_len", "per_device_batch_size", "max_source_length",
+                "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps",
+                "per_device_eval_batch_size", "decode.beam_size", "decode.temperature",
+                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "lock_timeout_s",
+                "distributed.heartbeat_timeout_s", "distributed.initialization_timeout_s",
+                "distill.temperature", "prune.every_steps"):
+        _check_positive(config, key)
+    for key in ("model.num_encoder_layers", "model.num_decoder_layers", "model.head_dim",
+                "warmup_steps", "train_minutes", "divergence_factor", "weight_decay", "grad_clip_norm", "z_loss", "decode.length_penalty",
+                "decode.max_length_offset", "decode.max_length", "decode.top_k", "data.worker_count", "eval_every_steps",
+                "eval_bleu_examples", "data.shards", "distributed.num_processes",
+                "prune.begin_step", "prune.end_step"):
+        _check_positive(config, key, allow_zero=True)
+    for key in ("model.dropout_rate", "model.attention_dropout_rate",
+                "model.activation_dropout_rate", "label_smoothing", "prune.sparsity"):
+        if not 0.0 <= _lookup(config, key) < 1.0:
+            raise ValueError(f"config.{key}={_lookup(config, key)!r} must be in [0, 1).")
+    for key in ("distill.weight", "model.rank_fraction"):
+        if not 0.0 <= _lookup(config, key) <= 1.0:
+            raise ValueError(f"config.{key}={_lookup(config, key)!r} must be in [0, 1].")
+    if config.distill.teacher_config and not config.distill.teacher_workdir:
+        raise ValueError("config.distill.teacher_config is set but config.distill.teacher_workdir "
+                         "is empty: name the teacher's run.")
+    if config.prune.pattern == "2:4" and config.prune.sparsity not in (0.0, 0.5):
+        raise ValueError(f"config.prune.pattern='2:4' keeps half the weights, but "
+                         f"config.prune.sparsity={config.prune.sparsity!r}; set it to 0.5.")
+    if config.per_device_batch_size % config.grad_accum_steps:
+        raise ValueError(
+            f"config.per_device_batch_size={config.per_device_batch_size} is not divisible by "
+            f"config.grad_accum_steps={config.grad_accum_steps}: each microbatch must still split "
+            "evenly over the data axes.")
+    if config.decode.shortlist_size < 3:
+        raise ValueError(f"config.decode.shortlist_size={config.decode.shortlist_size!r} must be at "
+                         "least 3: PAD, EOS and a token to say.")
+    if not 0.0 < config.decode.top_p <= 1.0:
+        raise ValueError(f"config.decode.top_p={config.decode.top_p!r} must be in (0, 1].")
+    if m.num_heads % m.num_kv_heads:
+        raise ValueError(
+            f"config.model.num_heads={m.num_heads} must be a multiple of "
+            f"config.model.num_kv_heads={m.num_kv_heads} (grouped-query attention)."
+        )
+    if m.head_dim == 0 and m.emb_dim % m.num_heads:
+        raise ValueError(
+            f"config.model.emb_dim={m.emb_dim} is not divisible by config.model.num_heads="
+            f"{m.num_heads}; set config.model.head_dim explicitly."
+        )
+    if m.logits_via_embedding and not m.share_embeddings:
+        raise ValueError(
+            "config.model.logits_via_embedding=True ties the output projection to the shared "
+            "embedding, so it needs config.model.share_embeddings=True."
+        )
+    if max(config.max_source_length, config.max_target_length) > m.max_len:
+        raise ValueError(
+            f"config.max_source_length/max_target_length ({config.max_source_length}/"
+            f"{config.max_target_length}) exceed config.model.max_len={m.max_len}."
+        )
+    return config
+
+
+def reference_table() -> str:
+    """Markdown table of every key, its default and the comment beside it in this file (the
+    README's config reference is this output: `python -m tfx.core.config`)."""
+    comments = {}
+    for function, prefix in ((model_config, "model."), (default_config, "")):
+        sections = [prefix]  # the dotted prefix of the `name=dict(` blocks the line is in.
+        for line in inspect.getsource(function).splitlines():
+            if match := re.match(r"\s+(\w+)=dict\($", line):
+                sections.append(f"{sections[-1]}{match.group(1)}.")
+            elif re.match(r"\s+\),$", line) and len(sections) > 1:
+                sections.pop()
+            elif match := re.match(r"\s+(\w+)=.*?,\s+# (.*)$", line):
+                comments[sections[-1] + match.group(1)] = match.group(2)
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, value in _flatten(default_config()):
+        shown = "see DEFAULT_LOGICAL_AXIS_RULES" if key == "logical_axis_rules" else repr(value)
+        rows.append(f"| `{key}` | `{shown}` | {comments.get(key, '')} |")
+    return "\n".join(rows) + "\n"
+
+
+def _flatten(config: ml_collections.ConfigDict, prefix: str = ""):
+    for key in sorted(config.keys(), key=lambda k: isinstance(config[k], ml_collections.ConfigDict)):
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+if __name__ == "__main__":
+    print(reference_table(), end="")

@@ -1,0 +1,50 @@
+"""A trained run, loaded for inference: restored parameters on the config's mesh, and the
+run's own SentencePiece model.
+
+    model = trained.load(config, "runs/multi30k", checkpoint="average:5")
+    model.params, model.tokenizer, model.mesh, model.graphdef, model.params_shardings
+
+The tokenizer is `config.tokenizer.model_path` if set, else the copy training leaves in the
+workdir (`tokenizer.model`), else the vocabulary the config trains on its train split (as
+train.py does), so a run directory with its config is all that translation needs.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from tfx.core import parallel
+from tfx.data import sources
+from tfx.data import tokenizer as tokenizer_lib
+from tfx.model import shortlist
+from tfx.train import steps
+from tfx.train.rundir import TOKENIZER_FILE, TrainedModel, _placed, restore_params
+
+
+def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_lib.Tokenizer:
+    """The run's SentencePiece model (see the module doc), checked against model.vocab_size and
+    the tokenizer config.decode.shortlist was learned with."""
+    copy = os.path.join(workdir, TOKENIZER_FILE)
+    if config.tokenizer.model_path:
+        tokenizer = tokenizer_lib.Tokenizer(config.tokenizer.model_path)
+    elif os.path.isfile(copy):
+        tokenizer = tokenizer_lib.Tokenizer(copy)
+    else:
+        d = config.data
+        train = sources.open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir)
+        tokenizer = tokenizer_lib.from_config(config, train)
+    tokenizer_lib.check_vocab_size(tokenizer, config)
+    if config.decode.shortlist:
+        shortlist.check_tokenizer(config.decode.shortlist, tokenizer.path)
+    return tokenizer
+
+
+def load(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "latest") -> TrainedModel:
+    """The run in `workdir` with `checkpoint` restored onto `config.mesh_shape` (nothing else of
+    the train state is kept), and its tokenizer."""
+    mesh = parallel.make_mesh(config.mesh_shape)
+    graphdef, abstract, shardings = steps.abstract_train_state(config, mesh)
+    label, params = restore_params(workdir, checkpoint, _placed(abstract, shardings))
+    return TrainedModel(config, mesh, graphdef, params, shardings.params,
+                        tokenizer_for(config, workdir), label)

@@ -1,0 +1,275 @@
+"""Compile the train step, the eval step and translation for a Cloud TPU slice on any host, and
+say whether they fit: one JSON line per function.
+
+    python -m tfx.tpu.aot --config configs/wmt_base.py:big --topology v5e:16x16 [--config.KEY=VALUE ...]
+
+libtpu (`pip install "tfx-mt[tpu]"`) describes every Cloud TPU generation, so the real sharded
+functions are lowered with abstract arguments (shapes, dtypes and shardings; nothing is
+allocated) for the slice's devices and compiled into the TPU executable, with XLA's memory and
+cost analysis. One JAX device is one chip, as on the slice (v4 and v5p run their two
+TensorCores as one megacore device).
+
+Rows are full: the train batch has `per_device_batch_size` packed rows of max_source_length /
+max_target_length tokens per data-parallel chip; eval and translation have
+`per_device_eval_batch_size` rows of model.max_len tokens, the longest an eval split can have.
+Model FLOPs count those rows as one sentence pair each (tfx/flops.py). The exit status is 0
+when everything fits, 3 when something does not, 1 for a bad argument or config.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+if __name__ == "__main__":  # compiling for a TPU needs none: skip JAX's probe for one.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh
+
+from tfx.core import parallel, precision
+from tfx.model import decode, flops
+from tfx.tpu import hlo
+from tfx.train import steps
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    device_kind: str  # what JAX calls the chip.
+    hbm_bytes: int
+    bf16_flops: float  # peak, per chip per second.
+
+
+# Per chip, from Google's Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4,
+# .../v5e, .../v5p, .../v6e).
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GiB, 275e12),
+    "v5e": Chip("TPU v5 lite", 16 * GiB, 197e12),
+    "v5p": Chip("TPU v5", 95 * GiB, 459e12),
+    "v6e": Chip("TPU v6 lite", 32 * GiB, 918e12),
+}
+MEGACORE = ("v4",)  # libtpu's default there is one device per TensorCore; JAX on the slice uses one per chip.
+
+
+@contextlib.contextmanager
+def _stderr_to(path: str):
+    """Sends this process's file descriptor 2 (where libtpu logs) to `path` for a while."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "w") as target:
+        os.dup2(target.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def slice_devices(topology: str) -> tuple[Chip, list[jax.Device]]:
+    """The chip and the devices of a slice named like `v5e:16x16` (generation:chip grid)."""
+    generation, _, grid = topology.partition(":")
+    if generation not in CHIPS or not grid:
+        raise ValueError(f"--topology={topology!r}: expected GENERATION:GRID with a generation among "
+                         f"{', '.join(CHIPS)}, e.g. v5e:16x16 (v5e-256) or v4:2x2x1 (v4-8).")
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError("libtpu is not installed, and only it describes TPU slices: "
+                         "pip install 'tfx-mt[tpu]'.")
+    chip = CHIPS[generation]
+    # Compiling uses no TPU, so libtpu's lock on the host's TPU (one process at a time) is moot.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    options = {"chip_config_name": "megacore"} if generation in MEGACORE else {}
+    try:
+        with _stderr_to(os.devnull):  # libtpu's warnings that this host is no TPU VM.
+            devices = topologies.get_topology_desc(topology, "tpu", **options).devices
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--topology={topology!r}: libtpu refused it: {error}") from None
+    if devices[0].device_kind != chip.device_kind:
+        raise ValueError(f"--topology={topology!r} gave {devices[0].device_kind!r} devices, not "
+                         f"{chip.device_kind!r}: tfx.tpu.aot.CHIPS needs updating for this libtpu.")
+    return chip, list(devices)
+
+
+@dataclasses.dataclass
+class Program:
+    """A function to compile, its abstract arguments and the useful work of one call."""
+    name: str
+    jitted: Callable  # a jax.jit-wrapped function.
+    args: tuple
+    rows: int  # of the global batch.
+    model_flops: float
+    tokens: int  # target tokens of a call (translation: the longest outputs of its sentences).
+    first_step_flops: float = 0.0  # translation: encoder and one decoding step (see compile_report).
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _batch(mesh: Mesh, config: ml_collections.ConfigDict, rows: int, lengths: dict[str, int]) -> dict:
+    sharding = parallel.batch_sharding(mesh, config.logical_axis_rules)
+    return {name: jax.ShapeDtypeStruct((rows, length), np.int32, sharding=sharding)
+            for name, length in lengths.items()}
+
+
+def programs(config: ml_collections.ConfigDict, mesh: Mesh) -> list[Program]:
+    """The train step, the eval step and translation, as the trainer and eval.py build them."""
+    graphdef, abstract, shardings = steps.abstract_train_state(config, mesh)
+    state = _abstract(abstract, shardings)
+    data_parallel = parallel.data_parallel_size(mesh, config.logical_axis_rules)
+    m = config.model
+    source, target = config.max_source_length, config.max_target_length
+    train_rows = config.per_device_batch_size * data_parallel
+    train_lengths = {"inputs": source, "targets": target}
+    if config.data.pack:
+        train_lengths.update({f"{side}_{what}": train_lengths[side]
+                              for side in ("inputs", "targets") for what in ("segment_ids", "positions")})
+    eval_rows = config.per_device_eval_batch_size * data_parallel
+    options = decode.Options.from_config(config)
+    beams = options.beam_size if options.strategy == "beam" else 1
+    output_len = m.max_len  # decoding's buffer for sources of max_len tokens (decode._output_length).
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return [
+        Program("train_step", steps.make_train_step(config, graphdef, mesh, shardings),
+                (state, _batch(mesh, config, train_rows, train_lengths)), train_rows,
+                flops.train_flops(m, [(source, target)] * train_rows), train_rows * target),
+        Program("eval_step", steps.make_eval_step(config, graphdef, mesh, shardings.params),
+                (state.params, _batch(mesh, config, eval_rows, {"inputs": m.max_len, "targets": m.max_len})),
+                eval_rows,
+                flops.forward_flops(m, [(m.max_len, m.max_len)] * eval_rows), eval_rows * m.max_len),
+        Program("translate", decode.jit_translate(config, graphdef, mesh),
+                (state.params, _batch(mesh, config, eval_rows, {"inputs": m.max_len})["inputs"],
+                 jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated)), eval_rows,
+                flops.decode_flops(m, eval_rows, beams, m.max_len, output_len), eval_rows * output_len,
+                flops.decode_flops(m, eval_rows, beams, m.max_len, 1)),
+    ]
+
+
+def _advice(program: str, config: ml_collections.ConfigDict, mesh: Mesh, state_bytes: int,
+            temp_bytes: int) -> list[str]:
+    """What to change when `program` does not fit, the larger part of its memory first."""
+    if program != "train_step":
+        return [f"config.per_device_eval_batch_size={max(1, config.per_device_eval_batch_size // 2)}",
+                f"config.decode.beam_size={max(1, config.decode.beam_size // 2)} (translation)"]
+    data, fsdp = mesh.shape["data"], mesh.shape["fsdp"]
+    state = ([f"config.mesh_shape=data:{data // 2},fsdp:{fsdp * 2},tensor:{mesh.shape['tensor']} "
+              "(parameters and optimizer state sharded twice as far)"] if data > 1 else [])
+    activations = [f"config.grad_accum_steps={2 * config.grad_accum_steps} (same global batch, "
+                   "half the activations)"]
+    if config.model.remat == "none":
+        activations.append("config.model.remat=full with config.model.scan_layers=True")
+    activations.append(f"config.per_device_batch_size={max(1, config.per_device_batch_size // 2)}")
+    return state + activations if state_bytes > temp_bytes else activations + state
+
+
+def _exhausted_bytes(message: str) -> int:
+    """The bytes a RESOURCE_EXHAUSTED compile error says the program needs (0 if unsaid), e.g.
+    "... memory required for HLO temporaries (102.23G) exceeds available HBM (15.75G)"."""
+    match = re.search(r"required for [^(]*\(([\d.]+)([KMGT]?)\)", message)
+    if not match:
+        return 0
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
+
+
+def compile_report(program: Program, config: ml_collections.ConfigDict, mesh: Mesh, chip: Chip,
+                   topology: str) -> dict:
+    """Lowers and compiles `program` for the slice; its JSON report (see the README)."""
+    chips = mesh.size
+    report = dict(function=program.name, topology=topology, chips=chips,
+                  chip=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
+                  variant=config.variant, dtype=config.model.dtype, rows=program.rows)
+    start = time.perf_counter()
+    try:
+        compiled = program.jitted.lower(*program.args).compile()
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        needed = _exhausted_bytes(str(error))
+        report.update(compile_s=round(time.perf_counter() - start, 1), fits=False,
+                      total_bytes=needed, hbm_bytes=chip.hbm_bytes,
+                      headroom_bytes=chip.hbm_bytes - needed if needed else None,
+                      error=str(error).splitlines()[0][:500],
+                      change=_advice(program.name, config, mesh, state_bytes=0, temp_bytes=needed))
+        return report
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    roofline_s = program.model_flops / (chip.bf16_flops * chips)
+    counts, sizes = hlo.collectives(compiled.as_text())
+    fits = total <= chip.hbm_bytes
+    report.update(
+        compile_s=round(compile_s, 1),
+        argument_bytes=int(memory.argument_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        code_bytes=int(memory.generated_code_size_in_bytes),
+        total_bytes=int(total), hbm_bytes=chip.hbm_bytes, fits=fits,
+        headroom_bytes=int(chip.hbm_bytes - total),
+        xla_flops=float(cost.get("flops", 0.0)) * chips, model_flops=program.model_flops,
+        roofline_step_s=roofline_s, roofline_tokens_per_s_per_chip=program.tokens / roofline_s / chips,
+        collectives=counts, collective_bytes=sizes)
+    if program.first_step_flops:  # XLA's cost analysis counts a loop's body once.
+        report["model_flops_first_step"] = program.first_step_flops
+    if not fits:
+        report["change"] = _advice(program.name, config, mesh, int(memory.argument_size_in_bytes),
+                                   int(memory.temp_size_in_bytes))
+    return report
+
+
+def run(config: ml_collections.ConfigDict, topology: str, functions: Sequence[str] | None = None
+        ) -> list[dict]:
+    """Reports of compiling `functions` (default: all) for `topology` with `config`
+    (model.dtype 'auto' computes as on a TPU: bfloat16)."""
+    chip, devices = slice_devices(topology)
+    config = config.copy_and_resolve_references()
+    config.model.dtype = precision.resolve(config.model.dtype, "tpu")
+    mesh = parallel.make_mesh(config.mesh_shape, devices)
+    return [compile_report(p, config, mesh, chip, topology) for p in programs(config, mesh)
+            if functions is None or p.name in functions]
+
+
+def main():
+    """The command line (absl flags, defined here so that importing tfx.tpu.aot defines none)."""
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    from tfx.core import config as config_lib
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
+                                                  lock_config=True)
+    topology = flags.DEFINE_string("topology", None, "TPU slice, GENERATION:GRID, e.g. v5e:16x16.")
+    functions = flags.DEFINE_list("functions", None, "Any of train_step, eval_step, translate "
+                                  "(default: all).")
+    flags.mark_flags_as_required(["config", "topology"])
+
+    def compile_all(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        logging.set_verbosity(logging.WARNING)
+        try:
+            reports = run(config_lib.validate(config_flag.value), topology.value, functions.value)
+        except ValueError as error:
+            sys.exit(f"tfx.tpu.aot: {error}")
+        for report in reports:
+            print(json.dumps(report), flush=True)
+        sys.exit(0 if all(report["fits"] for report in reports) else 3)
+
+    app.run(compile_all)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Loss and BLEU curves of a run: `python -m tfx.train.plot WORKDIR` writes WORKDIR/curves.png.
+
+Left: train and eval loss against steps. Right: eval BLEU against wall-clock minutes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from matplotlib.figure import Figure  # without pyplot: no backend chosen, no global state.
+
+from tfx.train.metrics import read_metrics
+
+
+def plot(workdir: str) -> str:
+    """Writes and returns the path of `<workdir>/curves.png`."""
+    records = read_metrics(workdir)
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"]
+    figure = Figure(figsize=(11, 4))
+    loss_axes, bleu_axes = figure.subplots(1, 2)
+    loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    loss_axes.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
+    loss_axes.set(xlabel="step", ylabel="loss (label-smoothed)", title="loss")
+    loss_axes.legend()
+    with_bleu = [r for r in evals if "bleu" in r]
+    bleu_axes.plot([r.get("wall_time_s", 0) / 60 for r in with_bleu], [r["bleu"] for r in with_bleu], "o-")
+    for r in with_bleu[-1:]:
+        bleu_axes.annotate(f"{r['bleu']:.1f} (step {r['step']})", (r.get("wall_time_s", 0) / 60, r["bleu"]),
+                           ha="right", va="bottom")
+    bleu_axes.set(xlabel="wall-clock minutes", ylabel="sacreBLEU", title="eval BLEU")
+    figure.suptitle(os.path.abspath(workdir))
+    figure.tight_layout()
+    path = os.path.join(workdir, "curves.png")
+    figure.savefig(path, dpi=100)
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m tfx.train.plot WORKDIR")
+    print(plot(sys.argv[1]))
