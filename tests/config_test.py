@@ -7,12 +7,13 @@ from tfx.core import config as config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_readme_config_reference_is_the_generated_table():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
-    table = readme[start:readme.index("<!-- config-reference:end -->")]
-    assert table == config_lib.reference_table(), "regenerate it with: python -m tfx.core.config"
+def test_the_docs_config_reference_is_the_generated_table():
+    with open(os.path.join(ROOT, "docs", "config.md"), encoding="utf-8") as f:
+        page = f.read()
+    start = page.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    table = page[start:page.index("<!-- config-reference:end -->")]
+    assert table == config_lib.reference_table(), (
+        "docs/config.md: regenerate its table with: python -m tfx.core.config")
 
 
 def test_every_default_key_is_in_the_reference():
