@@ -1,50 +1,63 @@
 """Translate text with a trained run (one sentence per line), or score given pairs.
 
-    echo "A man is riding a bike." | python translate.py --config configs/multi30k.py --workdir runs/multi30k
-    python translate.py --config C --workdir W [--checkpoint latest|STEP|average:N]
+    echo "A man is riding a bike." | python translate.py --workdir runs/multi30k
+    python translate.py --workdir W [--checkpoint latest|STEP|average:N]
         [--input FILE] [--output FILE] [--beam N] [--strategy beam|greedy|sample]
-        [--temperature T] [--top-k K] [--top-p P] [--length-penalty A] [--max-length N]
-        [--nbest K]
-    python translate.py --config C --workdir W --score --source S --target T [--output FILE]
+        [--temperature T] [--top_k K] [--top_p P] [--length_penalty A] [--max_length N]
+        [--nbest K] [--config.KEY=VALUE ...]
+    python translate.py --workdir W --score --source S --target T [--output FILE]
+
+The run's config is its config.json; --config FILE[:variant] and --config.KEY=VALUE may change
+what may change at inference (decoding, batch sizes, mesh), not its model. The decoding flags
+are shorthands of config.decode keys (--beam of --config.decode.beam_size).
 
 Translations go one per line in input order; with --nbest K, lines of
 index<TAB>rank<TAB>score<TAB>translation (index from 0, rank 1 is the best). --score writes
 sum<TAB>mean<TAB>tokens of each target's token log-probabilities. The input is read and
 checked whole before anything is written, and --output is written atomically.
 """
-import os
 import sys
-import tempfile
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
+from tfx.core import cli, files, host_memory
 from tfx.core import config as config_lib
-from tfx.core import host_memory
 from tfx.data.sources import decode_lines, read_lines
 from tfx.infer import trained
 from tfx.infer.translate import Translator
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest, a step, or average:N.")
-_INPUT = flags.DEFINE_string("input", None, "Sentences to translate, one per line (default: stdin).")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write (default: stdout).")
-_NBEST = flags.DEFINE_integer("nbest", 0, "Write the best K hypotheses of each sentence with scores.")
-_SCORE = flags.DEFINE_bool("score", False, "Score the pairs of --source and --target.")
-_SOURCE = flags.DEFINE_string("source", None, "Score mode: source sentences, one per line.")
-_TARGET = flags.DEFINE_string("target", None, "Score mode: their translations, line-aligned.")
-# Decoding: each flag overrides its config.decode key.
-_DECODE = {
-    "beam_size": flags.DEFINE_integer("beam", None, "Beam size (config.decode.beam_size)."),
-    "strategy": flags.DEFINE_enum("strategy", None, list(config_lib.DECODE_STRATEGIES), "Decoding strategy."),
-    "temperature": flags.DEFINE_float("temperature", None, "Sampling temperature."),
-    "top_k": flags.DEFINE_integer("top-k", None, "Sample among the K most likely tokens (0: all)."),
-    "top_p": flags.DEFINE_float("top-p", None, "Sample within the top-p probability mass."),
-    "length_penalty": flags.DEFINE_float("length-penalty", None, "GNMT length penalty alpha."),
-    "max_length": flags.DEFINE_integer("max-length", None, "Longest output in tokens, EOS included."),
-}
-flags.mark_flags_as_required(["config", "workdir"])
+
+def main():
+    shared = cli.define_flags(workdir="The training run's workdir.", checkpoint=True)
+    inputs = flags.DEFINE_string("input", None, "Sentences to translate, one per line (default: stdin).")
+    output = flags.DEFINE_string("output", None, "Where to write (default: stdout).")
+    nbest = flags.DEFINE_integer("nbest", 0, "Write the best K hypotheses of each sentence with scores.")
+    score = flags.DEFINE_bool("score", False, "Score the pairs of --source and --target.")
+    source = flags.DEFINE_string("source", None, "Score mode: source sentences, one per line.")
+    target = flags.DEFINE_string("target", None, "Score mode: their translations, line-aligned.")
+    decode = {  # each overrides its config.decode key.
+        "beam_size": flags.DEFINE_integer("beam", None, "Beam size (config.decode.beam_size)."),
+        "strategy": flags.DEFINE_enum("strategy", None, list(config_lib.DECODE_STRATEGIES),
+                                      "Decoding strategy."),
+        "temperature": flags.DEFINE_float("temperature", None, "Sampling temperature."),
+        "top_k": flags.DEFINE_integer("top_k", None, "Sample among the K most likely tokens (0: all)."),
+        "top_p": flags.DEFINE_float("top_p", None, "Sample within the top-p probability mass."),
+        "length_penalty": flags.DEFINE_float("length_penalty", None, "GNMT length penalty alpha."),
+        "max_length": flags.DEFINE_integer("max_length", None, "Longest output in tokens, EOS included."),
+    }
+    for old in ("top-k", "top-p", "length-penalty", "max-length"):
+        cli.alias(old, old.replace("-", "_"))
+
+    def command():
+        config = shared.run_config()
+        for key, flag in decode.items():
+            if flag.value is not None:
+                config.decode[key] = flag.value
+        run(config_lib.validate(config), shared.workdir.value, shared.checkpoint.value, inputs.value,
+            output.value, nbest.value, score.value, source.value, target.value)
+
+    # ERROR: orbax warns of every read-only checkpoint directory.
+    cli.run("translate.py", command, verbosity=logging.ERROR)
 
 
 def write(lines: list[str], path: str | None):
@@ -53,55 +66,38 @@ def write(lines: list[str], path: str | None):
     if path is None:
         sys.stdout.write(text)
         return
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(os.path.abspath(path)),
-                                     suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+    files.write_text(path, text)
 
 
-def run():
-    config = _CONFIG.value
-    for key, flag in _DECODE.items():
-        if flag.value is not None:
-            config.decode[key] = flag.value
-    config = config_lib.validate(config)
+def run(config, workdir: str, checkpoint: str, inputs: str | None, output: str | None, nbest: int,
+        score: bool, source: str | None, target: str | None):
+    """Translates `inputs` (or stdin), or with `score` scores the pairs of `source` and
+    `target`, with `checkpoint` of the run in `workdir`; writes the lines to `output`."""
     host_memory.keep_freed_memory_on_cpu()
-    if _SCORE.value:
-        if not (_SOURCE.value and _TARGET.value) or _INPUT.value:
+    if score:
+        if not (source and target) or inputs:
             raise ValueError("--score needs --source and --target (and no --input).")
-        sources, targets = list(read_lines(_SOURCE.value)), list(read_lines(_TARGET.value))
+        sources, targets = list(read_lines(source)), list(read_lines(target))
         if len(sources) != len(targets):
-            raise ValueError(f"{_SOURCE.value} has {len(sources)} lines but {_TARGET.value} has "
+            raise ValueError(f"{source} has {len(sources)} lines but {target} has "
                              f"{len(targets)}; sources and targets must be line-aligned.")
-        translator = Translator(trained.load(config, _WORKDIR.value, _CHECKPOINT.value))
+        translator = Translator(trained.load(config, workdir, checkpoint))
         scores, report = translator.score(sources, targets, progress=True)
         lines = [f"{total:.6f}\t{total / max(tokens, 1):.6f}\t{tokens}" for total, tokens in scores]
     else:
-        if _SOURCE.value or _TARGET.value:
+        if source or target:
             raise ValueError("--source and --target are for --score; translate --input FILE or stdin.")
-        sentences = list(read_lines(_INPUT.value) if _INPUT.value
-                         else decode_lines(sys.stdin.buffer, "<stdin>"))
-        translator = Translator(trained.load(config, _WORKDIR.value, _CHECKPOINT.value))
-        results, report = translator.translate(sentences, max(_NBEST.value, 1),
-                                               progress=_INPUT.value is not None)
-        if _NBEST.value:
+        sentences = list(read_lines(inputs) if inputs else decode_lines(sys.stdin.buffer, "<stdin>"))
+        translator = Translator(trained.load(config, workdir, checkpoint))
+        results, report = translator.translate(sentences, max(nbest, 1), progress=inputs is not None)
+        if nbest:
             lines = [f"{index}\t{rank}\t{h.score:.6f}\t{h.text}" for index, hypotheses in enumerate(results)
                      for rank, h in enumerate(hypotheses, start=1)]
         else:
             lines = [hypotheses[0].text for hypotheses in results]
-    write(lines, _OUTPUT.value)
-    print(f"{'scored' if _SCORE.value else 'translated'} {report}", file=sys.stderr)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.ERROR)  # orbax warns of every read-only checkpoint directory.
-    try:
-        run()
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"translate.py: {error}")
+    write(lines, output)
+    print(f"{'scored' if score else 'translated'} {report}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -6,20 +6,22 @@
 Random parameters, random sources of exactly --source-length tokens, and every hypothesis
 forced to --gen-length tokens (EOS forbidden), so each run does the same work. It times beam
 search with the key/value cache and the same search recomputing the decoder over the prefix at
-every step (`full_recompute`), compilation excluded. `decode_gflops` counts the model FLOPs the
-cached search needs: the encoder and the cross-attention keys/values once, then for every beam
+every step (`full_recompute`), compilation excluded: each search's `seconds` are the median,
+min and max of its timed runs after a warm-up run, and its rates and ratios are at the median
+(bench/stats.py). `decode_gflops` counts the model FLOPs the cached search needs: the encoder and the cross-attention keys/values once, then for every beam
 at every step the decoder's projections, attention over the prefix and the source, and the
 vocabulary projection. The peak is a large matmul in the compute dtype (float32 accumulation),
-measured in the same run before and after, the best kept.
+timed in the same run before and after the searches: `peak_gflops` summarises those runs and
+`fraction_of_peak` relates the medians.
 
 `--quantization int8` decodes with int8 matmuls (tfx/model/quantize.py) and times the cached search
 with float matmuls too, alternating the two run by run; `int8_speedup` is the float search's
-seconds over the int8 search's (above 1: int8 is faster).
+seconds over the int8 search's (above 1: int8 is faster); `float_matmuls` has its figures.
 
 `--shortlist FILE` (a lexical shortlist of the model's vocabulary size, `python -m
-tfx.model.shortlist`) times the cached search over each batch's shortlist of --shortlist-size
+tfx.compress.shortlist`) times the cached search over each batch's shortlist of --shortlist-size
 tokens too, alternating; `shortlist_speedup` is the whole vocabulary's seconds over the
-shortlist's.
+shortlist's (figures under `shortlist`).
 
 `--ctranslate2` also times CTranslate2 on CPU (float32 and int8 computation, one thread per
 core, the same batch and beam) on the same model exported by `tfx.export.ctranslate2.ctranslate2_spec`
@@ -47,11 +49,12 @@ from tfx.model import decode
 from tfx.model.flops import decode_flops
 from tfx.model.transformer import EncoderDecoder, count_params
 
-from peak import cpu_name, measure_peak_gflops
+from peak import cpu_name, matmul_gflops
+from stats import run_times, summary
 
 
-def time_runs(translates: list, params, inputs, runs: int) -> list[tuple[float, np.ndarray]]:
-    """Per translate function, the median seconds of `runs` calls after one warm-up call (which
+def time_runs(translates: list, params, inputs, runs: int) -> list[tuple[list[float], np.ndarray]]:
+    """Per translate function, the seconds of `runs` calls after one warm-up call (which
     compiles), and its tokens; the functions take turns, so a shared machine's load hits all."""
     tokens = [jax.block_until_ready(translate(params, inputs)) for translate in translates]
     times = [[] for _ in translates]
@@ -60,7 +63,19 @@ def time_runs(translates: list, params, inputs, runs: int) -> list[tuple[float, 
             start = time.perf_counter()
             tokens[i] = jax.block_until_ready(translate(params, inputs))
             times[i].append(time.perf_counter() - start)
-    return [(float(np.median(t)), np.asarray(out)) for t, out in zip(times, tokens)]
+    return [(t, np.asarray(out)) for t, out in zip(times, tokens)]
+
+
+def figures(seconds: list[float], sentences: int, tokens: int) -> dict:
+    """The seconds of the timed runs (median, min, max) and the rates at the median."""
+    median = float(np.median(seconds))
+    return dict(seconds=summary(seconds), sentences_per_sec=round(sentences / median, 2),
+                generated_tokens_per_sec=round(tokens / median, 1))
+
+
+def ratio(slower: dict, faster: dict) -> float:
+    """How many times faster `faster` is than `slower` (medians of their seconds)."""
+    return round(slower["seconds"]["median"] / faster["seconds"]["median"], 3)
 
 
 def measure_ctranslate2(config, params, inputs: np.ndarray, beam: int, gen_length: int, runs: int) -> dict:
@@ -80,28 +95,17 @@ def measure_ctranslate2(config, params, inputs: np.ndarray, beam: int, gen_lengt
         for compute_type in ("float32", "int8"):
             translator = ctranslate2.Translator(path, device="cpu", compute_type=compute_type,
                                                 intra_threads=threads)
-
-            def translate():
-                return translator.translate_batch(sources, beam_size=beam, min_decoding_length=gen_length,
-                                                  max_decoding_length=gen_length)
-
-            translate()
-            times, outputs = [], None
-            for _ in range(runs):
-                start = time.perf_counter()
-                outputs = translate()
-                times.append(time.perf_counter() - start)
-            seconds = float(np.median(times))
+            times, outputs = run_times(lambda: translator.translate_batch(
+                sources, beam_size=beam, min_decoding_length=gen_length,
+                max_decoding_length=gen_length), runs)
             tokens = sum(len(output.hypotheses[0]) for output in outputs)
             if tokens != len(sources) * gen_length:
                 raise RuntimeError(f"CTranslate2 generated {tokens} tokens, not {len(sources)} x {gen_length}.")
-            result.update({f"ctranslate2_{compute_type}_seconds": round(seconds, 3),
-                           f"ctranslate2_{compute_type}_sentences_per_sec": round(len(sources) / seconds, 2),
-                           f"ctranslate2_{compute_type}_generated_tokens_per_sec": round(tokens / seconds, 1)})
+            result[f"ctranslate2_{compute_type}"] = figures(times, len(sources), tokens)
     return result
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/wmt_base.py:base")
@@ -121,9 +125,38 @@ def main():
                         help="timed runs of the search without a cache (0: skip it)")
     parser.add_argument("--ctranslate2", action="store_true",
                         help="also time CTranslate2 (float32 and int8) on the same model and inputs")
-    args = parser.parse_args()
-    host_memory.keep_freed_memory_on_cpu()
+    return parser.parse_args()
 
+
+def time_searches(args: argparse.Namespace, config, graphdef, mesh, shardings, params,
+                  inputs: np.ndarray) -> dict[str, dict]:
+    """figures() of the cached search ("cached") and, alternated with it, of the same search with
+    float matmuls ("float", under int8) and over a shortlist ("shortlist"); and of the search
+    without a cache ("full_recompute") after them, unless --full-recompute-runs is 0."""
+    def translator(config, full_recompute: bool = False, **shortlist):
+        return decode.make_translate(config, graphdef, mesh, shardings, strategy="beam",
+                                     beam_size=args.beam, forced_length=args.gen_length,
+                                     full_recompute=full_recompute, **shortlist)
+
+    translates = {"cached": translator(config)}
+    if config.quantization == "int8":
+        float_config = config.copy_and_resolve_references()
+        float_config.quantization = "none"
+        translates["float"] = translator(float_config)
+    if args.shortlist:
+        translates["shortlist"] = translator(config, shortlist=args.shortlist,
+                                             shortlist_size=args.shortlist_size)
+    timed = dict(zip(translates, time_runs(list(translates.values()), params, inputs, args.runs)))
+    if args.full_recompute_runs:
+        timed["full_recompute"] = time_runs([translator(config, True)], params, inputs,
+                                            args.full_recompute_runs)[0]
+    return {name: figures(seconds, args.batch, int((tokens > 0).sum()))
+            for name, (seconds, tokens) in timed.items()}
+
+
+def main():
+    args = parse_args()
+    host_memory.keep_freed_memory_on_cpu()
     config = config_lib.load(args.config)
     config.model.dtype = precision.resolve(args.dtype or config.model.dtype)
     config.quantization = args.quantization or config.quantization
@@ -133,56 +166,32 @@ def main():
     params = jax.device_put(params, shardings)
     rng = np.random.default_rng(0)
     inputs = rng.integers(2, config.model.vocab_size, (args.batch, args.source_length)).astype(np.int32)
-
-    def translator(config, full_recompute: bool, **shortlist):
-        return decode.make_translate(config, graphdef, mesh, shardings, strategy="beam",
-                                     beam_size=args.beam, forced_length=args.gen_length,
-                                     full_recompute=full_recompute, **shortlist)
-
-    def figures(seconds: float, tokens: np.ndarray) -> dict:
-        return dict(seconds=round(seconds, 3), sentences_per_sec=round(args.batch / seconds, 2),
-                    generated_tokens_per_sec=round(int((tokens > 0).sum()) / seconds, 1))
-
-    def measure(full_recompute: bool, runs: int) -> dict:
-        return figures(*time_runs([translator(config, full_recompute)], params, inputs, runs)[0])
-
     devices = list(mesh.devices.flat)
     dtype = jnp.dtype(config.model.dtype)
-    peak = measure_peak_gflops(devices, dtype)
-    translates = {"cached": translator(config, False)}
-    if config.quantization == "int8":
-        float_config = config.copy_and_resolve_references()
-        float_config.quantization = "none"
-        translates["float"] = translator(float_config, False)
-    if args.shortlist:
-        translates["shortlist"] = translator(config, False, shortlist=args.shortlist,
-                                             shortlist_size=args.shortlist_size)
-    timed = dict(zip(translates, time_runs(list(translates.values()), params, inputs, args.runs)))
-    cached = figures(*timed["cached"])
+    peak = matmul_gflops(devices, dtype)
+    searches = time_searches(args, config, graphdef, mesh, shardings, params, inputs)
+    cached = searches.pop("cached")
     flops = decode_flops(config.model, args.batch, args.beam, args.source_length, args.gen_length)
     result = dict(
         variant=config.variant or args.config, params=count_params(params), dtype=config.model.dtype,
-        quantization=config.quantization,
-        devices=len(devices), platform=devices[0].platform, cpu=cpu_name(), beam=args.beam, batch=args.batch,
-        source_length=args.source_length, gen_length=args.gen_length, **cached,
-        decode_gflops=round(flops / cached["seconds"] / 1e9, 2))
-    if "float" in timed:
-        result.update(float_matmuls_seconds=round(timed["float"][0], 3),
-                      int8_speedup=round(timed["float"][0] / timed["cached"][0], 3))
-    if "shortlist" in timed:
-        result.update(shortlist_size=args.shortlist_size, shortlist_seconds=round(timed["shortlist"][0], 3),
-                      shortlist_speedup=round(timed["cached"][0] / timed["shortlist"][0], 3))
-    if args.full_recompute_runs:
-        full = measure(True, args.full_recompute_runs)
-        result.update({f"full_recompute_{name}": value for name, value in full.items()})
-        result["speedup"] = round(full["seconds"] / cached["seconds"], 2)
+        quantization=config.quantization, devices=len(devices), platform=devices[0].platform,
+        cpu=cpu_name(), beam=args.beam, batch=args.batch, source_length=args.source_length,
+        gen_length=args.gen_length, runs=args.runs, **cached,
+        decode_gflops=round(flops / cached["seconds"]["median"] / 1e9, 2))
+    if "float" in searches:
+        result.update(float_matmuls=searches["float"], int8_speedup=ratio(searches["float"], cached))
+    if "shortlist" in searches:
+        result.update(shortlist_size=args.shortlist_size, shortlist=searches["shortlist"],
+                      shortlist_speedup=ratio(cached, searches["shortlist"]))
+    if "full_recompute" in searches:
+        result.update(full_recompute=searches["full_recompute"],
+                      speedup=ratio(searches["full_recompute"], cached))
     if args.ctranslate2:
         result.update(measure_ctranslate2(config, params, inputs, args.beam, args.gen_length, args.runs))
         for compute_type in ("float32", "int8"):
-            result[f"tfx_over_ctranslate2_{compute_type}"] = round(
-                cached["sentences_per_sec"] / result[f"ctranslate2_{compute_type}_sentences_per_sec"], 3)
-    peak = max(peak, measure_peak_gflops(devices, dtype))  # the machine may be shared.
-    result.update(peak_gflops=round(peak, 2), fraction_of_peak=round(result["decode_gflops"] / peak, 3))
+            result[f"tfx_over_ctranslate2_{compute_type}"] = ratio(result[f"ctranslate2_{compute_type}"], cached)
+    peak = summary(peak + matmul_gflops(devices, dtype))  # before and after: the machine may be shared.
+    result.update(peak_gflops=peak, fraction_of_peak=round(result["decode_gflops"] / peak["median"], 3))
     print(json.dumps(result))
 
 

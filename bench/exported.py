@@ -2,18 +2,19 @@
 int8): prints one JSON line (its last line).
 
     python bench/exported.py --config configs/multi30k.py --workdir runs/multi30k \
-        --checkpoint average:5 [--split test] [--beam 4] [--length-penalty A] [--ct2-length-penalty 1.0] \
-        [--shortlist runs/multi30k/shortlist.npz [--shortlist-size 1024]]
+        --checkpoint average:5 [--split test] [--beam 4] [--runs 3] [--length-penalty A] \
+        [--ct2-length-penalty 1.0] [--shortlist runs/multi30k/shortlist.npz [--shortlist-size 1024]]
 
 All engines translate the same sentences (config.data[split]) with the same beam and batch size
 (per_device_eval_batch_size x the data-parallel devices; both sort by length). tfx decodes as
 config.decode says (GNMT length penalty); CTranslate2 with its own length penalty,
 score / length ** --ct2-length-penalty, and at most model.max_len tokens. Each engine runs the
-whole set once to warm up (tfx compiles its shapes then), and the second run is timed.
+whole set once to warm up (tfx compiles its shapes then), then --runs timed times: `seconds` is
+their median, min and max, and the rates are at the median (bench/stats.py).
 CTranslate2 gets intra_threads = the CPU cores. BLEU is sacreBLEU on the detokenized output;
-`tfx_speed_ratio` is tfx's sentences/s over the export's. With --shortlist (a lexical shortlist,
-`python -m tfx.model.shortlist`) tfx decodes over each batch's shortlist and CTranslate2 over the
-export's vocabulary map of it (`use_vmap`).
+`tfx_speed_ratio` is tfx's sentences/s over the export's (at the medians). With --shortlist (a
+lexical shortlist, `python -m tfx.compress.shortlist`) tfx decodes over each batch's shortlist
+and CTranslate2 over the export's vocabulary map of it (`use_vmap`).
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 import ctranslate2
 import jax
+import ml_collections
+import numpy as np
 
 from tfx.core import config as config_lib
 from tfx.core import host_memory
@@ -34,17 +36,10 @@ from tfx.infer import evaluate, trained
 from tfx.infer.translate import Translator
 
 from peak import cpu_name
+from stats import run_times, summary
 
 
-def timed(translate, sentences):
-    """(hypotheses, generated tokens, seconds) of the second of two runs."""
-    translate(sentences)
-    start = time.perf_counter()
-    hypotheses, tokens = translate(sentences)
-    return hypotheses, tokens, time.perf_counter() - start
-
-
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/multi30k.py")
@@ -58,9 +53,11 @@ def main():
     parser.add_argument("--shortlist", default="", help="a lexical shortlist for both engines")
     parser.add_argument("--shortlist-size", type=int, default=None,
                         help="tfx's tokens per batch (default: config.decode.shortlist_size)")
-    args = parser.parse_args()
-    host_memory.keep_freed_memory_on_cpu()
+    parser.add_argument("--runs", type=int, default=3, help="timed runs of the whole set per engine")
+    return parser.parse_args()
 
+
+def load_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     config = config_lib.load(args.config)
     config.decode.update(strategy="beam", beam_size=args.beam)
     if args.length_penalty is not None:
@@ -68,7 +65,53 @@ def main():
     config.decode.shortlist = args.shortlist
     if args.shortlist_size:
         config.decode.shortlist_size = args.shortlist_size
-    config = config_lib.validate(config)
+    return config_lib.validate(config)
+
+
+def ctranslate2_engine(model: trained.TrainedModel, directory: str, quantization: str,
+                       args: argparse.Namespace, rows: int):
+    """A function of source lines -> (translations, generated tokens with EOS) that CTranslate2
+    runs on `model` exported to `directory` with `quantization` weights."""
+    directory = export_ctranslate2(model, directory, quantization)
+    engine = ctranslate2.Translator(directory, device="cpu", compute_type=quantization,
+                                    intra_threads=os.cpu_count() or 1)
+    processor = model.tokenizer.processor
+
+    def translate(lines):
+        outputs = engine.translate_batch(
+            [processor.encode(line, out_type=str) for line in lines], beam_size=args.beam,
+            max_batch_size=rows, length_penalty=args.ct2_length_penalty,
+            max_decoding_length=model.config.model.max_len, use_vmap=bool(args.shortlist))
+        return ([processor.decode(o.hypotheses[0]) for o in outputs],
+                sum(len(o.hypotheses[0]) + 1 for o in outputs))  # EOS included, as tfx.
+    return translate
+
+
+def measure(engines: dict, sentences: list[str], references: list[str], runs: int
+            ) -> tuple[dict, str]:
+    """Per engine: BLEU of its output, the seconds of its timed runs of the whole set (median,
+    min, max) and its rates at the median, with `tfx_speed_ratio` for the exports; and the
+    sacreBLEU signature."""
+    results, signature = {}, ""
+    for name, translate in engines.items():
+        times, (hypotheses, tokens) = run_times(lambda: translate(sentences), runs)
+        bleu = evaluate.score(hypotheses, [references], ("bleu",))["bleu"]
+        median = float(np.median(times))
+        signature = bleu["signature"]
+        results[name] = dict(bleu=round(bleu["score"], 2), seconds=summary(times),
+                             sentences_per_sec=round(len(sentences) / median, 1),
+                             tokens_per_sec=round(tokens / median, 1))
+    for name in engines:
+        if name != "tfx":
+            results[name]["tfx_speed_ratio"] = round(
+                results[name]["seconds"]["median"] / results["tfx"]["seconds"]["median"], 3)
+    return results, signature
+
+
+def main():
+    args = parse_args()
+    host_memory.keep_freed_memory_on_cpu()
+    config = load_config(args)
     model = trained.load(config, args.workdir, args.checkpoint)
     d = config.data
     split = sources.open_split(d[args.split], f"data.{args.split}", d.source_lang, d.target_lang,
@@ -76,8 +119,6 @@ def main():
     pairs = [split[i] for i in range(len(split))]
     sentences, references = [p["source"] for p in pairs], [p["target"] for p in pairs]
     translator = Translator(model)
-    processor = model.tokenizer.processor
-    results = {}
 
     def tfx_translate(lines):
         results, report = translator.translate(lines)
@@ -86,35 +127,16 @@ def main():
     engines = {"tfx": tfx_translate}
     with tempfile.TemporaryDirectory() as scratch:
         for quantization in ("float32", "int8"):
-            directory = export_ctranslate2(model, os.path.join(scratch, quantization), quantization)
-            engine = ctranslate2.Translator(directory, device="cpu", compute_type=quantization,
-                                            intra_threads=os.cpu_count() or 1)
-
-            def ct2_translate(lines, engine=engine):
-                outputs = engine.translate_batch(
-                    [processor.encode(line, out_type=str) for line in lines], beam_size=args.beam,
-                    max_batch_size=translator.rows, length_penalty=args.ct2_length_penalty,
-                    max_decoding_length=config.model.max_len, use_vmap=bool(args.shortlist))
-                return ([processor.decode(o.hypotheses[0]) for o in outputs],
-                        sum(len(o.hypotheses[0]) + 1 for o in outputs))  # EOS included, as tfx.
-
-            engines[f"ctranslate2_{quantization}"] = ct2_translate
-        for name, translate in engines.items():
-            hypotheses, tokens, seconds = timed(translate, sentences)
-            bleu = evaluate.score(hypotheses, [references], ("bleu",))["bleu"]
-            results[name] = dict(bleu=round(bleu["score"], 2), seconds=round(seconds, 2),
-                                 sentences_per_sec=round(len(sentences) / seconds, 1),
-                                 tokens_per_sec=round(tokens / seconds, 1))
-    for name in engines:
-        if name != "tfx":
-            results[name]["tfx_speed_ratio"] = round(results[name]["seconds"] / results["tfx"]["seconds"], 3)
+            engines[f"ctranslate2_{quantization}"] = ctranslate2_engine(
+                model, os.path.join(scratch, quantization), quantization, args, translator.rows)
+        results, signature = measure(engines, sentences, references, args.runs)
     print(json.dumps(dict(config=args.config, workdir=args.workdir, checkpoint=model.label,
                           split=d[args.split], sentences=len(sentences), beam=args.beam,
                           batch=translator.rows, tfx_length_penalty=config.decode.length_penalty,
                           ct2_length_penalty=args.ct2_length_penalty, shortlist=args.shortlist,
                           shortlist_size=config.decode.shortlist_size if args.shortlist else None,
-                          cpu=cpu_name(),
-                          devices=jax.device_count(), signature=bleu["signature"], **results)))
+                          runs=args.runs, cpu=cpu_name(), devices=jax.device_count(),
+                          signature=signature, **results)))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Input-pipeline throughput alone: prints one JSON line (its last line).
 
-    python bench/input.py --config configs/multi30k.py [--batches 200] [--train-config configs/wmt_base.py:base]
+    python bench/input.py --config configs/multi30k.py [--batches 200 --rounds 5] \
+        [--train-config configs/wmt_base.py:base]
 
 Reads the config's train split through the real pipeline (tokenize, length policy, shuffle,
 pack or pad, batch) at the global batch size of this machine's devices and times `--batches`
-batches after the first. With --train-config (default :base; "" skips it), it also runs
+batches after the first, in `--rounds` equal rounds: the rates are the median, min and max of
+the rounds' (bench/stats.py). With --train-config (default :base; "" skips it), it also runs
 bench/train.py on the same machine, right after, and reports the ratio of what the pipeline
-delivers to what that train step consumes (target tokens per second).
+delivers to what that train step consumes (median target tokens per second).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from tfx.core import parallel
 from tfx.data import pipeline, sources
 from tfx.data import tokenizer as tokenizer_lib
 
+from stats import summary
+
 
 def train_step_consumption(train_config: str) -> dict:
     """bench/train.py's JSON line for `train_config`, run in a fresh process."""
@@ -34,10 +38,37 @@ def train_step_consumption(train_config: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+def time_rounds(batches, pack: bool, rounds: int, per_round: int) -> dict:
+    """examples/s and target tokens/s of each of `rounds` rounds of `per_round` batches, and
+    the fraction of target positions that are not padding."""
+    examples_per_sec, tokens_per_sec = [], []
+    target_tokens = positions = 0
+    for _ in range(rounds):
+        examples = tokens = 0
+        start = time.perf_counter()
+        for _ in range(per_round):
+            batch = next(batches)
+            if pack:
+                examples += int(batch["targets_segment_ids"].max(axis=1).sum())
+            else:
+                examples += int((batch["targets"][:, 0] > 0).sum())
+            tokens += int(np.count_nonzero(batch["targets"]))
+            positions += batch["targets"].size
+        elapsed = time.perf_counter() - start
+        examples_per_sec.append(examples / elapsed)
+        tokens_per_sec.append(tokens / elapsed)
+        target_tokens += tokens
+    return dict(examples_per_sec=summary(examples_per_sec),
+                target_tokens_per_sec=summary(tokens_per_sec),
+                non_padding_fraction=round(target_tokens / positions, 4))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/multi30k.py")
-    parser.add_argument("--batches", type=int, default=200, help="timed batches (after the first)")
+    parser.add_argument("--batches", type=int, default=200,
+                        help="timed batches (after the first), in --rounds equal rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds; rates are per round")
     parser.add_argument("--train-config", default="configs/wmt_base.py:base",
                         help='bench/train.py config to compare with; "" skips it')
     args = parser.parse_args()
@@ -54,33 +85,20 @@ def main():
     batches, counts = pipeline.train_iterator(config, train, tokenizer, shard)
     next(batches)
     startup_s = time.perf_counter() - start
-
-    examples = target_tokens = positions = 0
-    start = time.perf_counter()
-    for _ in range(args.batches):
-        batch = next(batches)
-        if config.data.pack:
-            examples += int(batch["targets_segment_ids"].max(axis=1).sum())
-        else:
-            examples += int((batch["targets"][:, 0] > 0).sum())
-        target_tokens += int(np.count_nonzero(batch["targets"]))
-        positions += batch["targets"].size
-    elapsed = time.perf_counter() - start
-
+    per_round = max(1, args.batches // args.rounds)
     result = dict(
         config=args.config, split=config.data.train, pack=config.data.pack,
         worker_count=config.data.worker_count, process_rows=shard.rows,
-        row_length=config.max_target_length, batches=args.batches, startup_s=round(startup_s, 2),
-        examples_per_sec=round(examples / elapsed, 1),
-        target_tokens_per_sec=round(target_tokens / elapsed, 1),
-        non_padding_fraction=round(target_tokens / positions, 4), length_policy=counts.report(),
-        devices=jax.device_count(),
+        row_length=config.max_target_length, batches=per_round * args.rounds, rounds=args.rounds,
+        startup_s=round(startup_s, 2),
+        **time_rounds(batches, config.data.pack, args.rounds, per_round),
+        length_policy=counts.report(), devices=jax.device_count(),
     )
     if args.train_config:
         consumed = train_step_consumption(args.train_config)
         result.update(train_config=args.train_config,
                       train_target_tokens_per_sec=consumed["target_tokens_per_sec"],
-                      input_over_train=round(result["target_tokens_per_sec"]
+                      input_over_train=round(result["target_tokens_per_sec"]["median"]
                                              / consumed["target_tokens_per_sec"], 1))
     print(json.dumps(result))
 

@@ -6,10 +6,10 @@ line), after the table in Markdown.
 Every row is a trained (or tool-written) run of README "Distilling a student", at the path the
 README's commands write. Each is decoded on the test split (Multi30k test2016) with beam search,
 the same beam and batch for all, in this one process, and scored with sacreBLEU, as eval.py
-does (its hypotheses files land in the row's workdir). `sentences_per_sec` is timed after
-compilation, the fastest of --passes decodes of the split, taken in rounds that decode every
-row once each (so a slow stretch of a shared machine hits all rows alike, and only ever slows a
-pass down); `speedup` is that over the teacher's decoding alike (with the same shortlist or
+does (its hypotheses files land in the row's workdir). `seconds` are the median, min and max
+of --passes decodes of the split after compilation, taken in rounds that decode every row once
+each (so a slow stretch of a shared machine hits all rows alike); `sentences_per_sec` is at the
+median, and `speedup` is that over the teacher's decoding alike (with the same shortlist or
 none). `checkpoint_mb` is the row's parameters alone
 saved by orbax as tfx stores them (float32; zeros compress), `ctranslate2_int8_mb` its
 model.bin exported to CTranslate2 with int8 weights (`python -m tfx.export ctranslate2
@@ -40,6 +40,7 @@ from tfx.model.transformer import count_params
 from tfx.train.metrics import METRICS_FILE, read_metrics
 
 from peak import cpu_name
+from stats import summary
 
 TEACHER = "configs/multi30k.py"
 STUDENT = "configs/multi30k_student.py"
@@ -156,6 +157,20 @@ def measure(row: Row, beam: int, batch: int) -> tuple[dict, evaluate.SplitDecode
         train_minutes=train_minutes(row.workdir) if row.trains else None), decoder
 
 
+def time_passes(results: list[dict], decoders: list[evaluate.SplitDecoder], passes: int):
+    """Adds each row's `seconds` (median, min and max of `passes` decodes of the split, taken in
+    rounds that decode every row once) and its `sentences_per_sec` at the median."""
+    seconds, sentences = [[] for _ in decoders], [0] * len(decoders)
+    for _ in range(passes):
+        for i, decoder in enumerate(decoders):
+            hypotheses, speed = decoder()
+            sentences[i] = len(hypotheses)
+            seconds[i].append(sentences[i] / speed["sentences_per_sec"])
+    for r, times, count in zip(results, seconds, sentences):
+        r["seconds"] = summary(times)
+        r["sentences_per_sec"] = round(count / float(np.median(times)), 2)
+
+
 def markdown(rows: list[Row], results: list[dict]) -> str:
     lines = ["| model | command | parameters | checkpoint MB | CTranslate2 int8 MB | BLEU | chrF | "
              "sentences/s | train minutes |", "|---|---|---|---|---|---|---|---|---|"]
@@ -179,7 +194,7 @@ def main():
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32, help="sentences per decoding batch")
     parser.add_argument("--passes", type=int, default=3,
-                        help="rounds of timed decodes of the split, every row once a round; the fastest counts")
+                        help="rounds of timed decodes of the split, every row once a round; the median counts")
     args = parser.parse_args()
     by_name = {row.name: row for row in ROWS}
     unknown = [name for name in args.rows.split(",") if name not in by_name]
@@ -189,11 +204,7 @@ def main():
     chosen = [by_name[name] for name in args.rows.split(",")]
     present = [row for row in chosen if os.path.isdir(row.workdir)]
     results, decoders = zip(*(measure(row, args.beam, args.batch) for row in present)) if present else ((), ())
-    for r in results:
-        r["sentences_per_sec"] = 0.0
-    for _ in range(args.passes):
-        for r, decoder in zip(results, decoders):
-            r["sentences_per_sec"] = max(r["sentences_per_sec"], round(decoder()[1]["sentences_per_sec"], 2))
+    time_passes(results, decoders, args.passes)
     speeds = {r["name"]: r["sentences_per_sec"] for r in results}
     for row, r in zip(present, results):
         if row.baseline in speeds:

@@ -25,8 +25,8 @@ def get_config(direction: str = "en-de") -> ml_collections.ConfigDict:
     config.data.update(dict(source_lang=source_lang, target_lang=target_lang,
                             train=f"text:{DATA}/train", eval=f"text:{DATA}/valid",
                             test=f"text:{DATA}/test_2016_flickr"))
-    # The README's main job: about an hour on a 2-core CPU, whatever its speed. Training steps
-    # fill config.train_minutes (timed on the first steps; evals and checkpoints come on top),
+    # The README's main job, on a fixed wall-clock budget whatever the CPU's speed: training
+    # steps fill config.train_minutes (timed on the first steps; evals and checkpoints on top),
     # cosine to zero, then eval.py --checkpoint average:5 averages the last 5 checkpoints.
     # model.dtype is 'auto' (the default): bfloat16 on a CPU with AMX, float32 elsewhere.
     config.schedule = "cosine"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tfx.compress.average import average_last
+from tfx.data import pipeline
 from tfx.infer import evaluate
 from tfx.model import decode
 from tfx.train import trainer
@@ -78,10 +79,11 @@ def test_length_sorted_decoding_gives_the_translations_of_split_order(converged)
     decoder = evaluate.SplitDecoder(config, workdir, "eval")
     by_length, speed = decoder()
     assert speed["sentences_per_sec"] > 0 and len(by_length) == 1014
-    experiment = decoder.experiment
-    translate = decode.make_translate(config, experiment.graphdef, experiment.mesh, experiment.shardings.params)
-    in_order, _ = evaluate.translate_batches(translate, decoder.params, experiment.eval_batches("eval"),
-                                             experiment.sharding, experiment.eval_shard, experiment.tokenizer)
+    model = decoder.model
+    translate = decode.make_translate(config, model.graphdef, model.mesh, model.params_shardings)
+    in_split_order = pipeline.eval_batches(config, decoder.source, model.tokenizer, decoder.shard)
+    in_order, _ = evaluate.translate_batches(translate, decoder.params, in_split_order,
+                                             decoder.sharding, decoder.shard, model.tokenizer)
     assert by_length == in_order
 
 

@@ -76,7 +76,7 @@ def test_gate_derivative_and_importance_equal_finite_differences(tiny_config, ma
 
     epsilon, total = 3e-2, {path: np.zeros(4) for path in MODULES}
     for batch in batches:
-        gates = jax.jit(heads.gate_gradients, static_argnums=0)(graphdef, params, batch)
+        gates = jax.jit(functools.partial(heads.gate_gradients, config, graphdef))(params, batch)
         assert set(gates) == MODULES
         for path in MODULES:
             for head in range(4):

@@ -143,7 +143,9 @@ def test_command_prints_the_counts_errors_and_how_to_use_the_output(trained, tmp
     """The tiny run (D 32, 2 heads of 16, MLP 64, 1 + 1 layers) at rank fraction 0.25: the
     four [32, 32] attention projections get rank 8 (512 parameters saved each), the two MLP
     matrices [32, 64] rank 8 (1280 saved each): 4608 saved in the encoder layer, 6656 in the
-    decoder layer (two attentions), 11,264 of 52,928. The commands repeat the overrides."""
+    decoder layer (two attentions), 11,264 of 52,928. The output is a run of its own, which
+    eval.py reads with --workdir alone; the fine-tune repeats the overrides. (--rank-fraction:
+    the old spelling of --rank_fraction.)"""
     config, workdir = trained
     output = str(tmp_path / "rank25")
     overrides = {**{f"model.{key}": value for key, value in TINY.items()},
@@ -156,9 +158,8 @@ def test_command_prints_the_counts_errors_and_how_to_use_the_output(trained, tmp
     assert lines[0] == (f"factorized {workdir} (step6) at rank fraction 0.25 into {output}: "
                         "52,928 -> 41,664 parameters")
     assert len([line for line in lines if line.startswith(("  encoder ", "  decoder "))]) == 16
-    assert lines[-2].startswith(f"evaluate:  python eval.py --config {MULTI30K} "
+    assert lines[-2] == f"evaluate:  python eval.py --workdir {output}"
+    assert lines[-1].startswith(f"fine-tune: python train.py --config {MULTI30K} "
                                 "--config.model.vocab_size=1000 ")
-    assert lines[-2].endswith(f" --config.model.rank_fraction=0.25 --workdir {output}")
-    assert lines[-1].startswith(f"fine-tune: python train.py --config {MULTI30K} ")
     assert lines[-1].endswith(f" --config.model.rank_fraction=0.25 --config.init_from={output} "
                               f"--workdir {output}-ft")

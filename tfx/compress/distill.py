@@ -1,7 +1,7 @@
 """Sequence-level knowledge distillation (Kim and Rush, 2016): a teacher's translations of its
 training split, written as a parallel text corpus a student trains on.
 
-    python -m tfx.compress.distill --config configs/multi30k.py --workdir runs/multi30k --output runs/distilled \\
+    python -m tfx.compress.distill --workdir runs/multi30k --output runs/distilled \\
         [--checkpoint latest|STEP|average:N] [--splits train,eval] \\
         [--targets teacher|teacher+original|best-chrf] [--config.decode.beam_size=8]
 
@@ -31,13 +31,12 @@ import glob
 import hashlib
 import json
 import os
-import sys
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import sacrebleu
 import tqdm
 
+from tfx.core.files import write_text
 from tfx.data.sources import PairSource, open_split
 from tfx.infer.evaluate import score
 from tfx.infer.translate import Translator
@@ -50,25 +49,8 @@ REPORT_FILE = "report.json"
 CHUNKS = "chunks"
 
 
-def _write_atomically(path: str, pieces: Iterable[str]):
-    """Writes `pieces` to `path` through a synced temporary file and a rename: `path` is whole
-    or untouched, whenever the process dies."""
-    directory = os.path.dirname(path)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, suffix=".tmp",
-                                     delete=False) as f:
-        f.writelines(pieces)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)  # the rename itself survives a crash.
-    finally:
-        os.close(handle)
-
-
 def _write_json(path: str, value):
-    _write_atomically(path, [json.dumps(value, indent=1, ensure_ascii=False)])
+    write_text(path, json.dumps(value, indent=1, ensure_ascii=False))
 
 
 def _one_line(text: str) -> str:
@@ -180,7 +162,7 @@ def distill_split(translator: Translator, pairs: PairSource, prefix: str, target
     lines = [pair for chunk in chunks for pair in _pairs(chunk, targets)]
     files = [f"{prefix}.{language}" for language in pairs.languages]
     for side, path in enumerate(files):
-        _write_atomically(path, (_one_line(pair[side]) + "\n" for pair in lines))
+        write_text(path, (_one_line(pair[side]) + "\n" for pair in lines))
     teacher = [text for chunk in chunks for text in chunk["teacher"]]
     references = [text for chunk in chunks for text in chunk["references"]]
     seconds = sum(chunk["seconds"] for chunk in chunks)
@@ -241,41 +223,31 @@ def summary(report: dict) -> str:
 
 def main():
     """The command line (absl flags, defined here so that importing tfx.compress.distill defines none)."""
-    from absl import app, flags, logging
-    from ml_collections import config_flags
+    from absl import flags, logging
 
-    from tfx.core import config as config_lib
-    from tfx.core import host_memory
+    from tfx.core import cli, host_memory
     from tfx.infer import trained
 
-    config_flag = config_flags.DEFINE_config_file(
-        "config", None, "The teacher's config file[:variant].", lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "The teacher's run.")
+    shared = cli.define_flags(workdir="The teacher's run.", checkpoint=True)
     output = flags.DEFINE_string("output", None, "Directory for the corpus; a rerun resumes there.")
-    checkpoint = flags.DEFINE_string("checkpoint", "latest", "latest, a step, or average:N.")
     splits = flags.DEFINE_list("splits", ["train"], "Which of config.data.train and eval to translate.")
     targets = flags.DEFINE_enum("targets", "teacher", TARGETS,
                                 "The teacher's translation, it and the original, or the beam's best by chrF.")
     chunk_size = flags.DEFINE_integer("chunk_size", CHUNK_SIZE, "Sentences per resumable chunk.")
-    flags.mark_flags_as_required(["config", "workdir", "output"])
+    flags.mark_flag_as_required("output")
 
-    def run(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        logging.set_verbosity(logging.ERROR)  # orbax warns of every read-only checkpoint directory.
-        try:
-            config = config_lib.validate(config_flag.value)
-            check_arguments(config, splits.value, targets.value, chunk_size.value)
-            host_memory.keep_freed_memory_on_cpu()
-            translator = Translator(trained.load(config, workdir.value, checkpoint.value))
-            report = distill(translator, workdir.value, output.value, splits.value, targets.value,
-                             chunk_size.value, progress=True)
-        except (ValueError, FileNotFoundError) as error:
-            sys.exit(f"tfx.compress.distill: {error}")
+    def run():
+        config = shared.run_config()
+        check_arguments(config, splits.value, targets.value, chunk_size.value)
+        host_memory.keep_freed_memory_on_cpu()
+        translator = Translator(trained.load(config, shared.workdir.value, shared.checkpoint.value))
+        report = distill(translator, shared.workdir.value, output.value, splits.value, targets.value,
+                         chunk_size.value, progress=True)
         print(summary(report))
         print(f"report: {os.path.join(output.value, REPORT_FILE)}")
 
-    app.run(run)
+    # ERROR: orbax warns of every read-only checkpoint directory.
+    cli.run("tfx.compress.distill", run, verbosity=logging.ERROR)
 
 
 if __name__ == "__main__":

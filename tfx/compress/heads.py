@@ -15,20 +15,19 @@ head_dim); Michel et al. rank the heads of all modules together, which leaves mo
 different head counts. Grouped-query attention (num_kv_heads < num_heads) is refused: a
 key/value head serves a group of query heads, and removing query heads would unbalance groups.
 
-    python -m tfx.compress.heads --config configs/multi30k.py --workdir runs/multi30k --prune 1 \\
-        --output runs/multi30k-heads [--checkpoint latest] [--batches 20] [--split eval]
+    python -m tfx.compress.heads --workdir runs/multi30k --prune 1 --output runs/multi30k-heads \\
+        [--checkpoint latest] [--batches 20] [--split eval]
 
 writes the pruned parameters as a checkpoint of the output workdir (step 0, the optimizer
 state fresh), its config.json and the run's tokenizer, and prints the importance of every head
-and the eval.py and fine-tune (train.py --config.init_from=OUTPUT) commands, with the config
-overrides the pruned model needs (`overrides`).
+and the commands that evaluate the output (eval.py --workdir OUTPUT: its config.json says the
+rest) and fine-tune it (train.py --config.init_from=OUTPUT, with the config overrides the
+pruned model needs, `overrides`).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
-import sys
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -40,10 +39,11 @@ from flax import nnx
 from tfx.core import config as config_lib
 from tfx.core import parallel
 from tfx.data import pipeline
+from tfx.infer import evaluate, trained
+from tfx.model.params import abstract_params
 from tfx.model.transformer import count_params
 from tfx.train import losses, rundir, steps
 from tfx.train.checkpoint import Checkpoints
-from tfx.train.experiment import Experiment
 
 ATTENTION = ("query", "key", "value", "out")  # the parameters of an attention module.
 HEAD_AXIS = {"query": 1, "key": 1, "value": 1, "out": 0}  # their heads axis (unstacked).
@@ -90,16 +90,13 @@ def attention_modules(tree, path: tuple = ()) -> Iterator[tuple[str, dict]]:
             yield from attention_modules(subtree, (*path, key))
 
 
-def gate_gradients(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array]
-                   ) -> dict[str, jax.Array]:
+def gate_gradients(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: nnx.State,
+                   batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """dL/dxi per attention module at xi = 1: [N], or [layers, N] for stacked layers
-    (model.scan_layers). L is the batch's mean token cross-entropy (teacher forcing)."""
+    (model.scan_layers). L is the batch's mean token cross-entropy under teacher forcing: the
+    "nll" of the eval step's `steps.metric_sums` (no smoothing, no dropout)."""
     def loss(params):
-        model = nnx.merge(graphdef, params)
-        logits_BxTxV = model(batch["inputs"], batch["targets"])
-        _, nll_BxT = losses.token_losses(logits_BxTxV, batch["targets"], 0.0, 0.0)
-        weights_BxT = (batch["targets"] > 0).astype(jnp.float32)
-        return jnp.sum(nll_BxT * weights_BxT) / jnp.maximum(jnp.sum(weights_BxT), 1.0)
+        return losses.summarize(steps.metric_sums(graphdef, params, batch, config))["nll"]
 
     grads = nnx.to_pure_dict(jax.grad(loss)(params))
     outs = dict(attention_modules(nnx.to_pure_dict(params)))
@@ -116,7 +113,7 @@ def head_importance(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, p
     @jax.jit
     def batch_importance(params, batch):
         with parallel.activation_sharding(mesh, rules):
-            return jax.tree.map(jnp.abs, gate_gradients(graphdef, params, batch))
+            return jax.tree.map(jnp.abs, gate_gradients(config, graphdef, params, batch))
 
     total = None
     for batch in batches:
@@ -174,74 +171,54 @@ def prune_heads(config: ml_collections.ConfigDict, workdir: str, checkpoint: str
         raise ValueError(f"config.data.{split} is empty: name a split to score the heads on.")
     if os.path.isdir(os.path.join(output, "checkpoints")) and Checkpoints(output).steps():
         raise FileExistsError(f"--output={output} already holds checkpoints; choose a new directory.")
-    experiment = Experiment(config)
-    label, params = rundir.restore_params(workdir, checkpoint, experiment.state)
-    scored = [pipeline.to_global({k: v for k, v in batch.items() if k != "index"},
-                                 experiment.sharding, experiment.eval_shard)
-              for batch in experiment.eval_batches(split)[:batches]]
-    importance = head_importance(config, experiment.graphdef, params, scored, experiment.mesh)
+    source = trained.load(config, workdir, checkpoint)
+    label, params = source.label, source.params
+    sharding, shard = evaluate.eval_layout(config, source.mesh)
+    split_batches = pipeline.eval_batches(config, evaluate.open_split(config, split),
+                                          source.tokenizer, shard)
+    scored = [pipeline.to_global({k: v for k, v in batch.items() if k != "index"}, sharding, shard)
+              for batch in split_batches[:batches]]
+    importance = head_importance(config, source.graphdef, params, scored, source.mesh)
     pruned = pruned_config(config, count)
-    _, abstract, shardings = steps.abstract_train_state(pruned, experiment.mesh)
-    host_params = abstract.params
+    _, host_params, _ = abstract_params(pruned, source.mesh)
     nnx.replace_by_pure_dict(host_params, remove_heads(nnx.to_pure_dict(jax.device_get(params)),
                                                        keep_indices(importance, count)))
-    state = steps.fresh_state(pruned, jax.device_put(host_params, shardings.params), shardings)
-    target = Checkpoints(output, pruned)
-    target.save(state)
-    target.wait()
-    target.close()
-    if jax.process_index() == 0:
-        with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
-            f.write(pruned.to_json(indent=2))
-        rundir.keep_tokenizer(experiment.tokenizer, output)
-    return Pruned(pruned, label, importance, count_params(params), count_params(state.params))
+    rundir.write_run(pruned, source.mesh, host_params, source.tokenizer, output)
+    return Pruned(pruned, label, importance, count_params(params), count_params(host_params))
 
 
 def main():
     """The command line (absl flags, defined here so that importing tfx.compress.heads defines none)."""
-    from absl import app, flags, logging
-    from ml_collections import config_flags
+    from absl import flags
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "The run's config file[:variant].",
-                                                  lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "The run whose heads are pruned.")
-    checkpoint = flags.DEFINE_string("checkpoint", "latest", "latest, a step, or average:N.")
+    from tfx.core import cli
+
+    shared = cli.define_flags(workdir="The run whose heads are pruned.", checkpoint=True)
     prune = flags.DEFINE_integer("prune", None, "Heads removed from every attention module.")
     output = flags.DEFINE_string("output", None, "Workdir to write the pruned model to.")
     batches = flags.DEFINE_integer("batches", 20, "Batches of --split the importance is summed over.")
     split = flags.DEFINE_enum("split", "eval", ["train", "eval", "test"],
                               "The config.data split the importance is computed on.")
-    flags.mark_flags_as_required(["config", "workdir", "prune", "output"])
+    flags.mark_flags_as_required(["prune", "output"])
 
-    def prune_command(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        logging.set_verbosity(logging.WARNING)
-        config = config_lib.validate(config_flag.value)
-        try:
-            done = prune_heads(config, workdir.value, checkpoint.value, prune.value, output.value,
-                               batches.value, split.value)
-        except (ValueError, FileNotFoundError, FileExistsError) as error:
-            sys.exit(f"tfx.compress.heads: {error}")
-        given = flags.FLAGS["config"]  # the file and overrides, to repeat in the commands below.
-        changed = {f"model.{key}" for key in ("num_heads", "num_kv_heads", "head_dim")}
-        kept = [f"--config.{key}={shlex.quote(str(value))}"
-                for key, value in config_flags.get_override_values(given).items() if key not in changed]
-        config_args = " ".join(["--config", config_flags.get_config_filename(given), *kept,
-                                overrides(done.config)])
+    def prune_command():
+        config, workdir = shared.run_config(), shared.workdir.value
+        done = prune_heads(config, workdir, shared.checkpoint.value, prune.value, output.value,
+                           batches.value, split.value)
         print(f"head importance on {split.value} (|dL/dxi| summed over {batches.value} batches, "
               "L2-normalised per module):")
         width = max(map(len, done.importance))
         for path, scores in done.importance.items():
             print(f"  {path:<{width}}  {np.array2string(scores, precision=3)}")
         print(f"removed the {prune.value} least important of {config.model.num_heads} heads of each "
-              f"attention module of {workdir.value} ({done.label}) into {output.value}: "
+              f"attention module of {workdir} ({done.label}) into {output.value}: "
               f"{done.params_before:,} -> {done.params_after:,} parameters")
-        print(f"evaluate:  python eval.py {config_args} --workdir {output.value}")
-        print(f"fine-tune: python train.py {config_args} --config.init_from={output.value} "
-              f"--workdir {output.value}-ft")
+        print(f"evaluate:  python eval.py --workdir {output.value}")
+        changed = {f"model.{key}": done.config.model[key]
+                   for key in ("num_heads", "num_kv_heads", "head_dim")}
+        print(f"fine-tune: {shared.train_command(output.value, changed)}")
 
-    app.run(prune_command)
+    cli.run("tfx.compress.heads", prune_command)
 
 
 if __name__ == "__main__":

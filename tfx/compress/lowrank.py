@@ -1,9 +1,8 @@
 """Low-rank factorization of a trained model's projections by truncated SVD, to fine-tune.
 
-    python -m tfx.compress.lowrank --config configs/multi30k.py --workdir runs/multi30k \\
-        --checkpoint average:5 --rank-fraction 0.25 --output runs/multi30k-rank25
-    python eval.py --config configs/multi30k.py --workdir runs/multi30k-rank25 \\
-        --config.model.rank_fraction=0.25
+    python -m tfx.compress.lowrank --workdir runs/multi30k --checkpoint average:5 \\
+        --rank_fraction 0.25 --output runs/multi30k-rank25
+    python eval.py --workdir runs/multi30k-rank25
     python train.py --config configs/multi30k.py --workdir runs/multi30k-rank25-ft \\
         --config.model.rank_fraction=0.25 --config.init_from=runs/multi30k-rank25
 
@@ -22,8 +21,6 @@ import functools
 import math
 import operator
 import os
-import shlex
-import sys
 
 import jax
 import ml_collections
@@ -33,8 +30,9 @@ from flax import nnx
 from tfx.core import config as config_lib
 from tfx.infer import trained
 from tfx.model.layers import LowRank
+from tfx.model.params import abstract_params
 from tfx.model.transformer import count_params
-from tfx.train import rundir, steps
+from tfx.train import rundir
 from tfx.train.checkpoint import Checkpoints
 
 
@@ -99,64 +97,44 @@ def factorize_run(config: ml_collections.ConfigDict, workdir: str, checkpoint: s
     low_rank = config.copy_and_resolve_references()
     low_rank.model.rank_fraction = rank_fraction
     config_lib.validate(low_rank)
-    graphdef, abstract, shardings = steps.abstract_train_state(low_rank, source.mesh)
+    graphdef, host_params, _ = abstract_params(low_rank, source.mesh)
     params, errors = factorize(jax.device_get(nnx.to_pure_dict(source.params)),
-                               nnx.merge(graphdef, abstract.params))
-    host_params = abstract.params
+                               nnx.merge(graphdef, host_params))
     nnx.replace_by_pure_dict(host_params, params)
-    state = steps.fresh_state(low_rank, jax.device_put(host_params, shardings.params), shardings)
     os.makedirs(output, exist_ok=True)
-    checkpoints = Checkpoints(output, low_rank)
-    checkpoints.save(state)
-    checkpoints.wait()
-    checkpoints.close()
-    with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
-        f.write(low_rank.to_json(indent=2))
-    rundir.keep_tokenizer(source.tokenizer, output)
-    return Factorized(low_rank, source.label, count_params(source.params), count_params(state.params),
+    rundir.write_run(low_rank, source.mesh, host_params, source.tokenizer, output)
+    return Factorized(low_rank, source.label, count_params(source.params), count_params(host_params),
                       {kind: float(np.mean(values)) for kind, values in errors.items()})
 
 
 def main():
     """The command line (absl flags, defined here so that importing tfx.compress.lowrank defines none)."""
-    from absl import app, flags, logging
-    from ml_collections import config_flags
+    from absl import flags
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "The full-rank run's config "
-                                                  "file[:variant].", lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "The full-rank run's workdir.")
-    checkpoint = flags.DEFINE_string("checkpoint", "latest", "latest, a step, or average:N.")
-    rank_fraction = flags.DEFINE_float("rank-fraction", None, "Rank of each factorized projection "
+    from tfx.core import cli
+
+    shared = cli.define_flags(workdir="The full-rank run's workdir.", checkpoint=True)
+    rank_fraction = flags.DEFINE_float("rank_fraction", None, "Rank of each factorized projection "
                                        "as a fraction of min(fan-in, fan-out), in (0, 1].")
+    cli.alias("rank-fraction", "rank_fraction")
     output = flags.DEFINE_string("output", None, "Workdir to write the factorized checkpoint to.")
-    flags.mark_flags_as_required(["config", "workdir", "rank-fraction", "output"])
+    flags.mark_flags_as_required(["rank_fraction", "output"])
 
-    def factorize_command(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        logging.set_verbosity(logging.WARNING)
-        try:
-            done = factorize_run(config_lib.validate(config_flag.value), workdir.value,
-                                 checkpoint.value, rank_fraction.value, output.value)
-        except (ValueError, FileNotFoundError, FileExistsError) as error:
-            sys.exit(f"tfx.compress.lowrank: {error}")
-        given = flags.FLAGS["config"]  # the file and overrides, to repeat in the commands below.
-        overrides = [f"--config.{key}={shlex.quote(str(value))}"
-                     for key, value in config_flags.get_override_values(given).items()
-                     if key != "model.rank_fraction"]
-        config_args = " ".join(["--config", config_flags.get_config_filename(given), *overrides,
-                                f"--config.model.rank_fraction={rank_fraction.value}"])
-        print(f"factorized {workdir.value} ({done.label}) at rank fraction {rank_fraction.value} "
+    def factorize_command():
+        workdir = shared.workdir.value
+        done = factorize_run(shared.run_config(), workdir, shared.checkpoint.value,
+                             rank_fraction.value, output.value)
+        print(f"factorized {workdir} ({done.label}) at rank fraction {rank_fraction.value} "
               f"into {output.value}: {done.params_before:,} -> {done.params_after:,} parameters")
         print("relative Frobenius error |W - a b| / |W|, mean over layers:")
         width = max(map(len, done.errors))
         for kind, error in done.errors.items():
             print(f"  {kind:<{width}}  {error:.4f}")
-        print(f"evaluate:  python eval.py {config_args} --workdir {output.value}")
-        print(f"fine-tune: python train.py {config_args} --config.init_from={output.value} "
-              f"--workdir {output.value}-ft")
+        print(f"evaluate:  python eval.py --workdir {output.value}")
+        changed = {"model.rank_fraction": rank_fraction.value}
+        print(f"fine-tune: {shared.train_command(output.value, changed)}")
 
-    app.run(factorize_command)
+    cli.run("tfx.compress.lowrank", factorize_command)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Learn a lexical shortlist for a run (Marian's `--shortlist`, with which Mozilla's Bergamot
 students ship); `tfx.model.shortlist` decodes with it.
 
-    python -m tfx.compress.shortlist --config configs/multi30k.py --workdir runs/multi30k \\
-        --output runs/multi30k/shortlist.npz [--frequent 100] [--per_token 50]
+    python -m tfx.compress.shortlist --workdir runs/multi30k --output runs/multi30k/shortlist.npz \\
+        [--frequent 100] [--per_token 50]
 
 Learning (`learn`): IBM Model 1 (Brown et al., 1993) translation probabilities p(t | s) of
 target token t given source token s, by EM over the training split in the run's SentencePiece
@@ -11,14 +11,12 @@ targets; the `frequent` most frequent target tokens go in every shortlist.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from tfx.core import config as config_lib
+from tfx.core import cli
 from tfx.data import pipeline
 from tfx.data.sources import open_split
 from tfx.infer import trained
@@ -80,32 +78,26 @@ def coverage(table: Shortlist, pairs: Sequence[tuple[Sequence[int], Sequence[int
 
 def main():
     """The command line (absl flags, defined here so that importing the module defines none)."""
-    config_flag = config_flags.DEFINE_config_file("config", None, "The run's config file[:variant].",
-                                                  lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "The run whose tokenizer the table is in.")
+    shared = cli.define_flags(workdir="The run whose tokenizer the table is in.")
     output = flags.DEFINE_string("output", None, "The table's file (.npz).")
     frequent = flags.DEFINE_integer("frequent", 100, "Most frequent target tokens in every shortlist.")
     per_token = flags.DEFINE_integer("per_token", 50, "Most probable targets kept per source token.")
     iterations = flags.DEFINE_integer("iterations", 5, "EM iterations of IBM Model 1.")
-    flags.mark_flags_as_required(["config", "workdir", "output"])
+    cli.alias("per-token", "per_token")
+    flags.mark_flag_as_required("output")
 
-    def run(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        try:
-            config = config_lib.validate(config_flag.value)
-            if frequent.value < 0 or per_token.value < 1 or iterations.value < 1:
-                raise ValueError("--frequent must be >= 0, --per_token and --iterations >= 1.")
-            tokenizer = trained.tokenizer_for(config, workdir.value)
-            d = config.data
-            encode = lambda split: [(tokenizer.encode(split[i]["source"])[:-1],  # without EOS.
-                                     tokenizer.encode(split[i]["target"])[:-1]) for i in range(len(split))]
-            train = encode(open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir))
-            save(output.value, *learn(train, config.model.vocab_size, per_token.value, iterations.value),
-                 frequent.value, tokenizer.path)
-            held_out = encode(open_split(d.eval, "data.eval", d.source_lang, d.target_lang, d.data_dir))
-        except (ValueError, FileNotFoundError) as error:
-            sys.exit(f"tfx.compress.shortlist: {error}")
+    def run():
+        config = shared.run_config()
+        if frequent.value < 0 or per_token.value < 1 or iterations.value < 1:
+            raise ValueError("--frequent must be >= 0, --per_token and --iterations >= 1.")
+        tokenizer = trained.tokenizer_for(config, shared.workdir.value)
+        d = config.data
+        encode = lambda split: [(tokenizer.encode(split[i]["source"])[:-1],  # without EOS.
+                                 tokenizer.encode(split[i]["target"])[:-1]) for i in range(len(split))]
+        train = encode(open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir))
+        save(output.value, *learn(train, config.model.vocab_size, per_token.value, iterations.value),
+             frequent.value, tokenizer.path)
+        held_out = encode(open_split(d.eval, "data.eval", d.source_lang, d.target_lang, d.data_dir))
         print(f"{output.value}: {per_token.value} candidates per source token and the "
               f"{frequent.value} most frequent targets, from {len(train)} pairs of {d.train}")
         table, batch = load(output.value, config.model.vocab_size), config.per_device_eval_batch_size
@@ -113,7 +105,7 @@ def main():
         print(f"{d.eval}: reference tokens in their batch's shortlist (batches of {batch}): " + ", ".join(
             f"{size}: {100 * coverage(table, held_out, size, batch):.1f}%" for size in sizes))
 
-    app.run(run)
+    cli.run("tfx.compress.shortlist", run)
 
 
 if __name__ == "__main__":

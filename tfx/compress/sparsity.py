@@ -1,6 +1,6 @@
 """How sparse a run's parameters are (after `config.prune`, or any run):
 
-    python -m tfx.compress.sparsity --config configs/multi30k.py --workdir runs/m30k-sparse50
+    python -m tfx.compress.sparsity --workdir runs/m30k-sparse50
 
 prints the fraction of zeros per prunable matrix and overall and the nonzero parameter count,
 as JSON.
@@ -12,10 +12,7 @@ import json
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from tfx.core import config as config_lib
+from tfx.core import cli
 from tfx.core.pytree import path_name
 from tfx.infer import trained
 from tfx.train.masks import PRUNABLE, is_stacked, is_variable, leaf_name
@@ -50,20 +47,13 @@ def sparsity_report(params) -> SparsityReport:
 
 def main():
     """The command line (absl flags, defined here so that importing the module defines none)."""
-    config_flag = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
-                                                  lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "The run whose parameters are counted.")
-    checkpoint = flags.DEFINE_string("checkpoint", "latest", "latest, a step, or average:N.")
-    flags.mark_flags_as_required(["config", "workdir"])
+    shared = cli.define_flags(workdir="The run whose parameters are counted.", checkpoint=True)
 
-    def report(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        logging.set_verbosity(logging.WARNING)
-        model = trained.load(config_lib.validate(config_flag.value), workdir.value, checkpoint.value)
+    def report():
+        model = trained.load(shared.run_config(), shared.workdir.value, shared.checkpoint.value)
         print(json.dumps({"checkpoint": model.label, **dataclasses.asdict(sparsity_report(model.params))}))
 
-    app.run(report)
+    cli.run("tfx.compress.sparsity", report)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,13 @@ that is wrong.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
+import json
 import os
 import re
+from collections.abc import Mapping
 
 import ml_collections
 
@@ -205,6 +208,85 @@ def load(spec: str) -> ml_collections.ConfigDict:
     return validate(config)
 
 
+def get_config() -> ml_collections.ConfigDict:
+    """The schema's defaults, so that this file is itself a config file: the command-line
+    tools' `--config` default, which a run's config.json then replaces (tfx/core/cli.py)."""
+    return default_config()
+
+
+RUN_CONFIG_FILE = "config.json"  # the config a training run saves in its workdir.
+# What a trained run fixes: its parameters' shapes and meaning, and the vocabulary they index.
+FIXED_BY_TRAINING = ("model", "tokenizer")
+
+
+def from_json(text: str, source: str) -> ml_collections.ConfigDict:
+    """The config that `config.to_json()` wrote (to `source`, named in errors), rebuilt on the
+    schema: default_config() with the saved values, so types are the schema's (JSON turns
+    tuples into lists) and keys added to tfx since keep their defaults."""
+    config = default_config()
+    for key, value in _flatten_json(json.loads(text)):
+        try:
+            default = _lookup(config, key)
+        except (KeyError, AttributeError):
+            raise ValueError(f"{source}: config.{key} is not a key of this tfx's config "
+                             "(tfx/core/config.py); was the run trained by another version?"
+                             ) from None
+        try:
+            config.update_from_flattened_dict(
+                {key: _tuples(value) if isinstance(default, tuple) else value})
+        except TypeError as error:
+            raise ValueError(f"{source}: config.{key}={value!r}: {error}") from None
+    return config
+
+
+def _flatten_json(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten_json(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _tuples(value):
+    return tuple(map(_tuples, value)) if isinstance(value, list) else value
+
+
+def load_run(workdir: str) -> ml_collections.ConfigDict:
+    """The config the run in `workdir` was trained with (its config.json), not yet validated."""
+    path = os.path.join(workdir, RUN_CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: give the run's --config FILE[:variant] "
+                                "and the overrides it was trained with.")
+    with open(path, encoding="utf-8") as f:
+        return from_json(f.read(), path)
+
+
+def for_inference(run: ml_collections.ConfigDict | None, source: str,
+                  given: ml_collections.ConfigDict | None = None,
+                  overrides: Mapping[str, object] | None = None) -> ml_collections.ConfigDict:
+    """The validated config to run a trained model with: the run's own (`run`, read from
+    `source`), or `given` (a config file the user named, its overrides applied) instead, else
+    the run's with `overrides` (flattened `--config.KEY=VALUE`) on top. Only what may change at
+    inference changes (decoding, batch sizes, mesh, quantization, data splits): a model or
+    tokenizer key that differs from the run's is refused, naming it. `run` None (a workdir
+    without config.json) accepts `given` as it is."""
+    if given is None:
+        if run is None:
+            raise FileNotFoundError(f"{source} does not exist: give the run's --config "
+                                    "FILE[:variant] and the overrides it was trained with.")
+        config = copy.deepcopy(run)
+        config.update_from_flattened_dict(dict(overrides or {}))
+    else:
+        config = given
+    if run is not None:
+        for key, trained in _flatten(run):
+            if key.split(".")[0] in FIXED_BY_TRAINING and _lookup(config, key) != trained:
+                raise ValueError(f"--config: {key}={_lookup(config, key)!r} differs from the "
+                                 f"run's {trained!r} ({source}); a run's model cannot change at "
+                                 "inference.")
+    return validate(config)
+
+
 def choice_error(key: str, value, choices: tuple[str, ...]) -> ValueError:
     """The error for a config key whose value is not one of `choices`."""
     return ValueError(f"config.{key}={value!r} is not one of {', '.join(map(repr, choices))}.")
@@ -232,7 +314,14 @@ def _lookup(config: ml_collections.ConfigDict, key: str):
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks values and their combinations; raises ValueError naming the config key."""
-    m = config.model
+    _check_values(config)
+    _check_training(config)
+    _check_model(config)
+    return config
+
+
+def _check_values(config: ml_collections.ConfigDict):
+    """Each key alone: one of its choices, positive, or in its range."""
     for key, choices in (("model.activation", ACTIVATIONS), ("model.norm", NORMS),
                          ("model.norm_position", NORM_POSITIONS), ("model.positions", POSITIONS),
                          ("model.dtype", DTYPES), ("model.remat", REMAT_POLICIES),
@@ -251,8 +340,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "distill.temperature", "prune.every_steps"):
         _check_positive(config, key)
     for key in ("model.num_encoder_layers", "model.num_decoder_layers", "model.head_dim",
-                "warmup_steps", "train_minutes", "divergence_factor", "weight_decay", "grad_clip_norm", "z_loss", "decode.length_penalty",
-                "decode.max_length_offset", "decode.max_length", "decode.top_k", "data.worker_count", "eval_every_steps",
+                "warmup_steps", "train_minutes", "divergence_factor", "weight_decay",
+                "grad_clip_norm", "z_loss", "decode.length_penalty", "decode.max_length_offset",
+                "decode.max_length", "decode.top_k", "data.worker_count", "eval_every_steps",
                 "eval_bleu_examples", "data.shards", "distributed.num_processes",
                 "prune.begin_step", "prune.end_step"):
         _check_positive(config, key, allow_zero=True)
@@ -263,6 +353,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("distill.weight", "model.rank_fraction"):
         if not 0.0 <= _lookup(config, key) <= 1.0:
             raise ValueError(f"config.{key}={_lookup(config, key)!r} must be in [0, 1].")
+
+
+def _check_training(config: ml_collections.ConfigDict):
+    """Training and decoding keys that constrain each other."""
     if config.distill.teacher_config and not config.distill.teacher_workdir:
         raise ValueError("config.distill.teacher_config is set but config.distill.teacher_workdir "
                          "is empty: name the teacher's run.")
@@ -279,6 +373,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                          "least 3: PAD, EOS and a token to say.")
     if not 0.0 < config.decode.top_p <= 1.0:
         raise ValueError(f"config.decode.top_p={config.decode.top_p!r} must be in (0, 1].")
+
+
+def _check_model(config: ml_collections.ConfigDict):
+    """The model's shapes: heads, head_dim, tied embeddings and the longest sequence."""
+    m = config.model
     if m.num_heads % m.num_kv_heads:
         raise ValueError(
             f"config.model.num_heads={m.num_heads} must be a multiple of "
@@ -299,7 +398,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.max_source_length/max_target_length ({config.max_source_length}/"
             f"{config.max_target_length}) exceed config.model.max_len={m.max_len}."
         )
-    return config
 
 
 def reference_table() -> str:

@@ -1,9 +1,9 @@
 """Host memory reuse: freed memory stays with the process instead of going back to the OS.
 
-XLA:CPU allocates a step's temporaries as one block (1.1 GB for :base at batch 16 x 64) from
-a worker thread each time it runs the step. glibc serves a block that large with a fresh
-`mmap` and unmaps it when freed, so every step faults in and zeroes its temporaries anew:
-280,000 page faults and 0.5-1 s of kernel time a :base step on a 2-core CPU, a quarter of it.
+XLA:CPU allocates a step's temporaries as one large block from a worker thread each time it
+runs the step. glibc serves a block that large with a fresh `mmap` and unmaps it when freed,
+so every step faults in and zeroes its temporaries anew: page faults and kernel time that
+are a sizeable part of a CPU train step.
 With one malloc arena, no `mmap` and no trimming, the freed block is reused as it is (the
 process keeps its peak heap, as accelerator allocators keep theirs). This is what the
 MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_ environment variables would do.

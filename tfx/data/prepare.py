@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tfx.core import config as config_lib
 from tfx.data import sources
 from tfx.data import tokenizer as tokenizer_lib
 
@@ -34,20 +33,15 @@ def prepare(config) -> Iterator[str]:
 
 def main():
     """The command line (absl flags, defined here so that importing tfx.data.prepare defines none)."""
-    from absl import app, flags
-    from ml_collections import config_flags
+    from tfx.core import cli
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
-                                                  lock_config=True)
-    flags.mark_flags_as_required(["config"])
+    shared = cli.define_flags(config="file")
 
-    def prepare_all(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        for line in prepare(config_lib.validate(config_flag.value)):
+    def prepare_all():
+        for line in prepare(shared.config_file()):
             print(line)
 
-    app.run(prepare_all)
+    cli.run("tfx.data.prepare", prepare_all)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 import ml_collections
 import sentencepiece as spm
 
+from tfx.core import files
 from tfx.core.config import TOKENIZER_MODEL_TYPES, choice_error
 from tfx.data.sources import PairSource, default_data_dir
 
@@ -101,7 +102,7 @@ def train_or_load(sentences: Callable[[], Iterable[str]], content_key: str, cach
                     f"{too_small.group(1)}."
                 ) from None
             raise
-        os.replace(os.path.join(scratch, "spm.model"), path)
+        files.copy_file(os.path.join(scratch, "spm.model"), path)
     return Tokenizer(path)
 
 

@@ -1,7 +1,7 @@
 """Exports a trained run for other inference engines: for now CTranslate2.
 
-    python -m tfx.export ctranslate2 --config configs/multi30k.py --workdir runs/multi30k \\
-        --checkpoint average:5 --output runs/multi30k-ct2 [--quantization int8] [--force]
+    python -m tfx.export ctranslate2 --workdir runs/multi30k --checkpoint average:5 \\
+        --output runs/multi30k-ct2 [--quantization int8] [--force]
 
 The output directory is a CTranslate2 model (model.bin, config.json, shared_vocabulary.json)
 plus the run's SentencePiece model, `sentencepiece.model`, so it is all that translation needs:
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 
@@ -262,41 +261,34 @@ def write_vocabulary_map(path: str, table: shortlist.Shortlist, pieces: Sequence
 
 def main():
     """The command line (absl flags, defined here so that importing tfx.export.ctranslate2 defines none)."""
-    from absl import app, flags, logging
-    from ml_collections import config_flags
+    from absl import app, flags
 
-    from tfx.core import config as config_lib
+    from tfx.core import cli
     from tfx.infer import trained as trained_lib
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
-                                                  lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-    checkpoint = flags.DEFINE_string("checkpoint", "latest", "latest, a step, or average:N.")
+    shared = cli.define_flags(workdir="The training run's workdir.", checkpoint=True)
     output = flags.DEFINE_string("output", None, "The directory to write (must not exist).")
     quantization = flags.DEFINE_enum("quantization", "float32", QUANTIZATIONS,
                                      "Weight type of the export (int8 quarters the size).")
     force = flags.DEFINE_bool("force", False, "Replace --output if it exists.")
-    flags.mark_flags_as_required(["config", "workdir", "output"])
+    flags.mark_flag_as_required("output")
 
-    def export(argv):
-        if argv[1:] != ["ctranslate2"]:
+    def export(arguments):
+        if arguments != ["ctranslate2"]:
             raise app.UsageError(f"give one format, the first argument: {', '.join(FORMATS)} "
-                                 f"(got {' '.join(argv[1:]) or 'none'}).")
-        logging.set_verbosity(logging.WARNING)
-        config = config_lib.validate(config_flag.value)
-        try:  # what can be refused is refused before the checkpoint is loaded.
-            check_output(output.value, quantization.value, force.value)
-            problems = unsupported(config.model)
-            if problems:
-                raise ValueError("cannot export to CTranslate2: " + " ".join(problems))
-            model = trained_lib.load(config, workdir.value, checkpoint.value)
-            written = export_ctranslate2(model, output.value, quantization.value, force.value)
-        except (ValueError, FileExistsError) as error:
-            sys.exit(f"tfx.export.ctranslate2: {error}")
-        print(f"exported {workdir.value} ({model.label}) to {written} as CTranslate2 "
+                                 f"(got {' '.join(arguments) or 'none'}).")
+        config = shared.run_config()
+        # What can be refused is refused before the checkpoint is loaded.
+        check_output(output.value, quantization.value, force.value)
+        problems = unsupported(config.model)
+        if problems:
+            raise ValueError("cannot export to CTranslate2: " + " ".join(problems))
+        model = trained_lib.load(config, shared.workdir.value, shared.checkpoint.value)
+        written = export_ctranslate2(model, output.value, quantization.value, force.value)
+        print(f"exported {shared.workdir.value} ({model.label}) to {written} as CTranslate2 "
               f"{quantization.value}")
 
-    app.run(export)
+    cli.run("tfx.export.ctranslate2", export, arguments=True)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from tfx.data.pipeline import Shard, to_global
+from tfx.core import distributed, files, parallel
+from tfx.data import sources
+from tfx.data.pipeline import Shard, decode_batches, process_shard, to_global
 from tfx.data.tokenizer import EOS_ID, Tokenizer
+from tfx.infer import trained
 from tfx.model import decode
 from tfx.train.experiment import Experiment
-from tfx.train.rundir import restore_params
 
 
 def translate_batches(translate: Callable, params, batches: Sequence[dict[str, np.ndarray]],
@@ -95,27 +97,47 @@ def periodic_bleu(config: ml_collections.ConfigDict, experiment: Experiment, bat
     return bleu
 
 
+def open_split(config: ml_collections.ConfigDict, split: str) -> sources.PairSource:
+    """config.data.<split> ("train", "eval" or "test"), prepared on first use by process 0."""
+    d = config.data
+    if not d[split]:
+        raise ValueError(f"config.data.{split} is empty; there is no {split} split to evaluate.")
+    with distributed.process_0_first(f"tfx: data.{split} ready"):
+        return sources.open_split(d[split], f"data.{split}", d.source_lang, d.target_lang, d.data_dir)
+
+
+def eval_layout(config: ml_collections.ConfigDict, mesh) -> tuple[NamedSharding, Shard]:
+    """The sharding of eval and decode batches on `mesh`, and this process's rows of each
+    (config.per_device_eval_batch_size per data-parallel device), as training lays them out."""
+    rules = config.logical_axis_rules
+    sharding = parallel.batch_sharding(mesh, rules)
+    rows = config.per_device_eval_batch_size * parallel.data_parallel_size(mesh, rules)
+    return sharding, process_shard(sharding, rows)
+
+
 class SplitDecoder:
     """A checkpoint of `workdir` ready to decode `split` in batches of similar source length
     (pipeline.decode_batches). Each call decodes the whole split, compiling on the first, and
-    gives the translations in source order and the speed, timed after compilation."""
+    gives the translations in source order and the speed, timed after compilation.
+
+    The run is loaded as translate.py loads it (`trained.load`: parameters only, the workdir's
+    tokenizer first); of the data, only `split` is opened."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, split: str = "test",
                  checkpoint: str = "latest"):
-        if not config.data[split]:
-            raise ValueError(f"config.data.{split} is empty; there is no {split} split to evaluate.")
         self.config, self.workdir, self.split = config, workdir, split
-        self.experiment = Experiment(config)
-        self.label, self.params = restore_params(workdir, checkpoint, self.experiment.state)
-        self.batches = self.experiment.decode_batches(split)
-        self._translate = decode.make_translate(config, self.experiment.graphdef, self.experiment.mesh,
-                                                self.experiment.shardings.params)
+        self.source = open_split(config, split)
+        self.model = trained.load(config, workdir, checkpoint)
+        self.label, self.params = self.model.label, self.model.params
+        self.sharding, self.shard = eval_layout(config, self.model.mesh)
+        self.batches = decode_batches(config, self.source, self.model.tokenizer, self.shard)
+        self._translate = decode.make_translate(config, self.model.graphdef, self.model.mesh,
+                                                self.model.params_shardings)
         self._compiled = False
 
     def __call__(self, progress: bool = False) -> tuple[list[str], dict[str, float]]:
-        experiment = self.experiment
-        decoded = translate_batches(self._translate, self.params, self.batches, experiment.sharding,
-                                    experiment.eval_shard, experiment.tokenizer, progress=progress,
+        decoded = translate_batches(self._translate, self.params, self.batches, self.sharding,
+                                    self.shard, self.model.tokenizer, progress=progress,
                                     warm_up=not self._compiled)
         self._compiled = True
         return decoded
@@ -125,7 +147,7 @@ class SplitDecoder:
         (`<split>-<checkpoint>[-int8][-shortlist<size>].hyp.txt`, one per line in source order),
         the references and a JSON results file into the workdir. Returns the results."""
         config, split = self.config, self.split
-        references = self.experiment.references(split, self.batches)
+        references = [self.source[i]["target"] for i in range(len(self.source))]
         shortlist = dict(shortlist=config.decode.shortlist,
                          shortlist_size=config.decode.shortlist_size) if config.decode.shortlist else {}
         results = {"split": split, "spec": config.data[split], "checkpoint": self.label,
@@ -139,10 +161,8 @@ class SplitDecoder:
             results.update(hypotheses=f"{prefix}.hyp.txt",
                            references=os.path.join(self.workdir, f"{split}.ref.txt"))
             for path, lines in ((results["hypotheses"], hypotheses), (results["references"], references)):
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write("".join(line + "\n" for line in lines))
-            with open(f"{prefix}.json", "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=2)
+                files.write_text(path, (line + "\n" for line in lines))
+            files.write_text(f"{prefix}.json", json.dumps(results, indent=2))
         return results
 
 

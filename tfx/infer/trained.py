@@ -4,9 +4,11 @@ run's own SentencePiece model.
     model = trained.load(config, "runs/multi30k", checkpoint="average:5")
     model.params, model.tokenizer, model.mesh, model.graphdef, model.params_shardings
 
-The tokenizer is `config.tokenizer.model_path` if set, else the copy training leaves in the
-workdir (`tokenizer.model`), else the vocabulary the config trains on its train split (as
-train.py does), so a run directory with its config is all that translation needs.
+The parameters are restored into `tfx.model.params.abstract_params`' tree: no optimizer state
+is built. The tokenizer is the copy training leaves in the workdir (`tokenizer.model`), else
+`config.tokenizer.model_path` if set, else the vocabulary the config trains on its train split
+(as train.py does, cached in the data dir), so a run directory with its config is all that
+translation and evaluation need.
 """
 from __future__ import annotations
 
@@ -14,26 +16,27 @@ import os
 
 import ml_collections
 
-from tfx.core import parallel
+from tfx.core import distributed, parallel
 from tfx.data import sources
 from tfx.data import tokenizer as tokenizer_lib
 from tfx.model import shortlist
-from tfx.train import steps
-from tfx.train.rundir import TOKENIZER_FILE, TrainedModel, _placed, restore_params
+from tfx.model.params import abstract_params
+from tfx.train.rundir import TOKENIZER_FILE, TrainedModel, restore_params
 
 
 def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_lib.Tokenizer:
     """The run's SentencePiece model (see the module doc), checked against model.vocab_size and
     the tokenizer config.decode.shortlist was learned with."""
     copy = os.path.join(workdir, TOKENIZER_FILE)
-    if config.tokenizer.model_path:
-        tokenizer = tokenizer_lib.Tokenizer(config.tokenizer.model_path)
-    elif os.path.isfile(copy):
+    if os.path.isfile(copy):
         tokenizer = tokenizer_lib.Tokenizer(copy)
+    elif config.tokenizer.model_path:
+        tokenizer = tokenizer_lib.Tokenizer(config.tokenizer.model_path)
     else:
         d = config.data
-        train = sources.open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir)
-        tokenizer = tokenizer_lib.from_config(config, train)
+        with distributed.process_0_first("tfx: tokenizer ready"):
+            train = sources.open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir)
+            tokenizer = tokenizer_lib.from_config(config, train)
     tokenizer_lib.check_vocab_size(tokenizer, config)
     if config.decode.shortlist:
         shortlist.check_tokenizer(config.decode.shortlist, tokenizer.path)
@@ -41,10 +44,10 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_
 
 
 def load(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "latest") -> TrainedModel:
-    """The run in `workdir` with `checkpoint` restored onto `config.mesh_shape` (nothing else of
-    the train state is kept), and its tokenizer."""
+    """The run in `workdir` with `checkpoint` restored onto `config.mesh_shape` (parameters
+    only: no optimizer state is built), and its tokenizer (`tokenizer_for`)."""
     mesh = parallel.make_mesh(config.mesh_shape)
-    graphdef, abstract, shardings = steps.abstract_train_state(config, mesh)
-    label, params = restore_params(workdir, checkpoint, _placed(abstract, shardings))
-    return TrainedModel(config, mesh, graphdef, params, shardings.params,
-                        tokenizer_for(config, workdir), label)
+    graphdef, abstract, shardings = abstract_params(config, mesh)
+    label, params = restore_params(workdir, checkpoint, abstract)
+    return TrainedModel(config, mesh, graphdef, params, shardings, tokenizer_for(config, workdir),
+                        label)

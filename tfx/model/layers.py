@@ -109,8 +109,8 @@ def _projection(spec: str, x: jax.Array, w_f32: jax.Array) -> jax.Array:
     too: plain autodiff would hand them float32 cotangents, and XLA:CPU then runs every
     gradient dot in float32. In any dtype, the activation the weight gradient needs is saved
     through a `fusion_barrier`: that product transposes it, and XLA:CPU would otherwise fuse
-    the activation's producers (norm, relu, dropout) into the transpose, a strided loop 5-6x
-    slower than transposing a buffer (10-11% of a float32 :base train step, measured A/B).
+    the activation's producers (norm, relu, dropout) into the transpose, a strided loop much
+    slower than transposing a buffer.
     """
     return jnp.einsum(spec, x, w_f32.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -152,7 +152,7 @@ def fusion_barrier(x: jax.Array) -> jax.Array:
 
     XLA:CPU fuses cheap elementwise producers into every consumer, so without a barrier each
     backward fusion that needs a layer's input recomputes the whole residual stream (every
-    earlier layer's adds and dropout) from scratch: measured 12-15% of a :base train step.
+    earlier layer's adds and dropout) from scratch.
     `optimization_barrier` would say this directly, but XLA:CPU drops it before fusion; a
     conditional cannot be fused through. Its other branch (taken only if x's first element
     is already a NaN or inf) turns all of x into NaN, which keeps the branches distinct, so
@@ -335,8 +335,8 @@ class Attention(nnx.Module):
         layout of `project_kv`.
 
         The queries of a key/value head's group are side by side, so both products are plain
-        batched matmuls: on XLA:CPU, for 4 queries over 32-328 keys, 2-8x faster than `attend`,
-        whose `dot_product_attention` transposes [B, S, K, H] keys and values at every call.
+        batched matmuls, faster on XLA:CPU than `attend`, whose `dot_product_attention`
+        transposes [B, S, K, H] keys and values at every call.
         """
         q = project("btd,dnh->btnh", x_BxTxD, self.query, self.dtype)
         b, t, n, h = q.shape

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tfx.core import files
+
 PAD, EOS = 0, 1
 
 
@@ -36,10 +38,9 @@ class Shortlist(NamedTuple):
 
 def save(path: str, candidates_VxK, probs_VxK, target_counts_V, frequent: int, tokenizer_path: str):
     """Writes the table (npz) atomically, with the SentencePiece model's digest."""
-    temporary = f"{path}.tmp.npz"
-    np.savez(temporary, candidates=candidates_VxK, probs=probs_VxK, target_counts=target_counts_V,
-             frequent=frequent, tokenizer_sha256=_digest(tokenizer_path))
-    os.replace(temporary, path)
+    with files.replacing(path, "wb") as f:
+        np.savez(f, candidates=candidates_VxK, probs=probs_VxK, target_counts=target_counts_V,
+                 frequent=frequent, tokenizer_sha256=_digest(tokenizer_path))
 
 
 def _digest(path: str) -> str:

@@ -276,8 +276,8 @@ class EncoderDecoder(nnx.Module):
         if self.remat != "none":
             # prevent_cse keeps XLA from merging the recomputation back into the forward pass
             # (which would undo it); a scan rules that out by construction, so it is needed
-            # only unrolled, as in MaxText. (On XLA:CPU it costs: unrolled remat=full took 2.1x
-            # the :base step time of remat=none; use scan_layers there.)
+            # only unrolled, as in MaxText. (On XLA:CPU it costs: unrolled remat=full is much
+            # slower than remat=none; use scan_layers there.)
             fn = nnx.remat(fn, policy=REMAT_POLICY[self.remat], prevent_cse=not self.scan_layers)
         if not self.scan_layers:
             outs = []

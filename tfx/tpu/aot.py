@@ -38,6 +38,7 @@ from jax.sharding import Mesh
 
 from tfx.core import parallel, precision
 from tfx.model import decode, flops
+from tfx.model.params import placed
 from tfx.tpu import hlo
 from tfx.train import steps
 
@@ -112,10 +113,6 @@ class Program:
     first_step_flops: float = 0.0  # translation: encoder and one decoding step (see compile_report).
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def _batch(mesh: Mesh, config: ml_collections.ConfigDict, rows: int, lengths: dict[str, int]) -> dict:
     sharding = parallel.batch_sharding(mesh, config.logical_axis_rules)
     return {name: jax.ShapeDtypeStruct((rows, length), np.int32, sharding=sharding)
@@ -125,7 +122,7 @@ def _batch(mesh: Mesh, config: ml_collections.ConfigDict, rows: int, lengths: di
 def programs(config: ml_collections.ConfigDict, mesh: Mesh) -> list[Program]:
     """The train step, the eval step and translation, as the trainer and eval.py build them."""
     graphdef, abstract, shardings = steps.abstract_train_state(config, mesh)
-    state = _abstract(abstract, shardings)
+    state = placed(abstract, shardings)
     data_parallel = parallel.data_parallel_size(mesh, config.logical_axis_rules)
     m = config.model
     source, target = config.max_source_length, config.max_target_length
@@ -244,31 +241,24 @@ def run(config: ml_collections.ConfigDict, topology: str, functions: Sequence[st
 
 def main():
     """The command line (absl flags, defined here so that importing tfx.tpu.aot defines none)."""
-    from absl import app, flags, logging
-    from ml_collections import config_flags
+    from absl import flags
 
-    from tfx.core import config as config_lib
+    from tfx.core import cli
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
-                                                  lock_config=True)
+    shared = cli.define_flags(config="file")
     topology = flags.DEFINE_string("topology", None, "TPU slice, GENERATION:GRID, e.g. v5e:16x16.")
     functions = flags.DEFINE_list("functions", None, "Any of train_step, eval_step, translate "
                                   "(default: all).")
-    flags.mark_flags_as_required(["config", "topology"])
+    flags.mark_flag_as_required("topology")
 
-    def compile_all(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        logging.set_verbosity(logging.WARNING)
-        try:
-            reports = run(config_lib.validate(config_flag.value), topology.value, functions.value)
-        except ValueError as error:
-            sys.exit(f"tfx.tpu.aot: {error}")
+    def compile_all():
+        reports = run(shared.config_file(), topology.value, functions.value)
         for report in reports:
             print(json.dumps(report), flush=True)
-        sys.exit(0 if all(report["fits"] for report in reports) else 3)
+        if not all(report["fits"] for report in reports):
+            sys.exit(3)
 
-    app.run(compile_all)
+    cli.run("tfx.tpu.aot", compile_all)
 
 
 if __name__ == "__main__":

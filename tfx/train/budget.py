@@ -19,6 +19,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from tfx.core import files
+
 PLAN_FILE = "train_steps.json"
 TIMED_STEPS = 20
 UNPLANNED_STEPS = 2**31 - 1  # num_train_steps until the plan: no end yet.
@@ -59,10 +61,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str, step_time_s: float, do
     result = dict(train_minutes=config.train_minutes, num_train_steps=steps,
                   step_time_s=round(step_time_s, 4), timed_steps=timed_steps, planned_at_step=done_steps)
     if jax.process_index() == 0:
-        path = os.path.join(workdir, PLAN_FILE)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-        os.replace(path + ".tmp", path)
+        files.write_text(os.path.join(workdir, PLAN_FILE), json.dumps(result, indent=2))
     return result
 
 

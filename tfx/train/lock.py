@@ -18,6 +18,8 @@ import time
 
 from absl import logging
 
+from tfx.core import files
+
 LOCK_FILE = "LOCK"
 HEARTBEAT_S = 30.0
 
@@ -120,10 +122,7 @@ class WorkdirLock:
 
     def _beat(self):
         while not self._stop.wait(HEARTBEAT_S):
-            tmp = f"{self.path}.{self.holder['pid']}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({**self.holder, "heartbeat": time.time()}, f)
-            os.replace(tmp, self.path)
+            files.write_text(self.path, json.dumps({**self.holder, "heartbeat": time.time()}))
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()

@@ -1,11 +1,11 @@
-"""Loss and BLEU curves of a run: `python -m tfx.train.plot WORKDIR` writes WORKDIR/curves.png.
+"""Loss and BLEU curves of a run: `python -m tfx.train.plot --workdir W` (or `... plot W`) writes
+W/curves.png.
 
 Left: train and eval loss against steps. Right: eval BLEU against wall-clock minutes.
 """
 from __future__ import annotations
 
 import os
-import sys
 
 from matplotlib.figure import Figure  # without pyplot: no backend chosen, no global state.
 
@@ -36,7 +36,22 @@ def plot(workdir: str) -> str:
     return path
 
 
+def main():
+    """The command line (absl flags, defined here so that importing tfx.train.plot defines none)."""
+    from absl import app
+
+    from tfx.core import cli
+
+    shared = cli.define_flags(workdir="The run whose curves are drawn.", config=None,
+                              workdir_required=False)
+
+    def draw(arguments):
+        if len(arguments) > 1 or bool(arguments) == bool(shared.workdir.value):
+            raise app.UsageError("give the run's workdir: --workdir W (or W alone).")
+        print(plot(shared.workdir.value or arguments[0]))
+
+    cli.run("tfx.train.plot", draw, arguments=True)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m tfx.train.plot WORKDIR")
-    print(plot(sys.argv[1]))
+    main()

@@ -7,8 +7,6 @@ import contextlib
 import dataclasses
 import filecmp
 import os
-import shutil
-import tempfile
 
 import jax
 import ml_collections
@@ -16,7 +14,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tfx.core import config as config_lib
+from tfx.core import files
 from tfx.data import tokenizer as tokenizer_lib
+from tfx.model import params as model_params
 from tfx.train import steps
 from tfx.train.checkpoint import Checkpoints, CorruptCheckpointError
 
@@ -34,15 +34,17 @@ class TrainedModel:
     label: str  # which checkpoint: "step2500", "average5-step2500".
 
 
-def restore_params(workdir: str, checkpoint: str, state, key: str = "--checkpoint"
+def restore_params(workdir: str, checkpoint: str, target, key: str = "--checkpoint"
                    ) -> tuple[str, nnx.State]:
     """(label, params) of `checkpoint` ("latest", a step, or "average:N" for the mean of the
-    last N) in `workdir`, placed like `state.params` (arrays, or ShapeDtypeStructs with
-    shardings). Only parameters are read (`Checkpoints.restore_params`). `key` is the flag or
-    config key that chose `checkpoint`, for the errors.
+    last N) in `workdir`, placed like `target`: parameters (arrays, or ShapeDtypeStructs with
+    shardings as `tfx.model.params.abstract_params` gives them), or a train state's. Only
+    parameters are read (`Checkpoints.restore_params`). `key` is the flag or config key that
+    chose `checkpoint`, for the errors.
 
     "latest" is the newest checkpoint that restores (a warning names each one skipped); a
     requested step, or a member of an average, that does not restore is an error naming it."""
+    like = target.params if isinstance(target, steps.TrainState) else target
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist.")
     checkpoints = Checkpoints(workdir)
@@ -51,7 +53,7 @@ def restore_params(workdir: str, checkpoint: str, state, key: str = "--checkpoin
         raise FileNotFoundError(f"no checkpoints in {checkpoints.directory}; train first.")
     kind, _, count = checkpoint.partition(":")
     if checkpoint == "latest":
-        step, params = checkpoints.newest(lambda step: checkpoints.restore_params(step, state.params))
+        step, params = checkpoints.newest(lambda step: checkpoints.restore_params(step, like))
         if step is None:
             raise CorruptCheckpointError(f"no checkpoint in {checkpoints.directory} restores "
                                          "(see the warnings above).")
@@ -64,7 +66,7 @@ def restore_params(workdir: str, checkpoint: str, state, key: str = "--checkpoin
         raise ValueError(f"{key}={checkpoint!r}: use latest, a saved step, or average:N with "
                          f"N <= {len(saved)}; saved steps in {checkpoints.directory}: {saved}.")
     try:
-        return label, checkpoints.average_params(steps_, state.params)
+        return label, checkpoints.average_params(steps_, like)
     except CorruptCheckpointError as error:
         raise CorruptCheckpointError(f"{key}={checkpoint}: {error}") from error
 
@@ -88,12 +90,24 @@ def init_params(config: ml_collections.ConfigDict, state) -> tuple[str, nnx.Stat
 
 def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer, workdir: str):
     """Copies the tokenizer's model into `workdir` (atomically), for `tfx.infer.trained`."""
-    target = os.path.join(workdir, TOKENIZER_FILE)
-    with tempfile.NamedTemporaryFile(dir=workdir, suffix=".tmp", delete=False) as f:
-        temporary = f.name
-    shutil.copyfile(tokenizer.path, temporary)
-    shutil.copymode(tokenizer.path, temporary)
-    os.replace(temporary, target)
+    files.copy_file(tokenizer.path, os.path.join(workdir, TOKENIZER_FILE))
+
+
+def write_run(config: ml_collections.ConfigDict, mesh: Mesh, params: nnx.State,
+              tokenizer: tokenizer_lib.Tokenizer, workdir: str):
+    """Writes the run directory of a tool's model (tfx.compress.heads, tfx.compress.lowrank):
+    `params` (host arrays, laid out as config.model's) as its one checkpoint, at step 0 with a
+    fresh optimizer state so that it reads like training's (eval.py, config.init_from,
+    tfx.compress.average), its config.json and `tokenizer`'s model."""
+    _, _, shardings = steps.abstract_train_state(config, mesh)
+    state = steps.fresh_state(config, jax.device_put(params, shardings.params), shardings)
+    checkpoints = Checkpoints(workdir, config)
+    checkpoints.save(state)
+    checkpoints.wait()
+    checkpoints.close()
+    if jax.process_index() == 0:
+        files.write_text(os.path.join(workdir, config_lib.RUN_CONFIG_FILE), config.to_json(indent=2))
+        keep_tokenizer(tokenizer, workdir)
 
 
 def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh,
@@ -120,15 +134,8 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh,
             f"{found} the student's SentencePiece model {tokenizer.path}; distillation needs one "
             "vocabulary (set the student's config.tokenizer.model_path to the teacher's).")
     teacher.logical_axis_rules = config.logical_axis_rules
-    graphdef, abstract, shardings = steps.abstract_train_state(teacher, mesh)
+    graphdef, abstract, shardings = model_params.abstract_params(teacher, mesh)
     with _naming("distill.teacher_workdir", distill.teacher_workdir):
         label, params = restore_params(distill.teacher_workdir, distill.teacher_checkpoint,
-                                       _placed(abstract, shardings),
-                                       "config.distill.teacher_checkpoint")
-    return TrainedModel(teacher, mesh, graphdef, params, shardings.params, tokenizer, label)
-
-
-def _placed(abstract, shardings):
-    """ShapeDtypeStructs of `abstract` with `shardings`: where restored arrays go."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+                                       abstract, "config.distill.teacher_checkpoint")
+    return TrainedModel(teacher, mesh, graphdef, params, shardings, tokenizer, label)

@@ -7,6 +7,7 @@ A batch is a dict of [B, L] int32 arrays: `inputs`, `targets` and, for packed ro
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tfx.core import parallel
+from tfx.model import params as model_params
 from tfx.model import quantize
 from tfx.model.transformer import EncoderDecoder
 from tfx.train import losses, optim
@@ -45,8 +47,9 @@ def _init_state(config: ml_collections.ConfigDict, params: nnx.State | None = No
 
 def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh
                          ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-    """(graphdef, state shapes and dtypes, state_shardings), without allocating anything."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: EncoderDecoder(config.model, nnx.Rngs(0))))
+    """(graphdef, state shapes and dtypes, state_shardings), without allocating anything.
+    Inference needs only the parameters: `tfx.model.params.abstract_params`."""
+    graphdef, _, _ = model_params.abstract_params(config, mesh)
     abstract = jax.eval_shape(lambda: _init_state(config))
     return graphdef, abstract, parallel.state_shardings(abstract, mesh, config.logical_axis_rules)
 
@@ -80,8 +83,12 @@ def _target_weights(targets_BxT: jax.Array) -> jax.Array:
     return (targets_BxT > 0).astype(jnp.float32)
 
 
-def _metric_sums(graphdef, params, batch, config, rngs, teacher_logits_BxTxV=None
-                 ) -> dict[str, jax.Array]:
+def metric_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array],
+                config: ml_collections.ConfigDict, rngs: nnx.Rngs | None = None,
+                teacher_logits_BxTxV: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The teacher-forced `losses.metric_sums` of `batch` under the model (graphdef, params):
+    with config's label smoothing, z-loss, quantization and distillation weight; dropout only
+    with `rngs`. Its "nll" is the plain cross-entropy, whatever the config's smoothing."""
     model = nnx.merge(graphdef, params)
     with quantize.matmuls(config.quantization):  # int8: QAT under grad, else PTQ.
         logits_BxTxV = model(batch["inputs"], batch["targets"], **_model_kwargs(batch), rngs=rngs)
@@ -113,6 +120,75 @@ def _keep_unless(good, new, old):
     return jax.tree_util.tree_map_with_path(choose, new, old)
 
 
+def _grads_and_sums(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                    teacher_graphdef: nnx.GraphDef | None, params: nnx.State,
+                    batch: dict[str, jax.Array], key: jax.Array, tokens: jax.Array,
+                    teacher_params: nnx.State | None):
+    """(gradients, metric sums) of `batch`'s summed token loss divided by `tokens`, the whole
+    batch's target-token count. With `teacher_graphdef`, the teacher's logits (no dropout, float
+    matmuls), computed outside the differentiated function so frozen, are the distillation
+    targets."""
+    teacher_logits_BxTxV = None
+    if teacher_graphdef is not None:
+        teacher_model = nnx.merge(teacher_graphdef, teacher_params)
+        teacher_logits_BxTxV = teacher_model(batch["inputs"], batch["targets"], **_model_kwargs(batch))
+
+    def loss_fn(p):
+        sums = metric_sums(graphdef, p, batch, config, nnx.Rngs(dropout=key), teacher_logits_BxTxV)
+        return sums["loss"] / tokens, sums
+    return jax.grad(loss_fn, has_aux=True)(params)
+
+
+def _accumulated(grads_and_sums: Callable, params: nnx.State, batch: dict[str, jax.Array],
+                 key: jax.Array, accum: int, *args):
+    """grads_and_sums(params, microbatch, key_i, *args) added over `accum` microbatches of
+    `batch` (a scan), each with its own dropout key; the plain call when `accum` is 1."""
+    if accum == 1:
+        return grads_and_sums(params, batch, key, *args)
+    # Row r goes to microbatch r % accum, so each microbatch stays evenly sharded.
+    micro = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
+
+    def add(carry, xs):
+        i, micro_batch = xs
+        micro_batch = jax.tree.map(lambda x: parallel.constrain(x, ("batch", "length")), micro_batch)
+        result = grads_and_sums(params, micro_batch, jax.random.fold_in(key, i), *args)
+        return jax.tree.map(jnp.add, carry, result), None
+
+    zeros = jax.eval_shape(grads_and_sums, params, jax.tree.map(lambda x: x[0], micro), key, *args)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    (grads, sums), _ = jax.lax.scan(add, zeros, (jnp.arange(accum), micro))
+    return grads, sums
+
+
+def _check_rows(rows: int, config: ml_collections.ConfigDict, data_parallel: int):
+    if rows % (config.grad_accum_steps * data_parallel):
+        raise ValueError(
+            f"a global batch of {rows} rows cannot be split into config.grad_accum_steps="
+            f"{config.grad_accum_steps} microbatches that each divide over the {data_parallel}-way "
+            f"data axes of config.mesh_shape={config.mesh_shape!r}."
+        )
+
+
+def _updated(state: TrainState, grads: nnx.State, sums: dict[str, jax.Array], stop_Bx1,
+             tx: optax.GradientTransformation, schedule: Callable,
+             config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The state after the optimizer applies `grads`, and the step's metrics: with
+    config.nonfinite_loss='skip', a diverged step keeps the parameters and moments."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = losses.summarize(sums)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["learning_rate"] = schedule(state.step)
+    if stop_Bx1 is not None:  # any process's flag, the same on all of them.
+        metrics["stop"] = jnp.max(stop_Bx1)
+    if config.nonfinite_loss == "skip":
+        good = ~diverged(metrics["loss"], metrics["grad_norm"], config)
+        params, opt_state = _keep_unless(good, (params, opt_state), (state.params, state.opt_state))
+        metrics["skipped"] = 1 - good.astype(jnp.int32)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
                     state_shardings: TrainState,
                     teacher: tuple[nnx.GraphDef, nnx.State] | None = None) -> Callable:
@@ -136,72 +212,23 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
     tx = optim.make_optimizer(config)
     schedule = optim.learning_rate_schedule(config)
     rules = config.logical_axis_rules
-    accum = config.grad_accum_steps
     data_parallel = parallel.data_parallel_size(mesh, rules)
     if (teacher is None) == bool(config.distill.teacher_config):
         raise ValueError(f"config.distill.teacher_config={config.distill.teacher_config!r}: the "
                          "train step needs the teacher exactly when this key is set.")
-
-    def grads_and_sums(params, batch, key, tokens, teacher_params):
-        teacher_logits_BxTxV = None
-        if teacher is not None:
-            teacher_model = nnx.merge(teacher[0], teacher_params)
-            teacher_logits_BxTxV = teacher_model(batch["inputs"], batch["targets"],
-                                                 **_model_kwargs(batch))
-
-        def loss_fn(p):
-            sums = _metric_sums(graphdef, p, batch, config, nnx.Rngs(dropout=key),
-                                teacher_logits_BxTxV)
-            return sums["loss"] / tokens, sums
-        return jax.grad(loss_fn, has_aux=True)(params)
+    grads_and_sums = functools.partial(_grads_and_sums, config, graphdef,
+                                       None if teacher is None else teacher[0])
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params=None):
         batch = dict(batch)
         stop_Bx1 = batch.pop("stop", None)  # each process's rows carry its preemption flag.
         with parallel.activation_sharding(mesh, rules):
             key = jax.random.fold_in(state.rng, state.step)
-            rows = batch["targets"].shape[0]
-            if rows % (accum * data_parallel):
-                raise ValueError(
-                    f"a global batch of {rows} rows cannot be split into config.grad_accum_steps="
-                    f"{accum} microbatches that each divide over the {data_parallel}-way data "
-                    f"axes of config.mesh_shape={config.mesh_shape!r}."
-                )
+            _check_rows(batch["targets"].shape[0], config, data_parallel)
             tokens = jnp.maximum(jnp.sum(_target_weights(batch["targets"])), 1.0)
-            if accum == 1:
-                grads, sums = grads_and_sums(state.params, batch, key, tokens, teacher_params)
-            else:
-                # Row r goes to microbatch r % accum, so each microbatch stays evenly sharded.
-                micro = jax.tree.map(
-                    lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
-                    batch)
-
-                def accumulate(carry, xs):
-                    i, micro_batch = xs
-                    micro_batch = jax.tree.map(
-                        lambda x: parallel.constrain(x, ("batch", "length")), micro_batch)
-                    grads, sums = grads_and_sums(state.params, micro_batch, jax.random.fold_in(key, i),
-                                                 tokens, teacher_params)
-                    return jax.tree.map(jnp.add, carry, (grads, sums)), None
-
-                zeros = jax.eval_shape(grads_and_sums, state.params,
-                                       jax.tree.map(lambda x: x[0], micro), key, tokens, teacher_params)
-                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-                (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            metrics = losses.summarize(sums)
-            metrics["grad_norm"] = optax.tree.norm(grads)
-            metrics["learning_rate"] = schedule(state.step)
-            if stop_Bx1 is not None:  # any process's flag, the same on all of them.
-                metrics["stop"] = jnp.max(stop_Bx1)
-            if config.nonfinite_loss == "skip":
-                good = ~diverged(metrics["loss"], metrics["grad_norm"], config)
-                params, opt_state = _keep_unless(good, (params, opt_state),
-                                                 (state.params, state.opt_state))
-                metrics["skipped"] = 1 - good.astype(jnp.int32)
-            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, metrics
+            grads, sums = _accumulated(grads_and_sums, state.params, batch, key,
+                                       config.grad_accum_steps, tokens, teacher_params)
+            return _updated(state, grads, sums, stop_Bx1, tx, schedule, config)
 
     batch_sharding = parallel.batch_sharding(mesh, rules)
     in_shardings = (state_shardings, batch_sharding) + (() if teacher is None else (teacher[1],))
@@ -216,7 +243,7 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, me
 
     def eval_step(params, batch):
         with parallel.activation_sharding(mesh, rules):
-            return _metric_sums(graphdef, params, batch, config, rngs=None)
+            return metric_sums(graphdef, params, batch, config, rngs=None)
 
     batch_sharding = parallel.batch_sharding(mesh, rules)
     return jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding))

@@ -22,7 +22,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from tfx.core import precision
+from tfx.core import files, precision
 from tfx.data import pipeline
 from tfx.train import budget, lock, losses, rundir, steps
 from tfx.train.checkpoint import Checkpoints
@@ -159,133 +159,189 @@ def _train(config: ml_collections.ConfigDict, workdir: str, make_bleu: MakeBleu 
         teacher = rundir.load_teacher(config, experiment.mesh, experiment.tokenizer)
         if main_process:
             print(f"distilling from {config.distill.teacher_workdir} {teacher.label}")
-    teacher_spec = None if teacher is None else (teacher.graphdef, teacher.params_shardings)
-    teacher_args = () if teacher is None else (teacher.params,)  # not donated, so kept.
     if main_process:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json(indent=2))
+        files.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
         rundir.keep_tokenizer(experiment.tokenizer, workdir)
-    plan_from = None  # the step after which the budget's timed steps start.
-    if config.train_minutes:
-        plan = budget.recorded(workdir, config)
-        if plan:
-            config = budget.with_steps(config, plan["num_train_steps"])
-            if main_process:
-                print(f"keeping the recorded plan: {budget.describe(plan)}")
-        else:
-            config = budget.with_steps(config, budget.UNPLANNED_STEPS)
-            plan_from = int(state.step) + 1
-            plan_at = budget.plan_step(plan_from, config.warmup_steps)
-            if main_process:
-                print(f"config.train_minutes={config.train_minutes}: timing steps "
-                      f"{plan_from + 1}-{plan_at} to plan the number of steps")
+    config, timed_steps = _budget_start(config, workdir, int(state.step))
+    loop = _Loop(config, workdir, experiment, checkpoints, batches, cleanup, teacher=teacher,
+                 make_bleu=make_bleu, timed_steps=timed_steps, first_step=int(state.step))
+    eval_metrics = loop.run(state)
+    if main_process:
+        print(f"training data: {length_counts.report()}")
+    return eval_metrics
 
-    train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
-                                       experiment.shardings, teacher_spec)
-    eval_step = steps.make_eval_step(config, experiment.graphdef, experiment.mesh,
-                                     experiment.shardings.params)
-    eval_batches = experiment.eval_batches("eval") if "eval" in experiment.splits else []
-    bleu_of = None
-    if make_bleu and eval_batches and config.eval_every_steps:
-        bleu_of = make_bleu(config, experiment,
-                            experiment.first_batches(eval_batches, config.eval_bleu_examples))
-    writer = MetricWriter(workdir)
-    cleanup.callback(writer.close)
-    start_time = time.perf_counter() - previous_wall_time(workdir)
-    preemption = Preemption()
-    cleanup.callback(preemption.restore)
-    # On a terminal a progress bar; in a log file (SLURM, Kubernetes, nohup) a line per log step.
-    on_terminal = sys.stderr.isatty()
-    progress = tqdm.tqdm(total=None if plan_from else config.num_train_steps,
-                         initial=int(state.step), unit="step",
-                         disable=not (main_process and on_terminal), dynamic_ncols=True)
-    cleanup.callback(progress.close)
 
-    step = int(state.step)
-    window = []  # the train metrics since the last log line, read one step late.
-    window_start = time.perf_counter()
-    pending = None  # (step, metrics on device) of the step just dispatched
-    eval_metrics: dict[str, float] = {}
-    stop_agreed = False  # some process was signalled: all save at this step and exit.
+def _budget_start(config: ml_collections.ConfigDict, workdir: str, step: int
+                  ) -> tuple[ml_collections.ConfigDict, tuple[int, int] | None]:
+    """With config.train_minutes: the config with the workdir's recorded number of steps, or
+    with budget.UNPLANNED_STEPS and the (first, last) steps whose time plans the number (the
+    first compiles, so the timing starts after it). Else the config as it is and None."""
+    if not config.train_minutes:
+        return config, None
+    main_process = jax.process_index() == 0
+    plan = budget.recorded(workdir, config)
+    if plan:
+        config = budget.with_steps(config, plan["num_train_steps"])
+        if main_process:
+            print(f"keeping the recorded plan: {budget.describe(plan)}")
+        return config, None
+    config = budget.with_steps(config, budget.UNPLANNED_STEPS)
+    first = step + 1
+    last = budget.plan_step(first, config.warmup_steps)
+    if main_process:
+        print(f"config.train_minutes={config.train_minutes}: timing steps {first + 1}-{last} to "
+              "plan the number of steps")
+    return config, (first, last)
 
-    def read(step_metrics):
-        nonlocal window_start, stop_agreed
-        done_step, device_metrics = step_metrics
+
+def window_summary(window: list[dict], elapsed_s: float, wall_time_s: float) -> dict[str, float]:
+    """The log line's figures of the train steps' metrics in `window`, run in `elapsed_s`:
+    their mean loss, accuracy, gradient norm etc., target tokens per second and step time."""
+    tokens = sum(float(m["weight"]) for m in window)
+    summary = {k: float(np.mean([m[k] for m in window]))
+               for k in ("loss", "nll", "accuracy", "grad_norm", "learning_rate", "distill_kl")
+               if k in window[0]}
+    summary.update(perplexity=math.exp(min(summary["nll"], 50)),
+                   target_tokens_per_sec=tokens / elapsed_s, step_time_s=elapsed_s / len(window),
+                   wall_time_s=wall_time_s)
+    if "skipped" in window[0]:
+        summary["skipped_steps"] = sum(int(m["skipped"]) for m in window)
+    return summary
+
+
+class _Loop:
+    """The state of one training loop: the compiled steps, the metric window, the progress
+    display, preemption and the budget's timing. Step N's metrics are read once step N+1 is
+    dispatched (`pending`), except before an eval or checkpoint, which waits for them."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, experiment: Experiment,
+                 checkpoints: Checkpoints, batches: pipeline.TrainBatches,
+                 cleanup: contextlib.ExitStack, *, teacher: rundir.TrainedModel | None,
+                 make_bleu: MakeBleu | None, timed_steps: tuple[int, int] | None, first_step: int):
+        self.config, self.workdir, self.experiment = config, workdir, experiment
+        self.checkpoints, self.batches, self.timed_steps = checkpoints, batches, timed_steps
+        self.teacher_spec = None if teacher is None else (teacher.graphdef, teacher.params_shardings)
+        self.teacher_args = () if teacher is None else (teacher.params,)  # not donated, so kept.
+        self.train_step = self._make_train_step()
+        self.eval_step = steps.make_eval_step(config, experiment.graphdef, experiment.mesh,
+                                              experiment.shardings.params)
+        self.eval_batches = experiment.eval_batches("eval") if "eval" in experiment.splits else []
+        self.bleu_of = None
+        if make_bleu and self.eval_batches and config.eval_every_steps:
+            self.bleu_of = make_bleu(config, experiment, experiment.first_batches(
+                self.eval_batches, config.eval_bleu_examples))
+        self.writer = MetricWriter(workdir)
+        cleanup.callback(self.writer.close)
+        self.start_time = time.perf_counter() - previous_wall_time(workdir)
+        self.preemption = Preemption()
+        cleanup.callback(self.preemption.restore)
+        self.main_process = jax.process_index() == 0
+        # On a terminal a progress bar; in a log file (SLURM, Kubernetes, nohup) a line per log step.
+        self.on_terminal = sys.stderr.isatty()
+        self.progress = tqdm.tqdm(total=None if timed_steps else config.num_train_steps,
+                                  initial=first_step, unit="step",
+                                  disable=not (self.main_process and self.on_terminal),
+                                  dynamic_ncols=True)
+        cleanup.callback(self.progress.close)
+        self.window = []  # the train metrics since the last log line, read one step late.
+        self.window_start = time.perf_counter()
+        self.stop_agreed = False  # some process was signalled: all save at this step and exit.
+        self.timed_start = None  # when the budget's first timed step ended.
+
+    def _make_train_step(self) -> Callable:
+        e = self.experiment
+        return steps.make_train_step(self.config, e.graphdef, e.mesh, e.shardings, self.teacher_spec)
+
+    def run(self, state: steps.TrainState) -> dict[str, float]:
+        """Trains to config.num_train_steps or a preemption; returns the last eval metrics."""
+        step = int(state.step)
+        pending = None  # (step, metrics on device) of the step just dispatched
+        eval_metrics: dict[str, float] = {}
+        while step < self.config.num_train_steps:
+            batch = {**next(self.batches),
+                     "stop": self.preemption.stop_rows(self.experiment.train_shard.rows)}
+            batch = pipeline.to_global(batch, self.experiment.sharding, self.experiment.train_shard)
+            state, metrics = self.train_step(state, batch, *self.teacher_args)
+            step += 1
+            if self.timed_steps is not None:
+                self._time_for_plan(step, metrics)
+            if pending is not None:
+                self._read(*pending)
+            pending = (step, metrics)
+            self.progress.update(1)
+            config = self.config
+            last = step == config.num_train_steps
+            evaluate_now = bool(self.eval_batches) and bool(config.eval_every_steps) and (
+                step % config.eval_every_steps == 0 or last)
+            if not (evaluate_now or last or self.stop_agreed
+                    or step % config.checkpoint_every_steps == 0):
+                continue
+            self._read(*pending)
+            pending = None
+            if evaluate_now:
+                eval_metrics = self._evaluate(step, state.params)
+            bleu = eval_metrics.get("bleu") if evaluate_now else None
+            self.checkpoints.save(state, self.batches, {"bleu": bleu} if bleu is not None else None)
+            if self.stop_agreed:
+                self.progress.write(f"{self.preemption.signal or 'a signal to another process'}: "
+                                    f"saved step {step}, exiting.")
+                break
+        return eval_metrics
+
+    def _time_for_plan(self, step: int, metrics):
+        """At the budget's first and last timed steps, waits for the device and reads the
+        clock; at the last, plans the number of steps (budget.plan) and recompiles for it."""
+        first, last = self.timed_steps
+        if step not in (first, last):
+            return
+        jax.block_until_ready(metrics)
+        if step == first:
+            self.timed_start = time.perf_counter()
+            return
+        step_time = (time.perf_counter() - self.timed_start) / (last - first)
+        plan = budget.plan(self.config, self.workdir, step_time, step, last - first)
+        self.config = budget.with_steps(self.config, plan["num_train_steps"])
+        self.train_step = self._make_train_step()
+        self.progress.total = self.config.num_train_steps
+        self.progress.write(budget.describe(plan))
+        self.timed_steps = None
+
+    def _read(self, done_step: int, device_metrics: dict):
+        """Fetches a step's metrics: stops on divergence (config.nonfinite_loss='stop'), notes
+        an agreed preemption, and logs the window at every config.log_every_steps."""
+        config = self.config
         metrics = jax.device_get(device_metrics)
-        stop_agreed = stop_agreed or bool(metrics.pop("stop"))
+        self.stop_agreed = self.stop_agreed or bool(metrics.pop("stop"))
         what = divergence(metrics, config) if config.nonfinite_loss == "stop" else None
         if what:
             raise NonFiniteLossError(
                 f"{what.format(step=done_step)}; stopped without "
-                f"saving it. The last good checkpoint is step {checkpoints.latest_step()} in "
-                f"{checkpoints.directory}. Lower config.learning_rate, or set "
+                f"saving it. The last good checkpoint is step {self.checkpoints.latest_step()} in "
+                f"{self.checkpoints.directory}. Lower config.learning_rate, or set "
                 "config.nonfinite_loss='skip' to skip such steps.")
-        window.append(metrics)
+        self.window.append(metrics)
         if done_step % config.log_every_steps == 0 or done_step == config.num_train_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens = sum(float(m["weight"]) for m in window)
-            summary = {k: float(np.mean([m[k] for m in window]))
-                       for k in ("loss", "nll", "accuracy", "grad_norm", "learning_rate",
-                                 "distill_kl") if k in window[0]}
-            summary.update(perplexity=math.exp(min(summary["nll"], 50)),
-                           target_tokens_per_sec=tokens / elapsed,
-                           step_time_s=elapsed / len(window),
-                           wall_time_s=time.perf_counter() - start_time)
-            if "skipped" in window[0]:
-                summary["skipped_steps"] = sum(int(m["skipped"]) for m in window)
-            writer.write("train", done_step, summary)
-            progress.set_postfix(loss=f"{summary['loss']:.3f}",
-                                 tok_s=f"{summary['target_tokens_per_sec']:.0f}")
-            if main_process and not on_terminal:
-                print(log_line(done_step, config.num_train_steps, summary), flush=True)
-            window.clear()
-            window_start = time.perf_counter()
+            self._log_window(done_step)
 
-    while step < config.num_train_steps:
-        batch = {**next(batches), "stop": preemption.stop_rows(experiment.train_shard.rows)}
-        batch = pipeline.to_global(batch, experiment.sharding, experiment.train_shard)
-        state, metrics = train_step(state, batch, *teacher_args)
-        step += 1
-        if plan_from is not None and step in (plan_from, plan_at):
-            jax.block_until_ready(metrics)
-            if step == plan_from:
-                timed_start = time.perf_counter()
-            else:
-                step_time = (time.perf_counter() - timed_start) / (plan_at - plan_from)
-                plan = budget.plan(config, workdir, step_time, step, plan_at - plan_from)
-                config = budget.with_steps(config, plan["num_train_steps"])
-                train_step = steps.make_train_step(config, experiment.graphdef, experiment.mesh,
-                                                   experiment.shardings, teacher_spec)
-                progress.total = config.num_train_steps
-                progress.write(budget.describe(plan))
-                plan_from = None
-        if pending is not None:
-            read(pending)
-        pending = (step, metrics)
-        progress.update(1)
-        last = step == config.num_train_steps
-        evaluate_now = eval_batches and config.eval_every_steps and (
-            step % config.eval_every_steps == 0 or last)
-        if not (evaluate_now or last or stop_agreed
-                or step % config.checkpoint_every_steps == 0):
-            continue
-        read(pending)
-        pending = None
-        bleu = None
-        if evaluate_now:
-            eval_metrics = _eval_loss(eval_step, state.params, eval_batches, experiment)
-            if bleu_of is not None:
-                eval_metrics.update(bleu_of(state.params))
-                bleu = eval_metrics["bleu"]
-            eval_metrics.update(wall_time_s=time.perf_counter() - start_time)
-            writer.write("eval", step, eval_metrics)
-            progress.write(f"step {step}: eval loss {eval_metrics['loss']:.3f}"
-                           + ("" if bleu is None else f", BLEU {bleu:.2f}"))
-        checkpoints.save(state, batches, {"bleu": bleu} if bleu is not None else None)
-        if stop_agreed:
-            progress.write(f"{preemption.signal or 'a signal to another process'}: saved step "
-                           f"{step}, exiting.")
-            break
-    if main_process:
-        print(f"training data: {length_counts.report()}")
-    return eval_metrics
+    def _log_window(self, step: int):
+        summary = window_summary(self.window, time.perf_counter() - self.window_start,
+                                 time.perf_counter() - self.start_time)
+        self.writer.write("train", step, summary)
+        self.progress.set_postfix(loss=f"{summary['loss']:.3f}",
+                                  tok_s=f"{summary['target_tokens_per_sec']:.0f}")
+        if self.main_process and not self.on_terminal:
+            print(log_line(step, self.config.num_train_steps, summary), flush=True)
+        self.window.clear()
+        self.window_start = time.perf_counter()
+
+    def _evaluate(self, step: int, params: nnx.State) -> dict[str, float]:
+        """The eval split's loss (and BLEU with `make_bleu`), written to the metrics."""
+        eval_metrics = _eval_loss(self.eval_step, params, self.eval_batches, self.experiment)
+        if self.bleu_of is not None:
+            eval_metrics.update(self.bleu_of(params))
+        eval_metrics.update(wall_time_s=time.perf_counter() - self.start_time)
+        self.writer.write("eval", step, eval_metrics)
+        bleu = eval_metrics.get("bleu")
+        self.progress.write(f"step {step}: eval loss {eval_metrics['loss']:.3f}"
+                            + ("" if bleu is None else f", BLEU {bleu:.2f}"))
+        return eval_metrics
