@@ -1,10 +1,10 @@
 """Translation throughput of beam search: prints one JSON line (its last line).
 
     python bench/decode.py --config configs/wmt_base.py:base --beam 4 --batch 32 \
-        [--source-length 32 --gen-length 31 --dtype float32] [--quantization int8] [--ctranslate2]
+        [--source_length 32 --gen_length 31 --dtype float32] [--quantization int8] [--ctranslate2]
 
-Random parameters, random sources of exactly --source-length tokens, and every hypothesis
-forced to --gen-length tokens (EOS forbidden), so each run does the same work. It times beam
+Random parameters, random sources of exactly --source_length tokens, and every hypothesis
+forced to --gen_length tokens (EOS forbidden), so each run does the same work. It times beam
 search with the key/value cache and the same search recomputing the decoder over the prefix at
 every step (`full_recompute`), compilation excluded: each search's `seconds` are the median,
 min and max of its timed runs after a warm-up run, and its rates and ratios are at the median
@@ -19,15 +19,15 @@ with float matmuls too, alternating the two run by run; `int8_speedup` is the fl
 seconds over the int8 search's (above 1: int8 is faster); `float_matmuls` has its figures.
 
 `--shortlist FILE` (a lexical shortlist of the model's vocabulary size, `python -m
-tfx.compress.shortlist`) times the cached search over each batch's shortlist of --shortlist-size
+tfx.compress.shortlist`) times the cached search over each batch's shortlist of --shortlist_size
 tokens too, alternating; `shortlist_speedup` is the whole vocabulary's seconds over the
 shortlist's (figures under `shortlist`).
 
 `--ctranslate2` also times CTranslate2 on CPU (float32 and int8 computation, one thread per
 core, the same batch and beam) on the same model exported by `tfx.export.ctranslate2.ctranslate2_spec`
-with a synthetic vocabulary, its hypotheses forced to --gen-length tokens too
+with a synthetic vocabulary, its hypotheses forced to --gen_length tokens too
 (min = max decoding length). CTranslate2 appends EOS to each source itself, so it gets the
-first --source-length - 1 tokens of each: the same length. `tfx_over_ctranslate2_*` is tfx's
+first --source_length - 1 tokens of each: the same length. `tfx_over_ctranslate2_*` is tfx's
 sentences/s over CTranslate2's (above 1: tfx is faster).
 """
 from __future__ import annotations
@@ -111,17 +111,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", default="configs/wmt_base.py:base")
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--source-length", type=int, default=32)
-    parser.add_argument("--gen-length", type=int, default=31)
+    parser.add_argument("--source_length", "--source-length", type=int, default=32)
+    parser.add_argument("--gen_length", "--gen-length", type=int, default=31)
     parser.add_argument("--dtype", default=None, choices=config_lib.DTYPES,
                         help="overrides config.model.dtype (the computation dtype)")
     parser.add_argument("--quantization", default=None, choices=config_lib.QUANTIZATIONS,
                         help="overrides config.quantization; int8 also times float matmuls, alternated")
     parser.add_argument("--shortlist", default="",
                         help="a lexical shortlist: also times the cached search with it, alternated")
-    parser.add_argument("--shortlist-size", type=int, default=1024, help="tokens a batch decodes over")
+    parser.add_argument("--shortlist_size", "--shortlist-size", type=int, default=1024, help="tokens a batch decodes over")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of the cached search")
-    parser.add_argument("--full-recompute-runs", type=int, default=1,
+    parser.add_argument("--full_recompute_runs", "--full-recompute-runs", type=int, default=1,
                         help="timed runs of the search without a cache (0: skip it)")
     parser.add_argument("--ctranslate2", action="store_true",
                         help="also time CTranslate2 (float32 and int8) on the same model and inputs")
@@ -132,7 +132,7 @@ def time_searches(args: argparse.Namespace, config, graphdef, mesh, shardings, p
                   inputs: np.ndarray) -> dict[str, dict]:
     """figures() of the cached search ("cached") and, alternated with it, of the same search with
     float matmuls ("float", under int8) and over a shortlist ("shortlist"); and of the search
-    without a cache ("full_recompute") after them, unless --full-recompute-runs is 0."""
+    without a cache ("full_recompute") after them, unless --full_recompute_runs is 0."""
     def translator(config, full_recompute: bool = False, **shortlist):
         return decode.make_translate(config, graphdef, mesh, shardings, strategy="beam",
                                      beam_size=args.beam, forced_length=args.gen_length,

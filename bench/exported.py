@@ -2,13 +2,13 @@
 int8): prints one JSON line (its last line).
 
     python bench/exported.py --config configs/multi30k.py --workdir runs/multi30k \
-        --checkpoint average:5 [--split test] [--beam 4] [--runs 3] [--length-penalty A] \
-        [--ct2-length-penalty 1.0] [--shortlist runs/multi30k/shortlist.npz [--shortlist-size 1024]]
+        --checkpoint average:5 [--split test] [--beam 4] [--runs 3] [--length_penalty A] \
+        [--ct2_length_penalty 1.0] [--shortlist runs/multi30k/shortlist.npz [--shortlist_size 1024]]
 
 All engines translate the same sentences (config.data[split]) with the same beam and batch size
 (per_device_eval_batch_size x the data-parallel devices; both sort by length). tfx decodes as
 config.decode says (GNMT length penalty); CTranslate2 with its own length penalty,
-score / length ** --ct2-length-penalty, and at most model.max_len tokens. Each engine runs the
+score / length ** --ct2_length_penalty, and at most model.max_len tokens. Each engine runs the
 whole set once to warm up (tfx compiles its shapes then), then --runs timed times: `seconds` is
 their median, min and max, and the rates are at the median (bench/stats.py).
 CTranslate2 gets intra_threads = the CPU cores. BLEU is sacreBLEU on the detokenized output;
@@ -47,11 +47,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint", default="average:5")
     parser.add_argument("--split", default="test", choices=("eval", "test"))
     parser.add_argument("--beam", type=int, default=4)
-    parser.add_argument("--length-penalty", type=float, default=None,
+    parser.add_argument("--length_penalty", "--length-penalty", type=float, default=None,
                         help="tfx's GNMT alpha (default: config.decode.length_penalty)")
-    parser.add_argument("--ct2-length-penalty", type=float, default=1.0)
+    parser.add_argument("--ct2_length_penalty", "--ct2-length-penalty", type=float, default=1.0)
     parser.add_argument("--shortlist", default="", help="a lexical shortlist for both engines")
-    parser.add_argument("--shortlist-size", type=int, default=None,
+    parser.add_argument("--shortlist_size", "--shortlist-size", type=int, default=None,
                         help="tfx's tokens per batch (default: config.decode.shortlist_size)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of the whole set per engine")
     return parser.parse_args()

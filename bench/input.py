@@ -1,12 +1,12 @@
 """Input-pipeline throughput alone: prints one JSON line (its last line).
 
     python bench/input.py --config configs/multi30k.py [--batches 200 --rounds 5] \
-        [--train-config configs/wmt_base.py:base]
+        [--train_config configs/wmt_base.py:base]
 
 Reads the config's train split through the real pipeline (tokenize, length policy, shuffle,
 pack or pad, batch) at the global batch size of this machine's devices and times `--batches`
 batches after the first, in `--rounds` equal rounds: the rates are the median, min and max of
-the rounds' (bench/stats.py). With --train-config (default :base; "" skips it), it also runs
+the rounds' (bench/stats.py). With --train_config (default :base; "" skips it), it also runs
 bench/train.py on the same machine, right after, and reports the ratio of what the pipeline
 delivers to what that train step consumes (median target tokens per second).
 """
@@ -69,7 +69,7 @@ def main():
     parser.add_argument("--batches", type=int, default=200,
                         help="timed batches (after the first), in --rounds equal rounds")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds; rates are per round")
-    parser.add_argument("--train-config", default="configs/wmt_base.py:base",
+    parser.add_argument("--train_config", "--train-config", default="configs/wmt_base.py:base",
                         help='bench/train.py config to compare with; "" skips it')
     args = parser.parse_args()
 

@@ -1,7 +1,7 @@
 """Per-device memory of the train state and the compiled train step: prints one JSON line.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/memory.py \\
-        --config configs/wmt_base.py:base --mesh data:2,fsdp:2,tensor:2 [--remat full] [--scan-layers]
+        --config configs/wmt_base.py:base --mesh data:2,fsdp:2,tensor:2 [--remat full] [--scan_layers]
 
 Parameter and optimizer bytes are the largest per-device shard under the config's logical-axis
 rules on that mesh; the step's temporary bytes come from XLA's memory analysis of the compiled

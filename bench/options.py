@@ -10,20 +10,20 @@ from tfx.core import precision
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with --config, --mesh, --per-device-batch-size, --dtype, --remat,
-    --scan-layers and --bfloat16-logits."""
+    """An argument parser with --config, --mesh, --per_device_batch_size, --dtype, --remat,
+    --scan_layers and --bfloat16_logits."""
     result = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     result.add_argument("--config", default="configs/wmt_base.py:base")
     result.add_argument("--mesh", default=None, help="overrides config.mesh_shape, e.g. data:-1")
-    result.add_argument("--per-device-batch-size", type=int, default=None,
+    result.add_argument("--per_device_batch_size", "--per-device-batch-size", type=int, default=None,
                         help="overrides config.per_device_batch_size (rows per data-parallel device)")
     result.add_argument("--dtype", default=None, choices=config_lib.DTYPES,
                         help="overrides config.model.dtype (the computation dtype)")
     result.add_argument("--remat", default=None, choices=config_lib.REMAT_POLICIES,
                         help="overrides config.model.remat")
-    result.add_argument("--scan-layers", action="store_true", help="sets config.model.scan_layers")
-    result.add_argument("--bfloat16-logits", action="store_true",
+    result.add_argument("--scan_layers", "--scan-layers", action="store_true", help="sets config.model.scan_layers")
+    result.add_argument("--bfloat16_logits", "--bfloat16-logits", action="store_true",
                         help="config.model.float32_logits=False: the output projection in model.dtype")
     return result
 

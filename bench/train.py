@@ -1,14 +1,14 @@
 """Train-step throughput and MFU: prints one JSON line (its last line).
 
     python bench/train.py --config configs/wmt_base.py:base [--mesh data:-1] [--steps 10] [--dtype bfloat16]
-        [--remat none|full|dots] [--scan-layers] [--without-stop]
+        [--remat none|full|dots] [--scan_layers] [--without_stop]
 
 Batches are synthetic sentence pairs of realistic, varied lengths packed into rows of
 max_source_length/max_target_length, so the figures reflect the real step. Model FLOPs
 (`tfx/model/flops.py`) count only non-padding tokens: 6 x the weights each source/target token
 meets, plus the attention score/value products within each pair (causal half for decoder
 self-attention). Like train.py's, each batch carries the preemption `stop` column that all
-processes agree on inside the step; `--without-stop` leaves it out, to measure what it costs.
+processes agree on inside the step; `--without_stop` leaves it out, to measure what it costs.
 The peak is a large matmul in the model's compute dtype (float32 accumulation) timed in the
 same run on the same devices, before and after the steps; `fraction_of_f32_peak` also relates
 the achieved rate to the float32 peak. `step_time_s` and the peaks are the median, min and max
@@ -88,7 +88,7 @@ def main():
     parser = options.parser(__doc__)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--batches", type=int, default=4, help="distinct synthetic batches cycled")
-    parser.add_argument("--without-stop", action="store_true",
+    parser.add_argument("--without_stop", "--without-stop", action="store_true",
                         help="leave out the preemption stop column that train.py feeds")
     args = parser.parse_args()
     host_memory.keep_freed_memory_on_cpu()

@@ -93,5 +93,5 @@ def test_a_shortlist_for_another_vocabulary_or_tokenizer_or_no_shortlist_is_refu
         shortlist.check_tokenizer(path, str(other))
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     for bad in (str(tmp_path / "bad.npz"), str(tmp_path / "missing.npz")):
-        with pytest.raises(ValueError, match="is not a shortlist made by `python -m tfx.model.shortlist`"):
+        with pytest.raises(ValueError, match="is not a shortlist made by `python -m tfx.compress.shortlist`"):
             shortlist.load(bad, 12)

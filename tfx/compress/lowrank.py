@@ -90,7 +90,7 @@ def factorize_run(config: ml_collections.ConfigDict, workdir: str, checkpoint: s
         raise ValueError(f"config.model.rank_fraction={config.model.rank_fraction}: give the config "
                          "the full-rank run was trained with (rank_fraction 0).")
     if not 0 < rank_fraction <= 1:
-        raise ValueError(f"--rank-fraction={rank_fraction} must be in (0, 1].")
+        raise ValueError(f"--rank_fraction={rank_fraction} must be in (0, 1].")
     if os.path.isdir(os.path.join(output, "checkpoints")) and Checkpoints(output).steps():
         raise FileExistsError(f"--output={output} already holds checkpoints; choose a new directory.")
     source = trained.load(config, workdir, checkpoint)

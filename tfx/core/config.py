@@ -119,7 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
                 temperature=1.0,  # sampling only.
                 top_k=0,  # sampling only; 0: no top-k cut.
                 top_p=1.0,  # sampling only; 1.0: no nucleus cut.
-                shortlist="",  # a lexical shortlist (python -m tfx.model.shortlist); "": none.
+                shortlist="",  # a lexical shortlist (python -m tfx.compress.shortlist); "": none.
                 shortlist_size=1024,  # with a shortlist: target tokens each batch decodes over.
             ),
             per_device_eval_batch_size=32,  # eval loss and decoding, separate from training.
