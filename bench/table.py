@@ -1,10 +1,10 @@
-"""The README's "Distilling a student" table, measured in one run: prints one JSON line (its last
-line), after the table in Markdown.
+"""The "What each method makes smaller" table of docs/compression.md, measured in one run:
+prints one JSON line (its last line), after the table in Markdown.
 
     python bench/table.py [--rows teacher,student-seq,...] [--batch 32] [--beam 4] [--passes 3]
 
-Every row is a trained (or tool-written) run of README "Distilling a student", at the path the
-README's commands write. Each is decoded on the test split (Multi30k test2016) with beam search,
+Every row is a trained (or tool-written) run of docs/compression.md, at the path its
+commands write. Each is decoded on the test split (Multi30k test2016) with beam search,
 the same beam and batch for all, in this one process, and scored with sacreBLEU, as eval.py
 does (its hypotheses files land in the row's workdir). `seconds` are the median, min and max
 of --passes decodes of the split after compilation, taken in rounds that decode every row once
@@ -50,7 +50,7 @@ STUDENT = "configs/multi30k_student.py"
 class Row:
     name: str  # the key of --rows.
     label: str  # the table's model column.
-    command: str  # where the README gives its command.
+    command: str  # where docs/ give its command.
     config: str
     workdir: str
     checkpoint: str = "latest"
@@ -65,7 +65,7 @@ RANK25 = (("model.rank_fraction", 0.25),)
 RANK125 = (("model.rank_fraction", 0.125),)
 SHORTLIST = (("decode.shortlist", "runs/multi30k/shortlist.npz"),)
 ROWS = (
-    Row("teacher", "teacher (`configs/multi30k.py`)", "README main job", TEACHER, "runs/multi30k", "average:5"),
+    Row("teacher", "teacher (`configs/multi30k.py`)", "the README's set-up command", TEACHER, "runs/multi30k", "average:5"),
     Row("teacher-shortlist", "teacher, lexical shortlist", "step 7, eval.py", TEACHER, "runs/multi30k",
         "average:5", SHORTLIST, trains=False, baseline="teacher-shortlist"),
     Row("teacher-ptq", "teacher, int8 PTQ", "step 4, eval.py", TEACHER, "runs/multi30k", "average:5",

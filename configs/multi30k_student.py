@@ -1,5 +1,5 @@
 """A small, fast student of the Multi30k teacher (configs/multi30k.py trained into runs/multi30k):
-README "Distilling a student".
+docs/compression.md.
 
 192 wide (4 heads of 48), a 4-layer encoder and a single decoder layer: a beam-search step runs
 one decoder layer and a 192-wide vocabulary projection instead of three layers and a 256-wide
@@ -16,9 +16,9 @@ Variants, by what the student learns from:
                 rate 5e-4
     "seq+word"  the "seq" student (runs/student-seq, average:5) fine-tuned the same way on its
                 corpus
-The teacher's forward pass makes a word-level step dearer (README "Distilling a student"), so
+The teacher's forward pass makes a word-level step dearer (docs/compression.md), so
 it is spent at the end only.
-Paths are relative to the repository root, like the README's commands.
+Paths are relative to the repository root, like the commands in docs/.
 """
 import os
 

@@ -6,7 +6,7 @@ smoothing 0.1, Adam (0.9, 0.98, 1e-9) with 4000 warmup steps of the inverse-sqrt
 
 A Cloud TPU slice after the comma (`configs/wmt_base.py:big,v5e-256`) sets the mesh and rows
 per chip that `python -m tfx.tpu.aot` found to fit that slice with the least communication
-(README, "Before you rent a TPU"); compile it for the slice's `topology` to check a change.
+(docs/tpu.md, "Before you rent a TPU"); compile it for the slice's `topology` to check a change.
 """
 import ml_collections
 

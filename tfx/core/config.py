@@ -72,13 +72,97 @@ def model_config() -> ml_collections.ConfigDict:
             dropout_rate=0.1,  # embeddings and residual branches, as in Vaswani et al.
             attention_dropout_rate=0.0,  # attention weights; > 0 leaves the fused kernel.
             activation_dropout_rate=0.0,  # MLP hidden activations (fairseq's default is 0).
-            dtype="auto",  # computation dtype: auto (bfloat16 where matmuls in it are fast, see tfx/precision.py), float32 or bfloat16; parameters stay float32.
+            dtype="auto",  # computation dtype: auto (bfloat16 where matmuls in it are fast, see tfx/core/precision.py), float32 or bfloat16; parameters stay float32.
             float32_logits=True,  # the output projection in float32 whatever dtype is (MaxText's logits_dot_in_fp32).
             remat="none",  # recompute activations in the backward pass: none, full, or dots (keep matmul outputs).
             scan_layers=False,  # one lax.scan over stacked layers: compile time flat in depth.
-            rank_fraction=0.0,  # > 0: every projection is a product of two of rank fraction x min(fan-in, fan-out) (low-rank, tfx/lowrank.py); 0: one full matrix.
+            rank_fraction=0.0,  # > 0: every projection is a product of two of rank fraction x min(fan-in, fan-out) (low-rank, tfx/model/layers.py; python -m tfx.compress.lowrank factorizes a run); 0: one full matrix.
         )
     )
+
+
+def tokenizer_config() -> dict:
+    """`config.tokenizer.*`: the SentencePiece vocabulary of model.vocab_size pieces, joint over
+    source and target."""
+    return dict(
+        model_path="",  # "": train on the training split on first use, then cache.
+        model_type="unigram",  # unigram or bpe.
+        character_coverage=1.0,  # characters covered; the rest fall back to bytes.
+        input_sentence_size=0,  # > 0: train on that many sampled lines (big corpora).
+    )
+
+
+def data_config() -> dict:
+    """`config.data.*`: each split is "tfds:NAME[/CONFIG]:SPLIT" or "text:PATH_PREFIX" (the
+    files PATH_PREFIX.<source_lang> and PATH_PREFIX.<target_lang>, line-aligned)."""
+    return dict(
+        source_lang="en",  # translate from this language ...
+        target_lang="de",  # ... into this one.
+        train="",  # split spec of the training data (required).
+        eval="",  # validation: eval loss and BLEU during training.
+        test="",  # split spec eval.py scores by default.
+        data_dir="",  # "": $TFDS_DATA_DIR or ~/tensorflow_datasets.
+        too_long="drop",  # pairs over max_source/target_length: drop or truncate.
+        pack=True,  # several pairs per row (segment ids + positions); False pads.
+        worker_count=0,  # grain worker processes for the train split (0: in-process).
+        shards=0,  # fixed train-data shards (a multiple of the process count) keep batches and resume across slice sizes; 0: one per process.
+        reset_position=False,  # on resume, start the data afresh instead of refusing a changed global batch.
+    )
+
+
+def decode_config() -> dict:
+    """`config.decode.*`: decoding (eval.py, translate.py, the periodic BLEU). Outputs stop at
+    source length + max_length_offset."""
+    return dict(
+        strategy="beam",  # beam, greedy or sample.
+        beam_size=4,  # hypotheses kept per sentence.
+        length_penalty=0.6,  # GNMT alpha: ((5 + length) / 6) ** alpha.
+        max_length_offset=50,  # outputs stop at source length + this many tokens.
+        max_length=0,  # outputs stop at this many tokens too (EOS included); 0: model.max_len.
+        temperature=1.0,  # sampling only.
+        top_k=0,  # sampling only; 0: no top-k cut.
+        top_p=1.0,  # sampling only; 1.0: no nucleus cut.
+        shortlist="",  # a lexical shortlist (python -m tfx.compress.shortlist); "": none.
+        shortlist_size=1024,  # with a shortlist: target tokens each batch decodes over.
+    )
+
+
+def distill_config() -> dict:
+    """`config.distill.*`: word-level distillation from a teacher run."""
+    return dict(
+        teacher_config="",  # word-level distillation from this teacher's config file ("": off; python -m tfx.compress.distill makes sequence-level corpora).
+        teacher_workdir="",  # the teacher's run (same tokenizer as the student).
+        teacher_checkpoint="latest",  # latest, a step, or average:N of the teacher.
+        weight=0.5,  # loss = (1 - weight) x label-smoothed cross-entropy + weight x temperature^2 x KL(teacher || student).
+        temperature=1.0,  # softens both distributions in the KL term.
+    )
+
+
+def prune_config() -> dict:
+    """`config.prune.*`: gradual magnitude pruning."""
+    return dict(
+        sparsity=0.0,  # gradual magnitude pruning of the projection matrices to this fraction of zeros; 0: off.
+        pattern="unstructured",  # unstructured, or 2:4 (two of every four consecutive weights of a fan-in kept; sparsity 0.5).
+        begin_step=0,  # pruning starts at this step ...
+        end_step=0,  # ... and reaches the target sparsity here (cubic schedule of Zhu and Gupta, 2017); 0: num_train_steps.
+        every_steps=100,  # masks are recomputed this often in between.
+    )
+
+
+def distributed_config() -> dict:
+    """`config.distributed.*`: multi-process (multi-host) runs; every process runs the same
+    command."""
+    return dict(
+        coordinator_address="",  # host:port of process 0; "": $JAX_COORDINATOR_ADDRESS or the detected cluster (TPU VM, SLURM, Open MPI).
+        num_processes=0,  # 0: from the cluster; 1 with no coordinator: single process.
+        process_id=-1,  # -1: from the cluster.
+        heartbeat_timeout_s=100,  # a process silent this long is declared dead and the others stop.
+        initialization_timeout_s=300,  # how long to wait for all processes to connect.
+    )
+
+
+SECTIONS = {"tokenizer": tokenizer_config, "data": data_config, "decode": decode_config,
+            "distill": distill_config, "prune": prune_config, "distributed": distributed_config}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -87,41 +171,9 @@ def default_config() -> ml_collections.ConfigDict:
         dict(
             variant="",  # a label for reports, set by configs with variants.
             model=model_config(),
-            # SentencePiece vocabulary of model.vocab_size pieces, joint over source and target.
-            tokenizer=dict(
-                model_path="",  # "": train on the training split on first use, then cache.
-                model_type="unigram",  # unigram or bpe.
-                character_coverage=1.0,  # characters covered; the rest fall back to bytes.
-                input_sentence_size=0,  # > 0: train on that many sampled lines (big corpora).
-            ),
-            # Data: each split is "tfds:NAME[/CONFIG]:SPLIT" or "text:PATH_PREFIX" (the files
-            # PATH_PREFIX.<source_lang> and PATH_PREFIX.<target_lang>, line-aligned).
-            data=dict(
-                source_lang="en",  # translate from this language ...
-                target_lang="de",  # ... into this one.
-                train="",  # split spec of the training data (required).
-                eval="",  # validation: eval loss and BLEU during training.
-                test="",  # split spec eval.py scores by default.
-                data_dir="",  # "": $TFDS_DATA_DIR or ~/tensorflow_datasets.
-                too_long="drop",  # pairs over max_source/target_length: drop or truncate.
-                pack=True,  # several pairs per row (segment ids + positions); False pads.
-                worker_count=0,  # grain worker processes for the train split (0: in-process).
-                shards=0,  # fixed train-data shards (a multiple of the process count) keep batches and resume across slice sizes; 0: one per process.
-                reset_position=False,  # on resume, start the data afresh instead of refusing a changed global batch.
-            ),
-            # Decoding (eval.py, periodic BLEU). Max output length is source length + offset.
-            decode=dict(
-                strategy="beam",  # beam, greedy or sample.
-                beam_size=4,  # hypotheses kept per sentence.
-                length_penalty=0.6,  # GNMT alpha: ((5 + length) / 6) ** alpha.
-                max_length_offset=50,  # outputs stop at source length + this many tokens.
-                max_length=0,  # outputs stop at this many tokens too (EOS included); 0: model.max_len.
-                temperature=1.0,  # sampling only.
-                top_k=0,  # sampling only; 0: no top-k cut.
-                top_p=1.0,  # sampling only; 1.0: no nucleus cut.
-                shortlist="",  # a lexical shortlist (python -m tfx.compress.shortlist); "": none.
-                shortlist_size=1024,  # with a shortlist: target tokens each batch decodes over.
-            ),
+            tokenizer=tokenizer_config(),
+            data=data_config(),
+            decode=decode_config(),
             per_device_eval_batch_size=32,  # eval loss and decoding, separate from training.
             seed=0,  # parameters, dropout and data order.
             # Optimisation.
@@ -130,7 +182,7 @@ def default_config() -> ml_collections.ConfigDict:
             schedule="rsqrt",  # rsqrt (inverse square root) or cosine, both after a linear warmup.
             warmup_steps=4000,  # linear warmup from 0 to learning_rate.
             num_train_steps=100_000,  # optimizer updates to train for.
-            train_minutes=0.0,  # > 0: num_train_steps is set to fill this many minutes of train steps, timed on the first steps (tfx/budget.py).
+            train_minutes=0.0,  # > 0: num_train_steps is set to fill this many minutes of train steps, timed on the first steps (tfx/train/budget.py).
             cosine_end_fraction=0.0,  # cosine schedule ends at this fraction of learning_rate.
             adam_b1=0.9,
             adam_b2=0.98,
@@ -152,36 +204,17 @@ def default_config() -> ml_collections.ConfigDict:
             eval_bleu_examples=0,  # periodic BLEU on the first N eval pairs; 0: all of them.
             checkpoint_every_steps=1000,  # also at the end and on SIGTERM/SIGINT.
             keep_checkpoints=3,  # the latest K, plus the best by eval BLEU.
-            lock_timeout_s=300.0,  # a workdir lock from another host whose heartbeat (every 30 s) is older than this is stale (tfx/lock.py).
+            lock_timeout_s=300.0,  # a workdir lock from another host whose heartbeat (every 30 s) is older than this is stale (tfx/train/lock.py).
             nonfinite_loss="stop",  # a NaN, infinite or diverged loss: stop (exit naming the step) or skip (leave the parameters and moments unchanged).
             divergence_factor=3.0,  # a loss above this x ln(vocab_size) (a uniform prediction's, about where training starts) has diverged; 0: only NaN/inf.
             # Starting from another run (fine-tunes: int8 QAT, pruning, low-rank, pruned heads).
             init_from="",  # a workdir whose parameters a new run starts from (its optimizer and step start afresh); "": random initialisation.
             init_checkpoint="latest",  # which of init_from's checkpoints: latest, a step, or average:N.
-            # Efficiency toolbox (README "Distilling a student").
-            quantization="none",  # none or int8: training is quantization-aware (QAT), eval and translation run int8 matmuls (PTQ of float parameters); qwix (tfx/quantize.py).
-            distill=dict(
-                teacher_config="",  # word-level distillation from this teacher's config file ("": off; tfx/distill.py makes sequence-level corpora).
-                teacher_workdir="",  # the teacher's run (same tokenizer as the student).
-                teacher_checkpoint="latest",  # latest, a step, or average:N of the teacher.
-                weight=0.5,  # loss = (1 - weight) x label-smoothed cross-entropy + weight x temperature^2 x KL(teacher || student).
-                temperature=1.0,  # softens both distributions in the KL term.
-            ),
-            prune=dict(
-                sparsity=0.0,  # gradual magnitude pruning of the projection matrices to this fraction of zeros; 0: off.
-                pattern="unstructured",  # unstructured, or 2:4 (two of every four consecutive weights of a fan-in kept; sparsity 0.5).
-                begin_step=0,  # pruning starts at this step ...
-                end_step=0,  # ... and reaches the target sparsity here (cubic schedule of Zhu and Gupta, 2017); 0: num_train_steps.
-                every_steps=100,  # masks are recomputed this often in between.
-            ),
-            # Multi-process (multi-host) runs; every process runs the same command.
-            distributed=dict(
-                coordinator_address="",  # host:port of process 0; "": $JAX_COORDINATOR_ADDRESS or the detected cluster (TPU VM, SLURM, Open MPI).
-                num_processes=0,  # 0: from the cluster; 1 with no coordinator: single process.
-                process_id=-1,  # -1: from the cluster.
-                heartbeat_timeout_s=100,  # a process silent this long is declared dead and the others stop.
-                initialization_timeout_s=300,  # how long to wait for all processes to connect.
-            ),
+            # Efficiency toolbox (docs/compression.md).
+            quantization="none",  # none or int8: training is quantization-aware (QAT), eval and translation run int8 matmuls (PTQ of float parameters); qwix (tfx/model/quantize.py).
+            distill=distill_config(),
+            prune=prune_config(),
+            distributed=distributed_config(),
             # Parallelism.
             mesh_shape="data:-1,fsdp:1,tensor:1",  # device mesh; -1: the devices left over.
             logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES,  # logical axis -> mesh axes (see above).
@@ -402,9 +435,11 @@ def _check_model(config: ml_collections.ConfigDict):
 
 def reference_table() -> str:
     """Markdown table of every key, its default and the comment beside it in this file (the
-    README's config reference is this output: `python -m tfx.core.config`)."""
+    config reference in docs/config.md is this output: `python -m tfx.core.config`)."""
     comments = {}
-    for function, prefix in ((model_config, "model."), (default_config, "")):
+    sources = ((model_config, "model."), (default_config, ""),
+               *((function, f"{name}.") for name, function in SECTIONS.items()))
+    for function, prefix in sources:
         sections = [prefix]  # the dotted prefix of the `name=dict(` blocks the line is in.
         for line in inspect.getsource(function).splitlines():
             if match := re.match(r"\s+(\w+)=dict\($", line):

@@ -3,8 +3,8 @@
 TPUs and NVIDIA GPUs from Ampere on (compute capability 8.0) multiply bfloat16 at several times
 their float32 rate. On CPUs XLA gets that rate only from AMX tiles (the `amx_bf16` flag, Intel
 Xeon from Sapphire Rapids on): with AVX512-BF16 alone (AMD Zen 4) its bfloat16 matmuls run no
-faster than float32 and the converts around them make a train step slower (README, "Choosing the
-compute dtype"), so such CPUs get float32.
+faster than float32 and the converts around them make a train step slower (docs/model.md,
+"Precision"), so such CPUs get float32.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Model FLOPs: the useful work of the Transformer, one formula for the benchmarks, tfx.tpu.aot and
-the README.
+docs/benchmarks.md.
 
 Counted, at 2 FLOPs per multiply-add: every product with a weight matrix, and the attention
 products (scores and weighted values) within each sentence pair, the causal half of them for

@@ -213,7 +213,7 @@ def lookup(table_VxD: jax.Array, tokens_BxL: jax.Array, scale: float, dtype) -> 
 
     Left to autodiff, XLA partitions the scatter-add of a table split over fsdp by all-reducing
     a float32 copy of the whole table over every device and all-gathering another, and without
-    fsdp all-reduces a lookup's gradient apart from the output projection's (the README's
+    fsdp all-reduces a lookup's gradient apart from the output projection's (docs/tpu.md's
     "Before you rent a TPU" has the bytes, from `python -m tfx.tpu.aot`). Here the rows' gradients
     are first resharded onto the table's embed shards (an all-to-all of activations), so each
     device adds into its own shard, and the table's gradients are reduced together, once.

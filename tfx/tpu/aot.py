@@ -180,7 +180,7 @@ def _exhausted_bytes(message: str) -> int:
 
 def compile_report(program: Program, config: ml_collections.ConfigDict, mesh: Mesh, chip: Chip,
                    topology: str) -> dict:
-    """Lowers and compiles `program` for the slice; its JSON report (see the README)."""
+    """Lowers and compiles `program` for the slice; its JSON report (docs/tpu.md)."""
     chips = mesh.size
     report = dict(function=program.name, topology=topology, chips=chips,
                   chip=mesh.devices.flat[0].device_kind, mesh=dict(mesh.shape),
