@@ -78,10 +78,7 @@ def main():
     train = sources.open_splits(config)["train"]
     tokenizer = tokenizer_lib.from_config(config, train)
     mesh = parallel.make_mesh(config.mesh_shape)
-    global_rows = config.per_device_batch_size * parallel.data_parallel_size(
-        mesh, config.logical_axis_rules)
-    shard = pipeline.process_shard(parallel.batch_sharding(mesh, config.logical_axis_rules),
-                                   global_rows)
+    _, shard = pipeline.batch_layout(config, mesh, config.per_device_batch_size)
     batches, counts = pipeline.train_iterator(config, train, tokenizer, shard)
     next(batches)
     startup_s = time.perf_counter() - start

@@ -5,7 +5,7 @@ import shutil
 import tempfile
 
 # The tests' steps are tiny, so compiling dominates: LLVM's cheapest optimisation level
-# takes about a quarter off the compile-bound tests (run-to-run comparisons share the flags).
+# shortens the compile-bound tests (run-to-run comparisons share the flags).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

@@ -173,7 +173,7 @@ def prune_heads(config: ml_collections.ConfigDict, workdir: str, checkpoint: str
         raise FileExistsError(f"--output={output} already holds checkpoints; choose a new directory.")
     source = trained.load(config, workdir, checkpoint)
     label, params = source.label, source.params
-    sharding, shard = evaluate.eval_layout(config, source.mesh)
+    sharding, shard = pipeline.batch_layout(config, source.mesh, config.per_device_eval_batch_size)
     split_batches = pipeline.eval_batches(config, evaluate.open_split(config, split),
                                           source.tokenizer, shard)
     scored = [pipeline.to_global({k: v for k, v in batch.items() if k != "index"}, sharding, shard)

@@ -26,8 +26,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tfx.core import parallel
 from tfx.data.sources import PairSource
 from tfx.data.tokenizer import EOS_ID, Tokenizer
 
@@ -59,6 +60,15 @@ def process_shard(sharding: NamedSharding, global_rows: int) -> Shard:
                          "are not one contiguous block; order the mesh devices by process.")
     rows = stop - start
     return Shard(index=start // rows, count=global_rows // rows, rows=rows)
+
+
+def batch_layout(config: ml_collections.ConfigDict, mesh: Mesh, per_device_rows: int
+                 ) -> tuple[NamedSharding, Shard]:
+    """The sharding of batches on `mesh` by config.logical_axis_rules, and this process's rows
+    (`process_shard`) of a global batch of `per_device_rows` per data-parallel device."""
+    rules = config.logical_axis_rules
+    sharding = parallel.batch_sharding(mesh, rules)
+    return sharding, process_shard(sharding, per_device_rows * parallel.data_parallel_size(mesh, rules))
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding, shard: Shard

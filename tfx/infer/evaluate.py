@@ -19,9 +19,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from tfx.core import distributed, files, parallel
+from tfx.core import distributed, files
 from tfx.data import sources
-from tfx.data.pipeline import Shard, decode_batches, process_shard, to_global
+from tfx.data.pipeline import Shard, batch_layout, decode_batches, to_global
 from tfx.data.tokenizer import EOS_ID, Tokenizer
 from tfx.infer import trained
 from tfx.model import decode
@@ -106,15 +106,6 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> sources.PairSou
         return sources.open_split(d[split], f"data.{split}", d.source_lang, d.target_lang, d.data_dir)
 
 
-def eval_layout(config: ml_collections.ConfigDict, mesh) -> tuple[NamedSharding, Shard]:
-    """The sharding of eval and decode batches on `mesh`, and this process's rows of each
-    (config.per_device_eval_batch_size per data-parallel device), as training lays them out."""
-    rules = config.logical_axis_rules
-    sharding = parallel.batch_sharding(mesh, rules)
-    rows = config.per_device_eval_batch_size * parallel.data_parallel_size(mesh, rules)
-    return sharding, process_shard(sharding, rows)
-
-
 class SplitDecoder:
     """A checkpoint of `workdir` ready to decode `split` in batches of similar source length
     (pipeline.decode_batches). Each call decodes the whole split, compiling on the first, and
@@ -129,7 +120,8 @@ class SplitDecoder:
         self.source = open_split(config, split)
         self.model = trained.load(config, workdir, checkpoint)
         self.label, self.params = self.model.label, self.model.params
-        self.sharding, self.shard = eval_layout(config, self.model.mesh)
+        self.sharding, self.shard = batch_layout(config, self.model.mesh,
+                                                 config.per_device_eval_batch_size)
         self.batches = decode_batches(config, self.source, self.model.tokenizer, self.shard)
         self._translate = decode.make_translate(config, self.model.graphdef, self.model.mesh,
                                                 self.model.params_shardings)

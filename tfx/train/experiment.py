@@ -1,5 +1,5 @@
 """What a run needs, built once from the config: mesh, splits, tokenizer, the sharded state
-and the batch shardings. Shared by training and evaluation."""
+and the batch shardings: what training (and its periodic BLEU) works with."""
 from __future__ import annotations
 
 import ml_collections
@@ -16,18 +16,14 @@ class Experiment:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
-        rules = config.logical_axis_rules
         self.mesh = parallel.make_mesh(config.mesh_shape)
         with distributed.process_0_first("tfx: data and tokenizer ready"):
             self.splits = sources.open_splits(config)
             self.tokenizer = tokenizer_lib.from_config(config, self.splits["train"])
         tokenizer_lib.check_vocab_size(self.tokenizer, config)
-        self.sharding = parallel.batch_sharding(self.mesh, rules)
-        data_parallel = parallel.data_parallel_size(self.mesh, rules)
-        self.train_shard = pipeline.process_shard(
-            self.sharding, config.per_device_batch_size * data_parallel)
-        self.eval_shard = pipeline.process_shard(
-            self.sharding, config.per_device_eval_batch_size * data_parallel)
+        self.sharding, self.train_shard = pipeline.batch_layout(config, self.mesh,
+                                                                config.per_device_batch_size)
+        _, self.eval_shard = pipeline.batch_layout(config, self.mesh, config.per_device_eval_batch_size)
         pipeline.data_shards(config, self.train_shard)  # refuses bad data.shards before compiling.
         self.graphdef, self.state, self.shardings = steps.create_train_state(config, self.mesh)
 
