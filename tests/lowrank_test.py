@@ -135,7 +135,7 @@ def test_factorized_run_at_full_rank_translates_like_the_source(trained, tmp_pat
         lowrank.factorize_run(config, workdir, "latest", 0.5, output)
     with pytest.raises(ValueError, match=r"config\.model\.rank_fraction=1\.0: give the config"):
         lowrank.factorize_run(done.config, output, "latest", 0.5, str(tmp_path / "again"))
-    with pytest.raises(ValueError, match=r"--rank-fraction=0\.0 must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"--rank_fraction=0\.0 must be in \(0, 1\]"):
         lowrank.factorize_run(config, workdir, "latest", 0.0, str(tmp_path / "again"))
 
 
