@@ -33,11 +33,9 @@ def average_last(config, workdir: str, last: int, output: str) -> int:
 
 def main():
     """The command line (absl flags, defined here so that importing tfx.compress.average defines none)."""
-    import os
-
     from absl import flags
 
-    from tfx.core import cli, files
+    from tfx.core import cli
     from tfx.infer import trained
     from tfx.train import rundir
 
@@ -50,8 +48,7 @@ def main():
         config = shared.run_config()
         step = average_last(config, shared.workdir.value, last.value, output.value)
         # The output is a run of its own, with the config and tokenizer of its source.
-        files.write_text(os.path.join(output.value, config_lib.RUN_CONFIG_FILE),
-                         config.to_json(indent=2))
+        config_lib.save_run(config, output.value)
         rundir.keep_tokenizer(trained.tokenizer_for(config, shared.workdir.value), output.value)
         print(f"averaged the last {last.value} checkpoints of {shared.workdir.value} into "
               f"{output.value} (step {step})")

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from tfx.core import files
+
 ACTIVATIONS = ("relu", "gelu", "swiglu", "squared_relu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -282,6 +284,11 @@ def _flatten_json(tree: dict, prefix: str = ""):
 
 def _tuples(value):
     return tuple(map(_tuples, value)) if isinstance(value, list) else value
+
+
+def save_run(config: ml_collections.ConfigDict, workdir: str):
+    """Writes `config` as the run's config.json in `workdir` (atomically), for `load_run`."""
+    files.write_text(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=2))
 
 
 def load_run(workdir: str) -> ml_collections.ConfigDict:

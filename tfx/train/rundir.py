@@ -106,7 +106,7 @@ def write_run(config: ml_collections.ConfigDict, mesh: Mesh, params: nnx.State,
     checkpoints.wait()
     checkpoints.close()
     if jax.process_index() == 0:
-        files.write_text(os.path.join(workdir, config_lib.RUN_CONFIG_FILE), config.to_json(indent=2))
+        config_lib.save_run(config, workdir)
         keep_tokenizer(tokenizer, workdir)
 
 

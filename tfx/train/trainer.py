@@ -22,7 +22,8 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from tfx.core import files, precision
+from tfx.core import config as config_lib
+from tfx.core import precision
 from tfx.data import pipeline
 from tfx.train import budget, lock, losses, rundir, steps
 from tfx.train.checkpoint import Checkpoints
@@ -160,7 +161,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, make_bleu: MakeBleu 
         if main_process:
             print(f"distilling from {config.distill.teacher_workdir} {teacher.label}")
     if main_process:
-        files.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
+        config_lib.save_run(config, workdir)
         rundir.keep_tokenizer(experiment.tokenizer, workdir)
     config, timed_steps = _budget_start(config, workdir, int(state.step))
     loop = _Loop(config, workdir, experiment, checkpoints, batches, cleanup, teacher=teacher,
