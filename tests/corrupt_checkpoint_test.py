@@ -41,14 +41,14 @@ def test_latest_falls_back_to_the_newest_checkpoint_that_restores(run, tmp_path,
     config = tiny_multi30k(data_dir)
     state = trainer.Experiment(config).state
 
-    label, _ = rundir.restore_params(str(workdir), "latest", state)
+    label, _ = rundir.restore_params(str(workdir), "latest", state.params)
     assert label == "step4"
     assert any(f"skipping checkpoint step 8: {workdir}/checkpoints/8 does not restore" in r.getMessage()
                for r in caplog.records)
     with pytest.raises(CorruptCheckpointError, match=f"^--checkpoint=8: {workdir}/checkpoints/8 does not restore"):
-        rundir.restore_params(str(workdir), "8", state)
+        rundir.restore_params(str(workdir), "8", state.params)
     with pytest.raises(CorruptCheckpointError, match=f"--checkpoint=average:2: {workdir}/checkpoints/8 does"):
-        rundir.restore_params(str(workdir), "average:2", state)
+        rundir.restore_params(str(workdir), "average:2", state.params)
     assert (workdir / "checkpoints" / "8").exists()  # reading tools leave the workdir alone.
 
 

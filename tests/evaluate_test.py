@@ -27,11 +27,11 @@ def test_averaged_checkpoint_is_the_mean_of_its_parts(trained):
     checkpoints = Checkpoints(workdir)
     assert checkpoints.steps() == [2, 4, 6]
     parts = [checkpoints.restore(step, experiment.state).params for step in (4, 6)]
-    label, averaged = restore_params(workdir, "average:2", experiment.state)
+    label, averaged = restore_params(workdir, "average:2", experiment.state.params)
     assert label == "average2-step6"
     jax.tree.map(lambda a, b, mean: np.testing.assert_allclose(mean, (a + b) / 2, rtol=1e-6),
                  *parts, averaged)
-    label, latest = restore_params(workdir, "latest", experiment.state)
+    label, latest = restore_params(workdir, "latest", experiment.state.params)
     assert label == "step6"
     jax.tree.map(np.testing.assert_array_equal, latest, parts[1])
 
@@ -40,8 +40,8 @@ def test_average_command_writes_a_checkpoint_eval_can_read(trained, tmp_path):
     config, workdir = trained
     experiment = Experiment(config)
     assert average_last(config, workdir, 2, str(tmp_path)) == 6
-    _, written = restore_params(str(tmp_path), "latest", experiment.state)
-    _, on_the_fly = restore_params(workdir, "average:2", experiment.state)
+    _, written = restore_params(str(tmp_path), "latest", experiment.state.params)
+    _, on_the_fly = restore_params(workdir, "average:2", experiment.state.params)
     jax.tree.map(np.testing.assert_array_equal, written, on_the_fly)
     with pytest.raises(ValueError, match=r"--last=4, but .* has 3 checkpoints"):
         average_last(config, workdir, 4, str(tmp_path / "other"))
@@ -101,20 +101,20 @@ def test_multi_reference_scores_use_every_stream():
 def test_unknown_checkpoints_are_named(trained, checkpoint, message):
     config, workdir = trained
     with pytest.raises(ValueError, match=message):
-        restore_params(workdir, checkpoint, Experiment(config).state)
+        restore_params(workdir, checkpoint, Experiment(config).state.params)
 
 
 def test_missing_workdir_and_mismatched_config_are_named(trained, tmp_path):
     config, workdir = trained
     with pytest.raises(FileNotFoundError, match="workdir .*nowhere.* does not exist"):
-        restore_params(str(tmp_path / "nowhere"), "latest", Experiment(config).state)
+        restore_params(str(tmp_path / "nowhere"), "latest", Experiment(config).state.params)
     with pytest.raises(FileNotFoundError, match="no checkpoints in"):
-        restore_params(str(tmp_path), "latest", Experiment(config).state)
+        restore_params(str(tmp_path), "latest", Experiment(config).state.params)
     wider = config.copy_and_resolve_references()
     wider.model.mlp_dim = 128
     with pytest.raises(ValueError, match=r"params/.*/wi/value has shape \(32, 64\) in the checkpoint "
                                          r"but \(32, 128\) in the config"):
-        restore_params(workdir, "latest", Experiment(wider).state)
+        restore_params(workdir, "latest", Experiment(wider).state.params)
 
 
 def test_score_mode_refuses_files_of_different_lengths(tmp_path):

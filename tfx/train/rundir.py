@@ -34,17 +34,16 @@ class TrainedModel:
     label: str  # which checkpoint: "step2500", "average5-step2500".
 
 
-def restore_params(workdir: str, checkpoint: str, target, key: str = "--checkpoint"
+def restore_params(workdir: str, checkpoint: str, like: nnx.State, key: str = "--checkpoint"
                    ) -> tuple[str, nnx.State]:
     """(label, params) of `checkpoint` ("latest", a step, or "average:N" for the mean of the
-    last N) in `workdir`, placed like `target`: parameters (arrays, or ShapeDtypeStructs with
-    shardings as `tfx.model.params.abstract_params` gives them), or a train state's. Only
-    parameters are read (`Checkpoints.restore_params`). `key` is the flag or config key that
-    chose `checkpoint`, for the errors.
+    last N) in `workdir`, placed like the parameters `like` (arrays, or ShapeDtypeStructs with
+    shardings as `tfx.model.params.abstract_params` gives them). Only parameters are read
+    (`Checkpoints.restore_params`). `key` is the flag or config key that chose `checkpoint`,
+    for the errors.
 
     "latest" is the newest checkpoint that restores (a warning names each one skipped); a
     requested step, or a member of an average, that does not restore is an error naming it."""
-    like = target.params if isinstance(target, steps.TrainState) else target
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist.")
     checkpoints = Checkpoints(workdir)
@@ -84,7 +83,7 @@ def init_params(config: ml_collections.ConfigDict, state) -> tuple[str, nnx.Stat
     """(label, params) of config.init_checkpoint of the run in config.init_from, placed like
     `state.params` (this run's mesh and shardings); errors name the keys."""
     with _naming("init_from", config.init_from):
-        return restore_params(config.init_from, config.init_checkpoint, state,
+        return restore_params(config.init_from, config.init_checkpoint, state.params,
                               "config.init_checkpoint")
 
 
