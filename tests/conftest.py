@@ -102,3 +102,13 @@ def converged(data_dir, tmp_path_factory):
     config.model.dropout_rate = 0.0
     trainer.train(config, workdir)
     return config, workdir
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """gs://tfx-test on a Cloud Storage API server on loopback (tests/gcs_emulator.py), with this
+    process's and its subprocesses' clients pointed at it. Tests use prefixes of their own."""
+    import gcs_emulator
+
+    with gcs_emulator.running() as bucket:
+        yield bucket
