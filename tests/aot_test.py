@@ -17,6 +17,9 @@ from tfx.core import parallel
 from tfx.model import layers
 from tfx.model.transformer import count_params
 from tfx.tpu import aot
+from tfx.train import steps, trainer
+
+from runs import tiny_multi30k
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WMT = os.path.join(ROOT, "configs", "wmt_base.py")
@@ -110,8 +113,33 @@ def test_a_configuration_that_does_not_fit_is_reported_with_what_to_change():
     config = tiny(mesh_shape="data:-1,fsdp:1,tensor:1", per_device_batch_size=8192)
     (report,) = aot.run(config, "v5e:2x2", ["train_step"])
     assert report["fits"] is False
-    assert report["total_bytes"] > report["hbm_bytes"] == 16 * 2**30
+    assert report["total_bytes"] > report["hbm_bytes"] == aot.slice_devices("v5e:2x2")[0].hbm_bytes
+    assert report["hbm_source"] == "xla"
     assert any("grad_accum_steps=2" in change for change in report["change"])
+
+
+@pytest.mark.parametrize("topology", ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_the_hbm_compared_with_is_what_xla_lets_a_program_use(topology):
+    """A program whose arguments and outputs come to the reported HBM less 64 MiB compiles for
+    one chip; 64 MiB more does not (the nominal sizes of CHIPS fail this)."""
+    chip, devices = aot.slice_devices(topology)
+    assert chip.hbm_source == "xla"
+    mesh = jax.sharding.Mesh(np.array(devices[:1]), ("chip",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    for margin, fits in ((-64 * 2**20, True), (64 * 2**20, False)):
+        half = jax.ShapeDtypeStruct(((chip.hbm_bytes + margin) // 2,), np.int8, sharding=replicated)
+        lowered = jax.jit(lambda x: x + 1).lower(half)  # an argument and an output of `half` bytes.
+        if fits:
+            lowered.compile()
+        else:
+            with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+                lowered.compile()
+
+
+def test_without_a_figure_from_xla_the_nominal_hbm_is_used_and_said(monkeypatch):
+    monkeypatch.setattr(aot, "usable_hbm_bytes", lambda device: 0)
+    chip, _ = aot.slice_devices("v5e:2x2")
+    assert (chip.hbm_bytes, chip.hbm_source) == (16 * 2**30, "nominal")
 
 
 def test_steps_traced_for_a_tpu_mesh_on_this_cpu_host_leave_out_the_cpu_fusion_barrier():
@@ -138,6 +166,54 @@ def test_megacore_chips_are_one_device_each():
 def test_an_unknown_topology_is_a_clear_error(topology, message):
     with pytest.raises(ValueError, match=message):
         aot.slice_devices(topology)
+
+
+TEACHER_CONFIG = """import sys
+sys.path.insert(0, {tests!r})
+from runs import tiny_multi30k
+
+
+def get_config():
+    return tiny_multi30k({data_dir!r})
+"""
+
+
+class FirstCall(Exception):
+    """Raised by the trainer's train step instead of running, with the arguments it was given."""
+
+
+def test_the_train_step_compiled_is_the_one_train_py_runs(trained, data_dir, tmp_path, monkeypatch):
+    """A student distilling from the session's run: the arguments of the trainer's first call of
+    its train step (state, batch with `stop`, teacher parameters) have the tree, shapes, dtypes
+    and shardings that aot compiles the step with."""
+    _, teacher_workdir = trained
+    teacher_config = tmp_path / "teacher.py"
+    teacher_config.write_text(TEACHER_CONFIG.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                                                    data_dir=data_dir))
+    config = tiny_multi30k(data_dir, num_train_steps=1)
+    config.model.mlp_dim = 32
+    config.distill.update(teacher_config=str(teacher_config), teacher_workdir=teacher_workdir)
+    make_train_step = steps.make_train_step
+
+    def spied(*args, **kwargs):
+        make_train_step(*args, **kwargs)
+
+        def train_step(*step_args):
+            raise FirstCall(step_args)
+        return train_step
+
+    monkeypatch.setattr(steps, "make_train_step", spied)
+    with pytest.raises(FirstCall) as first:
+        trainer.train(config, str(tmp_path / "student"))
+    monkeypatch.undo()
+    (program,) = [p for p in aot.programs(config, parallel.make_mesh(config.mesh_shape))
+                  if p.name == "train_step"]
+    real = first.value.args[0]
+    assert len(program.args) == len(real) == 3  # state, batch, the teacher's parameters.
+    assert jax.tree.structure(program.args) == jax.tree.structure(real)
+    for compiled, given in zip(jax.tree.leaves(program.args), jax.tree.leaves(real)):
+        assert (compiled.shape, compiled.dtype) == (given.shape, given.dtype)
+        assert compiled.sharding.is_equivalent_to(given.sharding, given.ndim)
 
 
 def run_cli(*flags):

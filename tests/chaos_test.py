@@ -6,6 +6,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from tfx.train.checkpoint import Checkpoints
 from tfx.train.experiment import Experiment
@@ -33,9 +34,29 @@ def _saving(workdir) -> bool:
     return os.path.isdir(directory) and any(".orbax-checkpoint-tmp" in name for name in os.listdir(directory))
 
 
+def chaos_seed() -> int:
+    """$TFX_CHAOS_SEED (a failed run's, to replay its kill steps and pauses), else a fresh seed."""
+    given = os.environ.get("TFX_CHAOS_SEED", "").strip()
+    if not given:
+        return random.SystemRandom().randrange(2**32)
+    if not given.isdigit():
+        raise ValueError(f"TFX_CHAOS_SEED={given!r}: give the non-negative integer a chaos run printed.")
+    return int(given)
+
+
+def test_the_seed_is_fresh_unless_TFX_CHAOS_SEED_gives_it(monkeypatch):
+    monkeypatch.delenv("TFX_CHAOS_SEED", raising=False)
+    assert len({chaos_seed() for _ in range(3)}) > 1
+    monkeypatch.setenv("TFX_CHAOS_SEED", "1234")
+    assert chaos_seed() == 1234
+    monkeypatch.setenv("TFX_CHAOS_SEED", "12a")
+    with pytest.raises(ValueError, match="TFX_CHAOS_SEED='12a'"):
+        chaos_seed()
+
+
 def test_random_kills_resume_to_the_uninterrupted_run(tmp_path, data_dir):
-    seed = int(os.environ.get("TFX_CHAOS_SEED", time.time_ns() % 2**32))
-    print(f"chaos seed {seed}; replay with TFX_CHAOS_SEED={seed}")
+    seed = chaos_seed()
+    print(f"chaos seed {seed}; replay with TFX_CHAOS_SEED={seed}")  # pytest shows it on failure.
     rng = random.Random(seed)
     straight = train_py(tmp_path / "straight", data_dir, **RUN)
     wait_for_step(tmp_path / "straight", 1, straight)  # the data is prepared once, by this run.

@@ -1,6 +1,9 @@
+import dataclasses
 import json
 import os
+import re
 
+import jax
 import numpy as np
 import pytest
 import sacrebleu
@@ -8,7 +11,7 @@ import sacrebleu
 from tfx.compress import distill
 from tfx.data.sources import open_split, read_lines
 from tfx.infer import trained as trained_lib
-from tfx.infer.translate import Translator
+from tfx.infer.translate import NonFiniteScoresError, Translator
 
 from runs import ROOT
 
@@ -200,3 +203,18 @@ def test_bad_arguments_are_refused_naming_the_flag(teacher, overrides, arguments
     arguments = dict(dict(splits=("train",), targets="teacher", chunk_size=CHUNK), **arguments)
     with pytest.raises(ValueError, match=message):
         distill.check_arguments(config, **arguments)
+
+
+def test_a_pair_without_a_finite_hypothesis_is_an_error_naming_it(teacher, tmp_path):
+    """NaN parameters: the first pair of the first chunk (one batch) has no finite hypothesis."""
+    translator, workdir = teacher
+    model = translator.model
+    nan = Translator(dataclasses.replace(model, params=jax.tree.map(lambda x: x * np.nan, model.params)))
+    first = pairs(translator, "train")[0][0]
+    for targets in ("teacher", "best-chrf"):
+        with pytest.raises(NonFiniteScoresError, match=(
+                r"^config.data.train pair 0 \(counted from 0; source '([^']*)'\): all 3 hypotheses "
+                r"scored a non-finite log-probability .*NaN.* earlier --checkpoint\.$")) as error:
+            distill.distill(nan, workdir, str(tmp_path / targets), targets=targets, chunk_size=CHUNK)
+        assert error.value.index == 0
+        assert first.startswith(re.search(r"source '([^']*?)(\.\.\.)?'", str(error.value))[1])

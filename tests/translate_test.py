@@ -1,4 +1,6 @@
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -9,7 +11,8 @@ from flax import nnx
 
 from tfx.data.sources import read_lines
 from tfx.infer import trained as trained_lib
-from tfx.infer.translate import Translator
+from tfx.infer.translate import NonFiniteScoresError, Translator
+from tfx.train import rundir
 
 from runs import MULTI30K, ROOT, TINY, flags_for
 
@@ -147,3 +150,39 @@ def test_cli_names_the_invalid_utf8_line_and_writes_nothing(run, tmp_path):
     assert done.returncode == 1
     assert f"{source}:2: invalid UTF-8 (byte 0xff at column 3)".encode() in done.stderr
     assert not out.exists()
+
+
+def poisoned(model: trained_lib.TrainedModel) -> trained_lib.TrainedModel:
+    """`model` with every parameter NaN, as a diverged checkpoint holds them."""
+    return dataclasses.replace(model, params=jax.tree.map(lambda x: x * np.nan, model.params))
+
+
+def test_a_sentence_without_a_finite_hypothesis_is_an_error_naming_its_line(translator):
+    nan = Translator(poisoned(translator.model))
+    with pytest.raises(NonFiniteScoresError, match=(
+            r"^line 3 of the input \('A cat\.'\): all 3 hypotheses scored a non-finite log-probability"
+            r" .*the parameters are probably NaN.* earlier --checkpoint")) as error:
+        nan.translate(["", "  ", "A cat."], nbest=2)
+    assert error.value.index == 2 and isinstance(error.value, ValueError)
+
+
+@pytest.fixture(scope="module")
+def diverged(run, translator, tmp_path_factory):
+    """(config, workdir) of a run whose one checkpoint holds NaN parameters."""
+    config, _ = run
+    workdir = str(tmp_path_factory.mktemp("diverged"))
+    model = poisoned(translator.model)
+    rundir.write_run(config, model.mesh, jax.device_get(model.params), model.tokenizer, workdir)
+    return config, workdir
+
+
+def test_cli_stops_with_one_line_on_a_diverged_checkpoint(diverged, tmp_path):
+    source = tmp_path / "in.en"
+    source.write_text("A dog.\n\nTwo men talk.\n", encoding="utf-8")
+    out = tmp_path / "out.de"
+    done = cli(diverged, f"--input={source}", f"--output={out}", "--beam=2")
+    assert done.returncode == 1, done.stderr.decode()[-2000:]
+    last = done.stderr.decode().strip().splitlines()[-1]
+    assert re.fullmatch(r"translate\.py: line 1 of the input \('A dog\.'\): all 2 hypotheses "
+                        r"scored a non-finite log-probability .*", last), last
+    assert "Traceback" not in done.stderr.decode() and not out.exists()

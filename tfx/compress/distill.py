@@ -39,7 +39,7 @@ import tqdm
 from tfx.core.files import write_text
 from tfx.data.sources import PairSource, open_split
 from tfx.infer.evaluate import score
-from tfx.infer.translate import Translator
+from tfx.infer.translate import NonFiniteScoresError, Translator, excerpt
 
 CHUNK_SIZE = 2048
 TARGETS = ("teacher", "teacher+original", "best-chrf")
@@ -116,12 +116,20 @@ def _open_state(output: str, settings: dict) -> dict:
     return state
 
 
-def _translate_chunk(translator: Translator, records: Sequence[dict[str, str]], targets: str) -> dict:
-    """The teacher's translations of `records` (pairs with an empty side skipped), and with
-    best-chrf the selected hypotheses, as a chunk file holds them."""
-    kept = [r for r in records if r["source"].strip() and r["target"].strip()]
-    sources, references = [r["source"] for r in kept], [r["target"] for r in kept]
-    results, report = translator.translate(sources, translator.width() if targets == "best-chrf" else 1)
+def _translate_chunk(translator: Translator, records: Sequence[dict[str, str]], targets: str,
+                     split: str, first: int) -> dict:
+    """The teacher's translations of `records`, pairs `first`... of config.data.`split` (those
+    with an empty side skipped), and with best-chrf the selected hypotheses, as a chunk file
+    holds them."""
+    kept = [i for i, r in enumerate(records) if r["source"].strip() and r["target"].strip()]
+    sources, references = [records[i]["source"] for i in kept], [records[i]["target"] for i in kept]
+    try:
+        results, report = translator.translate(sources, translator.width() if targets == "best-chrf" else 1)
+    except NonFiniteScoresError as error:
+        pair = first + kept[error.index]
+        source = excerpt(sources[error.index])
+        where = f"config.data.{split} pair {pair} (counted from 0; source {source!r})"
+        raise NonFiniteScoresError(pair, where, error.hypotheses) from None
     chunk = {"sources": sources, "references": references, "teacher": [r[0].text for r in results],
              "skipped_empty": len(records) - len(kept), "truncated": report.truncated,
              "tokens": report.tokens, "seconds": report.seconds}
@@ -154,7 +162,7 @@ def distill_split(translator: Translator, pairs: PairSource, prefix: str, target
         if not os.path.isfile(path):
             start = number * chunk_size
             records = [pairs[i] for i in range(start, min(start + chunk_size, len(pairs)))]
-            _write_json(path, _translate_chunk(translator, records, targets))
+            _write_json(path, _translate_chunk(translator, records, targets, name, start))
     chunks = []
     for path in paths:
         with open(path, encoding="utf-8") as f:

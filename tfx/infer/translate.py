@@ -34,6 +34,26 @@ class Hypothesis:
     score: float
 
 
+class NonFiniteScoresError(ValueError):
+    """Every hypothesis of a sentence scored NaN or -inf: `index`, its position in the input,
+    and `where`, how the message names it."""
+
+    def __init__(self, index: int, where: str, hypotheses: int):
+        self.index, self.hypotheses = index, hypotheses
+        super().__init__(
+            f"{where}: all {hypotheses} "
+            f"{'hypothesis' if hypotheses == 1 else 'hypotheses'} scored a non-finite "
+            "log-probability (NaN or -inf), so the parameters are probably NaN or infinite (the "
+            "checkpoint diverged or is damaged); check the run's training losses and use an "
+            "earlier --checkpoint.")
+
+
+def excerpt(text: str, most: int = 40) -> str:
+    """The start of `text` on one line, for an error message."""
+    text = " ".join(text.split())
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
 @dataclasses.dataclass
 class Report:
     """What a run over some text did, for stderr."""
@@ -88,7 +108,8 @@ class Translator:
         """Up to `nbest` hypotheses per line, best first (one empty one for an empty line).
 
         Beam search gives its best `nbest` of beam_size finished hypotheses; sampling draws
-        `nbest` samples per line; greedy decoding has one.
+        `nbest` samples per line; greedy decoding has one. A line none of whose hypotheses
+        scored finite (NaN parameters) raises `NonFiniteScoresError`, naming it.
         """
         copies = nbest if self.options.strategy == "sample" else 1
         most = self.width() * copies
@@ -105,6 +126,7 @@ class Translator:
                 sources[i], cut = _encode(self.model.tokenizer, line, self.max_len)
                 report.truncated += cut
         found: dict[int, list[Hypothesis]] = {i: [] for i in sources}
+        left = dict.fromkeys(sources, copies)  # searches still to come per sentence.
         todo = [i for i in sources for _ in range(copies)]
         batches = longest_first([len(sources[i]) for i in todo], self.rows)
         for number, rows in enumerate(tqdm.tqdm(batches, desc="translating", unit="batch",
@@ -115,14 +137,22 @@ class Translator:
             tokens_BxWxT, scores_BxW = jax.device_get(self._search(self.model.params, inputs_BxS, rng))
             for row, index in enumerate(indices):
                 report.tokens += _length(tokens_BxWxT[row, 0])
-                found[index] += [Hypothesis(self.model.tokenizer.decode(tokens_T), float(score))
-                                 for tokens_T, score in zip(tokens_BxWxT[row], scores_BxW[row])
-                                 if np.isfinite(score)]
+                found[index] += self._finite(tokens_BxWxT[row], scores_BxW[row])
+                left[index] -= 1
+            failed = sorted(i for i in set(indices) if not left[i] and not found[i])
+            if failed:
+                where = f"line {failed[0] + 1} of the input ({excerpt(lines[failed[0]])!r})"
+                raise NonFiniteScoresError(failed[0], where, most)
         results = [[Hypothesis("", 0.0)] for _ in lines]
         for i, hypotheses in found.items():
             results[i] = sorted(hypotheses, key=lambda h: -h.score)[:nbest]
         report.seconds = time.perf_counter() - start
         return results, report
+
+    def _finite(self, tokens_WxT: np.ndarray, scores_W: np.ndarray) -> list[Hypothesis]:
+        """The hypotheses of one search with a finite score (-inf: the beam has fewer)."""
+        return [Hypothesis(self.model.tokenizer.decode(tokens_T), float(score))
+                for tokens_T, score in zip(tokens_WxT, scores_W) if np.isfinite(score)]
 
     def score(self, sources: Sequence[str], targets: Sequence[str], progress: bool = False
               ) -> tuple[list[tuple[float, int]], Report]:

@@ -7,13 +7,18 @@ libtpu (`pip install "tfx-mt[tpu]"`) describes every Cloud TPU generation, so th
 functions are lowered with abstract arguments (shapes, dtypes and shardings; nothing is
 allocated) for the slice's devices and compiled into the TPU executable, with XLA's memory and
 cost analysis. One JAX device is one chip, as on the slice (v4 and v5p run their two
-TensorCores as one megacore device).
+TensorCores as one megacore device). A function fits when its memory (arguments, outputs,
+temporaries and code) is at most the HBM that XLA states a program may use on a chip, not the
+nominal size (`usable_hbm_bytes`; the report's hbm_source says "nominal" where XLA states
+none).
 
-Rows are full: the train batch has `per_device_batch_size` packed rows of max_source_length /
-max_target_length tokens per data-parallel chip; eval and translation have
-`per_device_eval_batch_size` rows of model.max_len tokens, the longest an eval split can have.
-Model FLOPs count those rows as one sentence pair each (tfx/flops.py). The exit status is 0
-when everything fits, 3 when something does not, 1 for a bad argument or config.
+Rows are full: the train batch is the trainer's (`train_batch`: `per_device_batch_size` packed
+rows of max_source_length / max_target_length tokens per data-parallel chip and the `stop`
+column), and with config.distill the step also takes the teacher's parameters, as in train.py;
+eval and translation have `per_device_eval_batch_size` rows of model.max_len tokens, the
+longest an eval split can have. Model FLOPs count those rows as one sentence pair each
+(tfx/flops.py; with a teacher, its forward pass too). The exit status is 0 when everything
+fits, 3 when something does not, 1 for a bad argument or config.
 """
 from __future__ import annotations
 
@@ -33,12 +38,14 @@ if __name__ == "__main__":  # compiling for a TPU needs none: skip JAX's probe f
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import Mesh
 
+from tfx.core import config as config_lib
 from tfx.core import parallel, precision
 from tfx.model import decode, flops
-from tfx.model.params import placed
+from tfx.model.params import abstract_params, placed
 from tfx.tpu import hlo
 from tfx.train import steps
 
@@ -48,8 +55,9 @@ GiB = 2**30
 @dataclasses.dataclass(frozen=True)
 class Chip:
     device_kind: str  # what JAX calls the chip.
-    hbm_bytes: int
+    hbm_bytes: int  # nominal; `slice_devices` gives the figure XLA states usable instead.
     bf16_flops: float  # peak, per chip per second.
+    hbm_source: str = "nominal"  # "xla": hbm_bytes is what XLA states a program may use.
 
 
 # Per chip, from Google's Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4,
@@ -98,7 +106,34 @@ def slice_devices(topology: str) -> tuple[Chip, list[jax.Device]]:
     if devices[0].device_kind != chip.device_kind:
         raise ValueError(f"--topology={topology!r} gave {devices[0].device_kind!r} devices, not "
                          f"{chip.device_kind!r}: tfx.tpu.aot.CHIPS needs updating for this libtpu.")
+    usable = usable_hbm_bytes(devices[0])
+    if usable:
+        chip = dataclasses.replace(chip, hbm_bytes=usable, hbm_source="xla")
     return chip, list(devices)
+
+
+def usable_hbm_bytes(device: jax.Device) -> int:
+    """The HBM XLA lets one program on `device` use, or 0 if XLA does not say. A compile-only
+    device has no `memory_stats()`, so this reads the figure from the error of compiling a
+    program larger than any chip ("... exceeds available HBM (15.75G)"), to the 1/100 GiB the
+    message gives."""
+    mesh = Mesh(np.array([device]), ("chip",))
+    huge = jax.ShapeDtypeStruct((2**40,), np.int8, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    try:
+        jax.jit(lambda x: x + 1).lower(huge).compile()
+    except jax.errors.JaxRuntimeError as error:
+        return _size(r"available HBM \(([\d.]+)([KMGT]?)\)", str(error))
+    return 0
+
+
+def _size(pattern: str, message: str) -> int:
+    """Bytes of the size `pattern` (groups: a number and a K/M/G/T unit) finds in an XLA
+    message, e.g. 15.75G; 0 if absent."""
+    match = re.search(pattern, message)
+    if not match:
+        return 0
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
 
 
 @dataclasses.dataclass
@@ -119,27 +154,63 @@ def _batch(mesh: Mesh, config: ml_collections.ConfigDict, rows: int, lengths: di
             for name, length in lengths.items()}
 
 
+def train_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global train batch the trainer gives the step (`trainer._Loop.run`): full rows of
+    the pipeline's columns (`pipeline.train_iterator`; packed rows add segment ids and
+    positions) and `stop`, each row's preemption flag [B, 1]."""
+    rows = config.per_device_batch_size * parallel.data_parallel_size(mesh, config.logical_axis_rules)
+    lengths = {"inputs": config.max_source_length, "targets": config.max_target_length}
+    if config.data.pack:
+        lengths.update({f"{side}_{what}": lengths[side]
+                        for side in ("inputs", "targets") for what in ("segment_ids", "positions")})
+    return _batch(mesh, config, rows, {**lengths, "stop": 1})
+
+
+def abstract_teacher(config: ml_collections.ConfigDict, mesh: Mesh
+                     ) -> tuple[ml_collections.ConfigDict, nnx.GraphDef, nnx.State, nnx.State] | None:
+    """(config, graphdef, abstract parameters, shardings) of config.distill's teacher, placed as
+    `rundir.load_teacher` places it (the student's logical axis rules), computing as on the
+    mesh's platform; None without one. Its workdir need not exist here."""
+    if not config.distill.teacher_config:
+        return None
+    teacher_config = config_lib.load(config.distill.teacher_config)
+    teacher_config.logical_axis_rules = config.logical_axis_rules
+    teacher_config.model.dtype = precision.resolve(teacher_config.model.dtype,
+                                                   mesh.devices.flat[0].platform)
+    return (teacher_config, *abstract_params(teacher_config, mesh))
+
+
+def _train_program(config: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDef,
+                   state: steps.TrainState, shardings: steps.TrainState) -> Program:
+    """The train step as the trainer builds and calls it: (state, batch[, teacher params])."""
+    batch = train_batch(config, mesh)
+    rows, source, target = batch["targets"].shape[0], config.max_source_length, config.max_target_length
+    model_flops = flops.train_flops(config.model, [(source, target)] * rows)
+    distill = abstract_teacher(config, mesh)
+    if distill is None:
+        step, args = steps.make_train_step(config, graphdef, mesh, shardings), ()
+    else:
+        teacher_config, teacher_graphdef, teacher_params, teacher_shardings = distill
+        step = steps.make_train_step(config, graphdef, mesh, shardings,
+                                     (teacher_graphdef, teacher_shardings))
+        args = (teacher_params,)
+        model_flops += flops.forward_flops(teacher_config.model, [(source, target)] * rows)
+    return Program("train_step", step, (state, batch, *args), rows, model_flops, rows * target)
+
+
 def programs(config: ml_collections.ConfigDict, mesh: Mesh) -> list[Program]:
     """The train step, the eval step and translation, as the trainer and eval.py build them."""
     graphdef, abstract, shardings = steps.abstract_train_state(config, mesh)
     state = placed(abstract, shardings)
     data_parallel = parallel.data_parallel_size(mesh, config.logical_axis_rules)
     m = config.model
-    source, target = config.max_source_length, config.max_target_length
-    train_rows = config.per_device_batch_size * data_parallel
-    train_lengths = {"inputs": source, "targets": target}
-    if config.data.pack:
-        train_lengths.update({f"{side}_{what}": train_lengths[side]
-                              for side in ("inputs", "targets") for what in ("segment_ids", "positions")})
     eval_rows = config.per_device_eval_batch_size * data_parallel
     options = decode.Options.from_config(config)
     beams = options.beam_size if options.strategy == "beam" else 1
     output_len = m.max_len  # decoding's buffer for sources of max_len tokens (decode._output_length).
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return [
-        Program("train_step", steps.make_train_step(config, graphdef, mesh, shardings),
-                (state, _batch(mesh, config, train_rows, train_lengths)), train_rows,
-                flops.train_flops(m, [(source, target)] * train_rows), train_rows * target),
+        _train_program(config, mesh, graphdef, state, shardings),
         Program("eval_step", steps.make_eval_step(config, graphdef, mesh, shardings.params),
                 (state.params, _batch(mesh, config, eval_rows, {"inputs": m.max_len, "targets": m.max_len})),
                 eval_rows,
@@ -172,10 +243,7 @@ def _advice(program: str, config: ml_collections.ConfigDict, mesh: Mesh, state_b
 def _exhausted_bytes(message: str) -> int:
     """The bytes a RESOURCE_EXHAUSTED compile error says the program needs (0 if unsaid), e.g.
     "... memory required for HLO temporaries (102.23G) exceeds available HBM (15.75G)"."""
-    match = re.search(r"required for [^(]*\(([\d.]+)([KMGT]?)\)", message)
-    if not match:
-        return 0
-    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
+    return _size(r"required for [^(]*\(([\d.]+)([KMGT]?)\)", message)
 
 
 def compile_report(program: Program, config: ml_collections.ConfigDict, mesh: Mesh, chip: Chip,
@@ -193,7 +261,7 @@ def compile_report(program: Program, config: ml_collections.ConfigDict, mesh: Me
             raise
         needed = _exhausted_bytes(str(error))
         report.update(compile_s=round(time.perf_counter() - start, 1), fits=False,
-                      total_bytes=needed, hbm_bytes=chip.hbm_bytes,
+                      total_bytes=needed, hbm_bytes=chip.hbm_bytes, hbm_source=chip.hbm_source,
                       headroom_bytes=chip.hbm_bytes - needed if needed else None,
                       error=str(error).splitlines()[0][:500],
                       change=_advice(program.name, config, mesh, state_bytes=0, temp_bytes=needed))
@@ -214,7 +282,7 @@ def compile_report(program: Program, config: ml_collections.ConfigDict, mesh: Me
         alias_bytes=int(memory.alias_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes),
         code_bytes=int(memory.generated_code_size_in_bytes),
-        total_bytes=int(total), hbm_bytes=chip.hbm_bytes, fits=fits,
+        total_bytes=int(total), hbm_bytes=chip.hbm_bytes, hbm_source=chip.hbm_source, fits=fits,
         headroom_bytes=int(chip.hbm_bytes - total),
         xla_flops=float(cost.get("flops", 0.0)) * chips, model_flops=program.model_flops,
         roofline_step_s=roofline_s, roofline_tokens_per_s_per_chip=program.tokens / roofline_s / chips,
