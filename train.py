@@ -16,7 +16,7 @@ def main():
         distributed.initialize(config)  # before any other JAX call.
         trainer.train(config, shared.workdir.value, evaluate.periodic_bleu)
 
-    cli.run("train.py", command, errors=(lock.WorkdirLockedError, trainer.NonFiniteLossError))
+    cli.run("train.py", command, errors=(lock.WorkdirLockedError, lock.LockLostError, trainer.NonFiniteLossError))
 
 
 if __name__ == "__main__":

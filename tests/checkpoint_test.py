@@ -1,11 +1,15 @@
+import json
 import os
 import subprocess
 import sys
+import uuid
 
 import jax.numpy as jnp
 import numpy as np
 
 from tfx.core import config as config_lib
+from tfx.core import files
+from tfx.train import budget
 from tfx.train.checkpoint import Checkpoints
 from tfx.train.steps import TrainState
 
@@ -57,3 +61,27 @@ def test_closing_before_the_first_save_leaves_no_background_error(tmp_path):
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+def test_on_cloud_storage_a_resume_falls_back_moves_the_corrupt_step_aside_and_keeps_the_plan(gcs_bucket):
+    """gs:// paths stay gs:// (not made absolute as local ones); moving aside copies and
+    deletes; the budget's plan saved with a checkpoint brings train_steps.json back."""
+    workdir = f"{gcs_bucket}/checkpoints-{uuid.uuid4().hex[:8]}"
+    config = config_lib.default_config()
+    config.train_minutes = 2.0
+    checkpoints = Checkpoints(workdir, config)
+    plan = {"train_minutes": 2.0, "num_train_steps": 9, "step_time_s": 0.1, "timed_steps": 2,
+            "planned_at_step": 3}
+    checkpoints.plan = plan
+    for step in (4, 8):
+        checkpoints.save(state_at(step))
+    checkpoints.wait()
+    assert checkpoints.directory == f"{workdir}/checkpoints" and checkpoints.saved_plan(8) == plan
+    (files.path(checkpoints.directory) / "8" / "state" / "_METADATA").unlink()
+    step, restored = checkpoints.resume(state_at(0))
+    assert step == 4 and int(restored.step) == 4 and checkpoints.steps() == [4]
+    (moved,) = [p.name for p in (files.path(workdir) / "corrupt_checkpoints").iterdir()]
+    assert moved.startswith("8-")
+    assert budget.recorded(workdir, config, checkpoints.saved_plan(4)) == plan
+    assert json.loads((files.path(workdir) / budget.PLAN_FILE).read_text()) == plan
+    checkpoints.close()

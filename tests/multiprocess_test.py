@@ -77,6 +77,36 @@ def test_a_changed_global_batch_is_refused_unless_the_data_is_reset(two_processe
     assert "resuming from step 6" in out and "data afresh" in out and 7 in losses(workdir)
 
 
+@pytest.mark.parametrize("broken", ["data position of shard 1", "array file"])
+def test_a_checkpoint_that_does_not_restore_everywhere_is_skipped_by_both(
+        two_processes, single, tmp_path, data_dir, broken):
+    """Step 6 lacks the data position of shard 1, which only process 1 reads (its check finds
+    that), or has a truncated array file (the restore on both finds that): the processes agree
+    on step 3 and both resume from it, process 0 moves step 6 aside once they have, and the
+    losses are those of the uninterrupted run."""
+    workdir = tmp_path / "broken"
+    shutil.copytree(two_processes[0], workdir)
+    step_6 = workdir / "checkpoints" / "6"
+    if broken == "array file":
+        largest = max((step_6 / "state" / "d").iterdir(), key=os.path.getsize)
+        os.truncate(largest, os.path.getsize(largest) // 2)
+    else:
+        os.remove(step_6 / "data" / "shard_1-of-2.json")
+    (out0, err0), (_, err1) = [finish(p) for p in train_py_processes(
+        workdir, data_dir, 2, 4, **{**RUN, "num_train_steps": 9})]
+    assert "resuming from step 3" in out0
+    if broken == "array file":
+        for err in (err0, err1):  # the check passes; the restore meets it on both.
+            assert f"skipping checkpoint step 6: {step_6} does not restore (ValueError: OUT_OF_RANGE" in err
+    else:
+        assert f"skipping checkpoint step 6: {step_6} does not restore on process 1" in err0
+        assert f"skipping checkpoint step 6: {step_6} does not restore (FileNotFoundError: " in err1
+        assert "shard_1-of-2.json is missing" in err1
+    (moved,) = os.listdir(workdir / "corrupt_checkpoints")
+    assert moved.startswith("6-") and Checkpoints(str(workdir)).steps() == [3, 6, 9]
+    assert losses(workdir) == pytest.approx(single[1], rel=1e-5)
+
+
 def test_a_signal_to_one_process_saves_the_same_step_on_both_and_resumes_to_the_same_losses(
         tmp_path, data_dir, single):
     """SIGTERM reaches process 1 only: both agree on the step to save at and exit cleanly;

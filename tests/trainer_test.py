@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,51 @@ def test_train_minutes_plans_the_steps_from_timed_ones_and_a_resume_keeps_the_pl
         json.dump({**plan, "num_train_steps": 25}, f)
     trainer.train(config, str(tmp_path / "b"))
     check_schedule(tmp_path / "b", 25)
+
+
+def test_a_resume_past_the_warmup_without_train_steps_json_keeps_the_original_plan(
+        tmp_path, data_dir, monkeypatch, capsys):
+    """The plan saved with the checkpoint gives the learning rates of the original plan. Without
+    it too, the run plans on a copy of its state before its first step, never on the
+    placeholder horizon, and leaves the data position as it was: with the step time fixed (as if
+    timed alike), its learning rates and losses are those of the uninterrupted run."""
+    planned = budget.plan
+    monkeypatch.setattr(budget, "plan", lambda config, workdir, step_time_s, *args, **kwargs:
+                        planned(config, workdir, 0.02 * 60 / 40, *args, **kwargs))  # 40 steps.
+    config = tiny_multi30k(data_dir, train_minutes=0.02, schedule="cosine", warmup_steps=4,
+                           checkpoint_every_steps=10)
+    straight = tmp_path / "straight"
+    trainer.train(config, str(straight))
+    with open(straight / budget.PLAN_FILE) as f:
+        plan = json.load(f)
+    assert (plan["num_train_steps"], plan["planned_at_step"]) == (40, 21)
+
+    def records(workdir):  # every train record, a resumed run's after the first's.
+        with open(workdir / "metrics.jsonl") as f:
+            return [(r["step"], r["learning_rate"], r["loss"]) for r in map(json.loads, f)
+                    if r["split"] == "train"]
+    expected = records(straight)[30:]
+    for lost in ("train_steps.json", "and the plan in the checkpoint"):
+        workdir = tmp_path / lost
+        shutil.copytree(straight, workdir)
+        shutil.rmtree(workdir / "checkpoints" / "40")
+        os.remove(workdir / budget.PLAN_FILE)
+        if lost != "train_steps.json":
+            metadata_file = workdir / "checkpoints" / "30" / "_CHECKPOINT_METADATA"
+            metadata = json.loads(metadata_file.read_text())
+            assert metadata["custom_metadata"]["train_steps"] == plan
+            metadata_file.write_text(json.dumps({**metadata, "custom_metadata": {}}))
+        capsys.readouterr()
+        trainer.train(config, str(workdir))
+        out = capsys.readouterr().out
+        assert records(workdir)[40:] == expected, lost
+        with open(workdir / budget.PLAN_FILE) as f:
+            again = json.load(f)
+        if lost == "train_steps.json":
+            assert again == plan and "keeping the recorded plan" in out
+        else:
+            assert again["timed_on_a_copy"] and again["planned_at_step"] == 30
+            assert f"timed over {budget.TIMED_STEPS} steps on a copy of step 30's state" in out
 
 
 def test_off_a_terminal_progress_is_a_plain_line_per_log_step(tmp_path, data_dir, capsys):

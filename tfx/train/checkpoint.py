@@ -2,21 +2,28 @@
 
 `<workdir>/checkpoints/<step>/` holds `state` (params, optimizer state, step, RNG; each process
 writes its own shards) and `data` (the grain iterator state of every data shard, written by the
-process that reads it). Saves are asynchronous and collective; orbax writes into a temporary
+process that reads it); its orbax metadata holds the eval BLEU and the budget's plan
+(`Checkpoints.plan`). Saves are asynchronous and collective; orbax writes into a temporary
 directory and renames it once every process has written, so a run killed mid-save leaves the
 previous checkpoint as the latest usable one. The latest `config.keep_checkpoints` are kept,
-plus the one with the best eval BLEU.
+plus the one with the best eval BLEU. The workdir may be local or on Cloud Storage (gs://).
 
 A checkpoint restores onto any mesh and process count: arrays are resharded to the shardings
 of the state they are restored into, and the data position continues as long as the number
 of data shards and the global batch are the same (`DataPositionError` otherwise).
+
+Reading a checkpoint can go wrong in two ways, told apart by `is_corruption`:
+- corruption (`CorruptCheckpointError`): a file is missing or truncated, or metadata does not
+  parse. It will never read; a resume falls back to the newest checkpoint before it.
+- failure (`CheckpointReadError`, and `ShapeMismatchError`, `DataPositionError`): anything
+  else: permissions, the network, memory, another config or orbax version. The checkpoint may
+  be fine, so the run stops, naming it and the cause, and moves nothing.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,13 +31,29 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from tfx.core import files
 from tfx.core.pytree import path_name
 from tfx.data.pipeline import TrainBatches
 from tfx.train.steps import TrainState
+
+PLAN_KEY = "train_steps"  # the budget's plan in each checkpoint's custom metadata.
+# TensorStore's status codes for a file that is missing or shorter than its index says, or
+# whose index does not decode; and what its FAILED_PRECONDITION says of a file that does not
+# decode (seen with files of a real checkpoint deleted, truncated or overwritten: a deleted
+# chunk reads as an empty zstd stream). Other FAILED_PRECONDITIONs (metadata that does not
+# match) are failures.
+CORRUPTION_STATUSES = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS")
+UNDECODABLE = ("Invalid JSON", "Truncated Zstd-compressed stream", "ZSTD_decompressStream() failed")
+# What TensorStore says (as DATA_LOSS) of a file in a format newer than it reads: a version
+# error, so a failure whatever its status.
+NEWER_FORMAT = ("Maximum supported version", "Unsupported")
 
 
 class DataPositionError(ValueError):
@@ -42,7 +65,76 @@ class ShapeMismatchError(ValueError):
 
 
 class CorruptCheckpointError(ValueError):
-    """A checkpoint that is listed but does not restore (truncated or missing files)."""
+    """A checkpoint that is listed but will never restore: a file of it is missing or
+    truncated, or its metadata does not parse."""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint that could not be read for a reason other than corruption (permissions,
+    the network, memory, an orbax version): it may be fine, so nothing falls back from it."""
+
+
+def is_corruption(error: BaseException) -> bool:
+    """Whether `error`, raised while reading a checkpoint, or the error it was raised from,
+    says that a file is missing (FileNotFoundError, TensorStore NOT_FOUND), truncated
+    (OUT_OF_RANGE, DATA_LOSS) or unparseable (a JSON error, `UNDECODABLE`). Anything else,
+    recognised or not, is a failure: an OSError but FileNotFoundError (permissions, the
+    network), RESOURCE_EXHAUSTED (memory), PERMISSION_DENIED, UNAVAILABLE, a version error."""
+    while error is not None:
+        if isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
+            return True
+        if isinstance(error, OSError):  # permissions, the network, a full disk.
+            return False
+        message = str(error).lstrip()
+        status = message.partition(":")[0]
+        if any(text in message for text in NEWER_FORMAT):
+            return False
+        if status in CORRUPTION_STATUSES:
+            return True
+        if status == "FAILED_PRECONDITION" and any(text in message for text in UNDECODABLE):
+            return True
+        error = error.__cause__
+    return False
+
+
+def _reason(error: BaseException) -> str:
+    """The type and the first line of the message (without TensorStore's spec, at most 500
+    characters) of the error `error` was first raised from: orbax wraps TensorStore's."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    message = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0][:500]
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def read_position(directory: epath.Path, batches: TrainBatches) -> dict[int, dict]:
+    """The saved iterator state of each data shard `batches` reads, from `directory` (a
+    checkpoint's `data`). A missing file whose siblings are there, or one that does not parse,
+    is corruption (FileNotFoundError, JSONDecodeError); another number of data shards or
+    another global batch is a DataPositionError."""
+    states = {}
+    for index in batches.iterators:
+        path = directory / f"shard_{index}-of-{batches.shards}.json"
+        if not path.exists():
+            saved = {p.name.split("-of-")[1].removesuffix(".json")
+                     for p in directory.glob("shard_*-of-*.json")}
+            if str(batches.shards) in saved:
+                raise FileNotFoundError(f"{path} is missing")
+            raise DataPositionError(
+                f"{directory} holds the data position of {' or '.join(sorted(saved)) or 'no'} "
+                f"data shards, but this run reads {batches.shards} (config.data.shards, "
+                "0 = one per process). Set config.data.shards to the saved number, or "
+                "config.data.reset_position=True to restore the model and start the data "
+                "afresh.")
+        record = json.loads(path.read_text())
+        if record["global_rows"] != batches.global_rows:
+            raise DataPositionError(
+                f"{path} was saved with a global batch of {record['global_rows']} rows, but "
+                f"this run's is {batches.global_rows} (config.per_device_batch_size x the "
+                "data-parallel devices), so the saved data position does not apply. Keep "
+                "the global batch, or set config.data.reset_position=True to restore the "
+                "model and start the data afresh.")
+        states[index] = record["state"]
+    return states
 
 
 class DataPositionHandler(ocp.CheckpointHandler):
@@ -57,30 +149,8 @@ class DataPositionHandler(ocp.CheckpointHandler):
             (directory / f"shard_{index}-of-{batches.shards}.json").write_text(json.dumps(record))
 
     def restore(self, directory, args: DataPositionRestore) -> TrainBatches:
-        batches = args.batches
-        states = {}
-        for index in batches.iterators:
-            path = directory / f"shard_{index}-of-{batches.shards}.json"
-            if not path.exists():
-                saved = {p.name.split("-of-")[1].removesuffix(".json")
-                         for p in directory.glob("shard_*-of-*.json")}
-                raise DataPositionError(
-                    f"{directory} holds the data position of {' or '.join(sorted(saved)) or 'no'} "
-                    f"data shards, but this run reads {batches.shards} (config.data.shards, "
-                    "0 = one per process). Set config.data.shards to the saved number, or "
-                    "config.data.reset_position=True to restore the model and start the data "
-                    "afresh.")
-            record = json.loads(path.read_text())
-            if record["global_rows"] != batches.global_rows:
-                raise DataPositionError(
-                    f"{path} was saved with a global batch of {record['global_rows']} rows, but "
-                    f"this run's is {batches.global_rows} (config.per_device_batch_size x the "
-                    "data-parallel devices), so the saved data position does not apply. Keep "
-                    "the global batch, or set config.data.reset_position=True to restore the "
-                    "model and start the data afresh.")
-            states[index] = record["state"]
-        batches.set_state(states)
-        return batches
+        args.batches.set_state(read_position(directory, args.batches))
+        return args.batches
 
     def metadata(self, directory):
         return None
@@ -98,11 +168,58 @@ class DataPositionRestore(ocp.args.CheckpointArgs):
     batches: TrainBatches
 
 
+# What one process found reading a step (`Checkpoints.resume`), gathered from all processes.
+READ, CORRUPT, FAILED = 0, 1, 2
+
+
+@dataclasses.dataclass
+class _Outcome:
+    code: int
+    error: BaseException | None = None
+    value: Any = None
+
+
+def _attempt(read: Callable[[], Any]) -> _Outcome:
+    """`read()`'s value, or the kind of its error: corruption, or any other failure."""
+    try:
+        return _Outcome(READ, value=read())
+    except CorruptCheckpointError as error:
+        return _Outcome(CORRUPT, error)
+    except Exception as error:  # a failure, kept to be raised once every process knows.
+        return _Outcome(FAILED, error)
+
+
+def _gather(codes: list[int]) -> np.ndarray:
+    """[processes, len(codes)]: every process's `codes` (a collective)."""
+    mine = np.asarray(codes, np.int32)
+    if jax.process_count() == 1:
+        return mine[None]
+    return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+
+
+def _steps_of_process_0(steps: list[int]) -> list[int]:
+    """Process 0's `steps` on every process (a collective), so all consider the same ones."""
+    if jax.process_count() == 1:
+        return steps
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    padded = np.zeros(count, np.int32)
+    if jax.process_index() == 0:
+        padded[:] = steps
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
+
+
+def _barrier(name: str):
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 class Checkpoints:
-    """The checkpoints of one workdir."""
+    """The checkpoints of one workdir (local or gs://)."""
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict | None = None):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.workdir = files.join(workdir)
+        self.directory = files.join(workdir, "checkpoints")
+        self.plan: dict | None = None  # the budget's plan (tfx.train.budget), saved with each step.
         keep = config.keep_checkpoints if config is not None else None
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
             ocp.checkpoint_managers.LatestN(n=keep),
@@ -130,25 +247,46 @@ class Checkpoints:
         if batches is not None:
             items["data"] = DataPositionSave(batches)
         self.manager.save(int(state.step), args=ocp.args.Composite(**items), metrics=metrics,
-                          force=True)
+                          force=True, custom_metadata={PLAN_KEY: self.plan} if self.plan else None)
+
+    def saved_plan(self, step: int) -> dict | None:
+        """The budget's plan saved with checkpoint `step`, or None (none was, or the step's
+        orbax metadata does not parse)."""
+        return (self.manager.metadata(step).custom_metadata or {}).get(PLAN_KEY)
+
+    def check(self, step: int, state: TrainState, batches: TrainBatches | None = None):
+        """What tells cheaply, without reading arrays, whether `step` restores into `state`
+        (arrays, or ShapeDtypeStructs with shardings) and `batches`: the state's metadata
+        parses and lists `state`'s arrays with their shapes, and the data-position files of
+        the shards `batches` reads are there and parse. Raises what `restore` would."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        with self._restoring(step):
+            self._check_shapes(step, abstract)
+            if batches is not None:
+                read_position(self._data_directory(step), batches)
 
     def restore(self, step: int, state: TrainState, batches: TrainBatches | None = None
                 ) -> TrainState:
-        """The state saved at `step`, placed like `state` (its shapes and shardings, on any
-        mesh); the train batches, if given, continue from where that step left them."""
+        """The state saved at `step`, placed like `state` (arrays, or ShapeDtypeStructs with
+        shardings: its shapes and shardings, on any mesh); the train batches, if given,
+        continue from where that step left them. Corruption raises CorruptCheckpointError,
+        any other error of reading CheckpointReadError (see `is_corruption`).
+
+        Each process reads only its own shards: no collective, so one process's error cannot
+        leave another waiting in one (`resume` agrees on the outcome)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        items = dict(state=ocp.args.StandardRestore(abstract))
-        if batches is not None:
-            if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
-                workdir = os.path.dirname(self.directory)
-                raise DataPositionError(
-                    f"{self.directory}/{step} has no data position: a tool wrote it (tfx.compress.average, "
-                    "tfx.compress.lowrank, tfx.compress.heads), not training, so nothing resumes from it. Start a "
-                    f"new run from it with config.init_from={workdir!r} and another workdir.")
-            items["data"] = DataPositionRestore(batches)
         with self._restoring(step):
             self._check_shapes(step, abstract)
-            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            position = None if batches is None else read_position(self._data_directory(step), batches)
+            handler = ocp.StandardCheckpointHandler()
+            try:
+                restored = handler.restore(self._step_directory(step) / "state",
+                                           args=ocp.args.StandardRestore(abstract))
+            finally:
+                handler.close()
+        if batches is not None:
+            batches.set_state(position)
+        return restored
 
     def restore_params(self, step: int, params: nnx.State) -> nnx.State:
         """Only the parameters saved at `step`, placed like `params`. Nothing else of the saved
@@ -157,61 +295,128 @@ class Checkpoints:
         abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
         args = ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract),
                                       partial_restore=True)
-        with self._restoring(step), ocp.PyTreeCheckpointer() as checkpointer:
+        with self._restoring(step):
             self._check_shapes(step, abstract)
-            return checkpointer.restore(os.path.join(self.directory, str(step), "state"),
-                                        args=args)["params"]
+            handler = ocp.PyTreeCheckpointHandler()
+            try:
+                return handler.restore(self._step_directory(step) / "state", args=args)["params"]
+            finally:
+                handler.close()
 
-    @contextlib.contextmanager
-    def _restoring(self, step: int):
-        """Turns any error of reading `step`, but for a mismatch with the config, into a
-        CorruptCheckpointError naming it."""
-        try:
-            yield
-        except (ShapeMismatchError, DataPositionError):
-            raise
-        except Exception as error:  # orbax and TensorStore raise many kinds; all mean unreadable.
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-            raise CorruptCheckpointError(
-                f"{self.directory}/{step} does not restore ({type(error).__name__}: {reason})") from error
+    def resume(self, state: TrainState, batches: TrainBatches | None = None
+               ) -> tuple[int | None, TrainState | None]:
+        """(step, state) of the newest checkpoint that every process restores, placed like
+        `state` (ShapeDtypeStructs with shardings suffice; nothing of `state` is kept), with
+        `batches` continuing from its data position; (None, None) if there are no checkpoints.
 
-    def restore_latest(self, state: TrainState, batches: TrainBatches | None = None,
-                       move_aside: bool = False) -> tuple[int | None, TrainState]:
-        """(step, state) of the newest checkpoint that restores, or (None, `state`) if none does.
-        Each one skipped gets a warning line; with `move_aside` it is moved into
+        Each process checks which of process 0's steps it can read (`check`); the processes
+        agree (a collective) on the newest that all can read and restore it; if that restore
+        meets corruption on any process, they agree on the next. Corrupt steps get a warning
+        line each. A failure on any process (not corruption, see `is_corruption`) stops every
+        process and moves nothing; so does finding no step that restores
+        (CorruptCheckpointError saying how to start afresh). Only once a step is restored
+        everywhere, after a barrier, does process 0 move the corrupt steps newer than it into
         `<workdir>/corrupt_checkpoints/` (kept for inspection, no longer listed)."""
-        step, restored = self.newest(lambda step: self.restore(step, state, batches), move_aside)
-        return step, state if step is None else restored
+        steps = _steps_of_process_0(self.steps())
+        if not steps:
+            return None, None
+        checked = [_attempt(lambda step=step: self.check(step, state, batches)) for step in steps]
+        codes = _gather([outcome.code for outcome in checked])
+        corrupt: dict[int, str] = {}
+        for i in reversed(range(len(steps))):
+            step, outcome, agreed = steps[i], checked[i], codes[:, i]
+            if (agreed == READ).all():
+                outcome = _attempt(lambda step=step: self.restore(step, state, batches))
+                agreed = _gather([outcome.code])[:, 0]
+            if (agreed == READ).all():
+                self._move_aside(corrupt)
+                return step, outcome.value
+            if (agreed == FAILED).any():
+                if outcome.code == FAILED:
+                    raise outcome.error
+                failed = ", ".join(str(p) for p in np.flatnonzero(agreed == FAILED))
+                raise CheckpointReadError(
+                    f"{self.directory}/{step} could not be read by process {failed} (its log "
+                    "says why). That is not corruption, so nothing was moved.")
+            corrupt[step] = str(outcome.error) if outcome.code == CORRUPT else (
+                f"{self.directory}/{step} does not restore on process "
+                f"{', '.join(str(p) for p in np.flatnonzero(agreed == CORRUPT))}")
+            logging.warning("skipping checkpoint step %d: %s", step, corrupt[step])
+            del outcome  # a state restored here but not everywhere: freed before the next.
+        raise CorruptCheckpointError(
+            f"no checkpoint in {self.directory} restores ("
+            + "; ".join(f"step {step}: {why}" for step, why in corrupt.items())
+            + f"); nothing was moved. To start afresh on purpose, move {self.directory} away "
+            "or use another workdir.")
 
-    def newest(self, restore: Callable[[int], Any], move_aside: bool = False
-               ) -> tuple[int | None, Any]:
+    def newest(self, restore: Callable[[int], Any]) -> tuple[int | None, Any]:
         """(step, restore(step)) of the newest checkpoint that `restore` reads, or (None, None);
-        each one skipped (CorruptCheckpointError) gets a warning line and, with `move_aside`,
-        is moved into `<workdir>/corrupt_checkpoints/`."""
+        each corrupt one skipped gets a warning line. Any other error stops it (for the
+        tools; training resumes with `resume`)."""
         for step in reversed(self.steps()):
             try:
                 return step, restore(step)
             except CorruptCheckpointError as error:
-                where = self._move_aside(step) if move_aside else None
-                logging.warning("skipping checkpoint step %d: %s%s", step, error,
-                                f"; moved to {where}" if where else "")
+                logging.warning("skipping checkpoint step %d: %s", step, error)
         return None, None
 
-    def _move_aside(self, step: int) -> str:
-        target = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints",
-                              f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.rename(os.path.join(self.directory, str(step)), target)
+    @contextlib.contextmanager
+    def _restoring(self, step: int):
+        """Turns an error of reading `step` into a CorruptCheckpointError or a
+        CheckpointReadError naming it (`is_corruption`); a mismatch with the config stays."""
+        try:
+            yield
+        except (ShapeMismatchError, DataPositionError, CorruptCheckpointError, CheckpointReadError):
+            raise
+        except Exception as error:  # orbax and TensorStore raise many kinds (see is_corruption).
+            where = f"{self.directory}/{step}"
+            if is_corruption(error):
+                raise CorruptCheckpointError(f"{where} does not restore ({_reason(error)})") from error
+            raise CheckpointReadError(
+                f"{where} could not be read ({_reason(error)}). That is not corruption, so nothing "
+                "was moved: fix the cause (permissions, the network, memory, the orbax version) "
+                "and run again.") from error
+
+    def _move_aside(self, corrupt: dict[int, str]):
+        """Moves the `corrupt` steps into <workdir>/corrupt_checkpoints/ (process 0, between
+        barriers, so that no process still reads them and all list the same steps after)."""
+        if not corrupt:
+            return
+        _barrier("tfx: checkpoint agreed")
+        if jax.process_index() == 0:
+            for step in corrupt:
+                target = files.join(self.workdir, "corrupt_checkpoints",
+                                    f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                files.path(target).parent.mkdir(parents=True, exist_ok=True)
+                files.move_tree(self._step_directory(step), target)
+                logging.warning("moved checkpoint step %d to %s", step, target)
+        _barrier("tfx: corrupt checkpoints moved")
         self.manager.reload()
-        return target
+
+    def _step_directory(self, step: int) -> epath.Path:
+        return files.path(self.directory) / str(step)
+
+    def _data_directory(self, step: int) -> epath.Path:
+        directory = self._step_directory(step) / "data"
+        if not directory.is_dir():
+            raise DataPositionError(
+                f"{self.directory}/{step} has no data position: a tool wrote it (tfx.compress.average, "
+                "tfx.compress.lowrank, tfx.compress.heads), not training, so nothing resumes from it. "
+                f"Start a new run from it with config.init_from={self.workdir!r} and another workdir.")
+        return directory
 
     def _check_shapes(self, step: int, abstract):
         """Names the first array of `abstract` (a train state, or a part of its tree) that is
         not saved or whose saved shape differs from the config's."""
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            metadata = handler.metadata(self._step_directory(step) / "state")
+        finally:
+            handler.close()
         saved = {path_name(path): leaf.shape for path, leaf in
-                 jax.tree_util.tree_leaves_with_path(self.manager.item_metadata(step)["state"])}
+                 jax.tree_util.tree_leaves_with_path(metadata)}
         if not saved:
-            raise ValueError("its metadata lists no arrays")  # unreadable (see _restoring).
+            raise FileNotFoundError("its metadata lists no arrays")  # corruption.
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
             name = path_name(path)
             if name not in saved:

@@ -1,6 +1,8 @@
-"""What a run needs, built once from the config: mesh, splits, tokenizer, the sharded state
-and the batch shardings: what training (and its periodic BLEU) works with."""
+"""What a run needs, built once from the config: mesh, splits, tokenizer, the state's shapes
+and shardings and the batch shardings: what training (and its periodic BLEU) works with."""
 from __future__ import annotations
+
+import functools
 
 import ml_collections
 import numpy as np
@@ -8,11 +10,13 @@ import numpy as np
 from tfx.core import distributed, parallel
 from tfx.data import pipeline, sources
 from tfx.data import tokenizer as tokenizer_lib
+from tfx.model.params import placed
 from tfx.train import steps
 
 
 class Experiment:
-    """Mesh, splits, tokenizer, initial sharded state and the train/eval batch layouts."""
+    """Mesh, splits, tokenizer, the state's shapes and shardings (`abstract_state`), the
+    initial sharded state when asked for (`state`) and the train/eval batch layouts."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -25,7 +29,14 @@ class Experiment:
                                                                 config.per_device_batch_size)
         _, self.eval_shard = pipeline.batch_layout(config, self.mesh, config.per_device_eval_batch_size)
         pipeline.data_shards(config, self.train_shard)  # refuses bad data.shards before compiling.
-        self.graphdef, self.state, self.shardings = steps.create_train_state(config, self.mesh)
+        self.graphdef, abstract, self.shardings = steps.abstract_train_state(config, self.mesh)
+        self.abstract_state = placed(abstract, self.shardings)  # what a checkpoint restores into.
+
+    @functools.cached_property
+    def state(self) -> steps.TrainState:
+        """The random initial state, made on first use only: a resumed run never holds it
+        beside the restored one."""
+        return steps.random_state(self.config, self.shardings)
 
     def eval_batches(self, split: str) -> list[dict[str, np.ndarray]]:
         return pipeline.eval_batches(self.config, self.splits[split], self.tokenizer, self.eval_shard)

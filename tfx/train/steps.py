@@ -54,12 +54,17 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh
     return graphdef, abstract, parallel.state_shardings(abstract, mesh, config.logical_axis_rules)
 
 
+def random_state(config: ml_collections.ConfigDict, shardings: TrainState) -> TrainState:
+    """The initial state (step 0, parameters and dropout RNG from config.seed), initialised
+    directly on its shards."""
+    return jax.jit(lambda: _init_state(config), out_shardings=shardings)()
+
+
 def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh
                        ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """(graphdef, state, state_shardings): the state is initialised directly on its shards."""
     graphdef, _, shardings = abstract_train_state(config, mesh)
-    state = jax.jit(lambda: _init_state(config), out_shardings=shardings)()
-    return graphdef, state, shardings
+    return graphdef, random_state(config, shardings), shardings
 
 
 def fresh_state(config: ml_collections.ConfigDict, params: nnx.State, shardings: TrainState
@@ -200,8 +205,9 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, m
     differentiated function so frozen, gives the distillation targets of `losses.metric_sums`.
 
     A batch may carry `stop`, [B, 1] int32: each process sets its rows to 1 once it has a
-    preemption signal, and metrics["stop"] is their maximum, the same on every process, so all
-    of them decide to save and exit at the same step.
+    preemption signal (process 0 to 2 once it lost the workdir lock), and metrics["stop"] is
+    their maximum, the same on every process, so all of them decide at the same step to save
+    and exit (1) or to exit without saving (2; see trainer.Preemption).
 
     Gradients are of the summed token loss divided by the batch's target-token count (known
     from the batch before any microbatch runs), added over `grad_accum_steps` microbatches, so

@@ -10,20 +10,20 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
-import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 from flax import nnx
 
 from tfx.core import config as config_lib
-from tfx.core import precision
+from tfx.core import files, precision
 from tfx.data import pipeline
 from tfx.train import budget, lock, losses, rundir, steps
 from tfx.train.checkpoint import Checkpoints
@@ -40,20 +40,33 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preemption:
-    """Turns SIGTERM/SIGINT into a flag. A signal may reach the processes of a run at different
-    steps, but the save is collective, so the flag is not acted on directly: each process feeds
-    it into its rows of the next batch (`stop_rows`), the train step reduces it over all
-    processes, and every process reads the result at the same step (see steps.make_train_step)."""
+    """Turns SIGTERM/SIGINT into a flag, and a lost workdir lock (process 0's `held_lock`) into
+    another. A signal may reach the processes of a run at different steps, but the save is
+    collective, so a flag is not acted on directly: each process feeds it into its rows of the
+    next batch (`stop_rows`), the train step reduces it over all processes (their maximum), and
+    every process reads the result at the same step (see steps.make_train_step): SAVE saves and
+    exits; LOCK_LOST exits without saving, as the workdir is no longer the run's."""
+    SAVE, LOCK_LOST = 1, 2
 
     def __init__(self):
         self.signal = None
+        self.held_lock: lock.WorkdirLock | None = None
+        self.lock_lost: str | None = None  # why, once process 0's lock is lost.
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
 
-    def stop_rows(self, rows: int) -> np.ndarray:
-        return np.full((rows, 1), int(self.signal is not None), np.int32)
+    def stop_rows(self, rows: int, verify_lock: bool = False) -> np.ndarray:
+        """This process's rows of the `stop` column. With `verify_lock`, the lock is read rather
+        than trusted to the heartbeat (before a step that saves)."""
+        if self.held_lock is not None and self.lock_lost is None:
+            try:
+                self.held_lock.check(verify=verify_lock)
+            except lock.LockLostError as error:
+                self.lock_lost = str(error)
+        flag = self.LOCK_LOST if self.lock_lost else self.SAVE if self.signal else 0
+        return np.full((rows, 1), flag, np.int32)
 
     def restore(self):
         for signum, handler in self.previous.items():
@@ -74,7 +87,7 @@ def _eval_loss(eval_step, params, batches, experiment: Experiment) -> dict[str, 
 def previous_wall_time(workdir: str) -> float:
     """Seconds the runs before this one spent (from their metrics), so a resumed run's
     wall-clock axis continues theirs."""
-    if not os.path.exists(os.path.join(workdir, METRICS_FILE)):
+    if not (files.path(workdir) / METRICS_FILE).exists():
         return 0.0
     return max((r.get("wall_time_s", 0.0) for r in read_metrics(workdir)), default=0.0)
 
@@ -108,13 +121,15 @@ def divergence(metrics: dict, config: ml_collections.ConfigDict) -> str | None:
 def starting_state(config: ml_collections.ConfigDict, experiment: Experiment,
                    checkpoints: Checkpoints, batches: pipeline.TrainBatches | None
                    ) -> steps.TrainState:
-    """The newest checkpoint of the workdir that restores (`batches`, if given, continue from
-    its data position unless config.data.reset_position); else config.init_from's parameters
-    with the optimizer, step and RNG afresh; else `experiment.state`. Process 0 says which."""
+    """The newest checkpoint of the workdir that every process restores (`Checkpoints.resume`;
+    `batches`, if given, continue from its data position unless config.data.reset_position),
+    restored into the abstract state, so no random state is made beside it; else, when the
+    workdir has no checkpoints, config.init_from's parameters with the optimizer, step and RNG
+    afresh; else the random `experiment.state`. A workdir whose checkpoints do not restore is
+    refused (an error), never trained from step 0. Process 0 says which."""
     main_process = jax.process_index() == 0
     reset_data = config.data.reset_position
-    latest, state = checkpoints.restore_latest(experiment.state, None if reset_data else batches,
-                                               move_aside=main_process)
+    latest, state = checkpoints.resume(experiment.abstract_state, None if reset_data else batches)
     if latest is not None:
         if main_process:
             print(f"resuming from step {latest} in {checkpoints.directory}"
@@ -122,8 +137,8 @@ def starting_state(config: ml_collections.ConfigDict, experiment: Experiment,
                   + (f"; config.init_from={config.init_from!r} is ignored" if config.init_from else ""))
         return state
     if not config.init_from:
-        return state
-    label, params = rundir.init_params(config, state)
+        return experiment.state
+    label, params = rundir.init_params(config, experiment.abstract_state)
     if main_process:
         print(f"initialised from {config.init_from} {label}")
     return steps.fresh_state(config, params, experiment.shardings)
@@ -136,13 +151,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, make_bleu: MakeBleu |
     `make_bleu` is given (train.py gives tfx.infer.evaluate.periodic_bleu), and the checkpoint
     with the best BLEU is kept."""
     with contextlib.ExitStack() as cleanup:  # closed however the run ends.
+        held_lock = None
         if jax.process_index() == 0:
-            cleanup.enter_context(lock.WorkdirLock(workdir, config.lock_timeout_s))
-        return _train(config, workdir, make_bleu, cleanup)
+            held_lock = cleanup.enter_context(lock.WorkdirLock(workdir, config.lock_timeout_s))
+        return _train(config, workdir, make_bleu, cleanup, held_lock)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, make_bleu: MakeBleu | None,
-           cleanup: contextlib.ExitStack) -> dict[str, float]:
+           cleanup: contextlib.ExitStack, held_lock: lock.WorkdirLock | None) -> dict[str, float]:
     experiment = Experiment(config)
     checkpoints = Checkpoints(workdir, config)
     cleanup.callback(checkpoints.close)
@@ -163,30 +179,43 @@ def _train(config: ml_collections.ConfigDict, workdir: str, make_bleu: MakeBleu 
     if main_process:
         config_lib.save_run(config, workdir)
         rundir.keep_tokenizer(experiment.tokenizer, workdir)
-    config, timed_steps = _budget_start(config, workdir, int(state.step))
+    config, timed_steps = _budget_start(config, workdir, int(state.step), checkpoints)
     loop = _Loop(config, workdir, experiment, checkpoints, batches, cleanup, teacher=teacher,
                  make_bleu=make_bleu, timed_steps=timed_steps, first_step=int(state.step))
-    eval_metrics = loop.run(state)
+    if timed_steps is None and config.num_train_steps == budget.UNPLANNED_STEPS:
+        loop.plan_on_a_copy(state)  # a resume without its plan: plans before its first step.
+    eval_metrics = loop.run(state, held_lock)
     if main_process:
         print(f"training data: {length_counts.report()}")
     return eval_metrics
 
 
-def _budget_start(config: ml_collections.ConfigDict, workdir: str, step: int
-                  ) -> tuple[ml_collections.ConfigDict, tuple[int, int] | None]:
-    """With config.train_minutes: the config with the workdir's recorded number of steps, or
-    with budget.UNPLANNED_STEPS and the (first, last) steps whose time plans the number (the
-    first compiles, so the timing starts after it). Else the config as it is and None."""
+def _budget_start(config: ml_collections.ConfigDict, workdir: str, step: int,
+                  checkpoints: Checkpoints) -> tuple[ml_collections.ConfigDict, tuple[int, int] | None]:
+    """With config.train_minutes: the config with the recorded number of steps (train_steps.json,
+    or the plan saved with checkpoint `step`), which `checkpoints` goes on saving; else with
+    budget.UNPLANNED_STEPS and, for a run from step 0, the (first, last) steps whose time plans
+    the number (the first compiles, so the timing starts after it), or None for a resume, which
+    plans on a copy of its state before its first step (`_Loop.plan_on_a_copy`). Without
+    config.train_minutes the config as it is and None."""
     if not config.train_minutes:
         return config, None
     main_process = jax.process_index() == 0
-    plan = budget.recorded(workdir, config)
+    saved = checkpoints.saved_plan(step) if step and main_process else None
+    plan = budget.recorded(workdir, config, saved)
     if plan:
         config = budget.with_steps(config, plan["num_train_steps"])
+        checkpoints.plan = plan
         if main_process:
             print(f"keeping the recorded plan: {budget.describe(plan)}")
         return config, None
     config = budget.with_steps(config, budget.UNPLANNED_STEPS)
+    if step:
+        if main_process:
+            print(f"config.train_minutes={config.train_minutes}: no plan for it in {budget.PLAN_FILE} "
+                  f"or checkpoint step {step}; timing {budget.TIMED_STEPS} train steps on a copy of "
+                  "the state to plan the number of steps before resuming")
+        return config, None
     first = step + 1
     last = budget.plan_step(first, config.warmup_steps)
     if main_process:
@@ -253,14 +282,18 @@ class _Loop:
         e = self.experiment
         return steps.make_train_step(self.config, e.graphdef, e.mesh, e.shardings, self.teacher_spec)
 
-    def run(self, state: steps.TrainState) -> dict[str, float]:
-        """Trains to config.num_train_steps or a preemption; returns the last eval metrics."""
+    def run(self, state: steps.TrainState, held_lock: lock.WorkdirLock | None = None
+            ) -> dict[str, float]:
+        """Trains to config.num_train_steps or a preemption; returns the last eval metrics.
+        `held_lock` is process 0's workdir lock: once it is lost, every process stops at the
+        same step without saving (LockLostError)."""
+        self.preemption.held_lock = held_lock
         step = int(state.step)
         pending = None  # (step, metrics on device) of the step just dispatched
         eval_metrics: dict[str, float] = {}
         while step < self.config.num_train_steps:
-            batch = {**next(self.batches),
-                     "stop": self.preemption.stop_rows(self.experiment.train_shard.rows)}
+            batch = next(self.batches)  # then the stop flags, as fresh as they can be.
+            batch["stop"] = self.preemption.stop_rows(self.experiment.train_shard.rows, self._saves(step + 1))
             batch = pipeline.to_global(batch, self.experiment.sharding, self.experiment.train_shard)
             state, metrics = self.train_step(state, batch, *self.teacher_args)
             step += 1
@@ -270,15 +303,11 @@ class _Loop:
                 self._read(*pending)
             pending = (step, metrics)
             self.progress.update(1)
-            config = self.config
-            last = step == config.num_train_steps
-            evaluate_now = bool(self.eval_batches) and bool(config.eval_every_steps) and (
-                step % config.eval_every_steps == 0 or last)
-            if not (evaluate_now or last or self.stop_agreed
-                    or step % config.checkpoint_every_steps == 0):
+            if not (self._saves(step) or self.stop_agreed):
                 continue
             self._read(*pending)
             pending = None
+            evaluate_now = self._evaluates(step)
             if evaluate_now:
                 eval_metrics = self._evaluate(step, state.params)
             bleu = eval_metrics.get("bleu") if evaluate_now else None
@@ -288,6 +317,18 @@ class _Loop:
                                     f"saved step {step}, exiting.")
                 break
         return eval_metrics
+
+    def _evaluates(self, step: int) -> bool:
+        config = self.config
+        return bool(self.eval_batches) and bool(config.eval_every_steps) and (
+            step % config.eval_every_steps == 0 or step == config.num_train_steps)
+
+    def _saves(self, step: int) -> bool:
+        """Whether `step` saves a checkpoint (at an eval, the last step and every
+        config.checkpoint_every_steps; a preemption saves at any step)."""
+        config = self.config
+        return (self._evaluates(step) or step == config.num_train_steps
+                or step % config.checkpoint_every_steps == 0)
 
     def _time_for_plan(self, step: int, metrics):
         """At the budget's first and last timed steps, waits for the device and reads the
@@ -300,19 +341,54 @@ class _Loop:
             self.timed_start = time.perf_counter()
             return
         step_time = (time.perf_counter() - self.timed_start) / (last - first)
-        plan = budget.plan(self.config, self.workdir, step_time, step, last - first)
+        self._follow(budget.plan(self.config, self.workdir, step_time, step, last - first))
+
+    def plan_on_a_copy(self, state: steps.TrainState):
+        """Plans the number of steps (budget.plan) from the time of budget.TIMED_STEPS train
+        steps on a copy of `state` and the next batch, after one that compiles; their results
+        are discarded and the data position is put back, so the run goes on as if no step had
+        been taken. For a resume without its plan: it never trains on budget.UNPLANNED_STEPS."""
+        position = self.batches.get_state()
+        rows = self.experiment.train_shard.rows
+        batch = {**next(self.batches), "stop": np.zeros((rows, 1), np.int32)}
+        self.batches.set_state(position)
+        batch = pipeline.to_global(batch, self.experiment.sharding, self.experiment.train_shard)
+        copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s),  # new buffers, as placed.
+                       out_shardings=self.experiment.shardings)(state)
+        copy, metrics = self.train_step(copy, batch, *self.teacher_args)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(budget.TIMED_STEPS):
+            copy, metrics = self.train_step(copy, batch, *self.teacher_args)
+        jax.block_until_ready((copy, metrics))
+        step_time = (time.perf_counter() - start) / budget.TIMED_STEPS
+        del copy, metrics
+        self._follow(budget.plan(self.config, self.workdir, step_time, int(state.step),
+                                 budget.TIMED_STEPS, on_a_copy=True))
+
+    def _follow(self, plan: dict):
+        """Trains to `plan`'s number of steps from now on (recompiled), and saves it with
+        each checkpoint."""
         self.config = budget.with_steps(self.config, plan["num_train_steps"])
+        self.checkpoints.plan = plan
         self.train_step = self._make_train_step()
         self.progress.total = self.config.num_train_steps
         self.progress.write(budget.describe(plan))
         self.timed_steps = None
 
     def _read(self, done_step: int, device_metrics: dict):
-        """Fetches a step's metrics: stops on divergence (config.nonfinite_loss='stop'), notes
-        an agreed preemption, and logs the window at every config.log_every_steps."""
+        """Fetches a step's metrics: stops on a lost workdir lock or divergence
+        (config.nonfinite_loss='stop'), notes an agreed preemption, and logs the window at
+        every config.log_every_steps."""
         config = self.config
         metrics = jax.device_get(device_metrics)
-        self.stop_agreed = self.stop_agreed or bool(metrics.pop("stop"))
+        stop = int(metrics.pop("stop"))
+        if stop == Preemption.LOCK_LOST:
+            lost = self.preemption.lock_lost or (
+                f"process 0 lost the lock of {self.workdir} (its output says why); resume once "
+                "no other run uses the workdir.")
+            raise lock.LockLostError(f"stopped at step {done_step} without saving it: {lost}")
+        self.stop_agreed = self.stop_agreed or stop == Preemption.SAVE
         what = divergence(metrics, config) if config.nonfinite_loss == "stop" else None
         if what:
             raise NonFiniteLossError(
