@@ -62,3 +62,27 @@ def test_a_failed_rename_leaves_the_previous_file(tmp_path, monkeypatch):
         files.write_bytes(path, b"[1, 2]")
     assert path.read_text() == "{}"
     assert os.listdir(tmp_path) == ["plan.json"]
+
+
+def test_on_cloud_storage_a_write_is_whole_and_trees_copy_and_move(gcs_bucket, tmp_path):
+    root = f"{gcs_bucket}/files-{os.getpid()}"
+    files.write_text(f"{root}/a.txt", (f"line {i}\n" for i in range(1000)))
+    files.write_bytes(f"{root}/sub/b.bin", bytes(range(256)))
+
+    def pieces():
+        yield "new, first half\n"
+        raise RuntimeError("network gone")
+
+    with pytest.raises(RuntimeError, match="network gone"):
+        files.write_text(f"{root}/a.txt", pieces())
+    assert files.path(f"{root}/a.txt").read_text() == "".join(f"line {i}\n" for i in range(1000))
+
+    files.copy_tree(root, tmp_path / "copy")  # Cloud Storage to local disk,
+    assert (tmp_path / "copy" / "sub" / "b.bin").read_bytes() == bytes(range(256))
+    files.copy_tree(tmp_path / "copy", f"{root}-copy")  # and back.
+    files.move_tree(f"{root}-copy", f"{root}-moved")
+    assert not files.path(f"{root}-copy").exists()
+    moved = files.path(f"{root}-moved")
+    assert sorted(p.name for p in moved.iterdir()) == ["a.txt", "sub"]
+    assert (moved / "sub" / "b.bin").read_bytes() == bytes(range(256))
+    assert not files.is_local(root) and files.join(root, "x") == f"{root}/x"

@@ -8,6 +8,9 @@ gcp-storage-emulator accepts uploads and deletes whatever their `ifGenerationMat
 upload with ifGenerationMatch=0 over an existing object succeeds), so `enforce_preconditions`
 adds Cloud Storage's documented check to its upload and delete handlers: a mismatch answers
 412 Precondition Failed and changes nothing. The check and the write are one step under a lock.
+Its downloads also lack the `x-goog-generation` header of Cloud Storage's, from which
+TensorStore's OCDBT (orbax) reads a manifest's generation before a conditional write (without it
+a save fails now and then with "Malformed StorageGeneration"): `send_generation` adds it.
 """
 from __future__ import annotations
 
@@ -51,7 +54,8 @@ def enforce_preconditions():
     def insert(request, response, storage, *args, **kwargs):
         expected = request.query.get("ifGenerationMatch")
         if expected is None:
-            return original_insert(request, response, storage, *args, **kwargs)
+            with guard:  # not while a conditional upload has swapped create_file.
+                return original_insert(request, response, storage, *args, **kwargs)
         create_file = storage.create_file
 
         def checked_create(bucket, name, *rest, **kw):
@@ -88,6 +92,28 @@ class _PreconditionFailed(Exception):
     pass
 
 
+def send_generation():
+    """Makes the emulator's downloads carry the object's generation and metageneration headers,
+    as Cloud Storage's do."""
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    original = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        original(request, response, storage, *args, **kwargs)
+        if response.status in (http.HTTPStatus.OK, http.HTTPStatus.PARTIAL_CONTENT):
+            found = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(found["generation"])
+            response["x-goog-metageneration"] = str(found["metageneration"])
+
+    objects.download = download  # objects.get calls it for ?alt=media.
+    for _, methods in server.HANDLERS:
+        for method, handler in list(methods.items()):
+            if handler is original:
+                methods[method] = download
+
+
 @contextlib.contextmanager
 def running() -> Iterator[str]:
     """Starts the emulator with bucket BUCKET, points this process's environment at it, and
@@ -95,6 +121,7 @@ def running() -> Iterator[str]:
     from gcp_storage_emulator.server import create_server
 
     enforce_preconditions()
+    send_generation()
     port = _free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()

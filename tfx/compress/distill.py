@@ -27,7 +27,6 @@ and the BLEU and chrF of the teacher's best translations against the references.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ from collections.abc import Sequence
 import sacrebleu
 import tqdm
 
+from tfx.core import files
 from tfx.core.files import write_text
 from tfx.data.sources import PairSource, open_split
 from tfx.infer.evaluate import score
@@ -78,9 +78,8 @@ def _settings(translator: Translator, workdir: str, targets: str, chunk_size: in
               splits: dict[str, PairSource]) -> dict:
     """What the corpus depends on, keyed by the flag or config key that sets it."""
     config, model = translator.model.config, translator.model
-    with open(model.tokenizer.path, "rb") as f:
-        tokenizer = hashlib.sha256(f.read()).hexdigest()[:16]
-    settings = {"--workdir": os.path.abspath(workdir), "--checkpoint": model.label,
+    tokenizer = hashlib.sha256(files.path(model.tokenizer.path).read_bytes()).hexdigest()[:16]
+    settings = {"--workdir": os.fspath(files.path(workdir)), "--checkpoint": model.label,
                 "--targets": targets, "--chunk_size": chunk_size, "tokenizer (sha256)": tokenizer,
                 "config.seed": config.seed, "config.quantization": config.quantization,
                 "config.data.source_lang": config.data.source_lang,
@@ -94,24 +93,23 @@ def _settings(translator: Translator, workdir: str, targets: str, chunk_size: in
 def _open_state(output: str, settings: dict) -> dict:
     """The state of `output` (created if new), refusing settings that differ from its own."""
     path = os.path.join(output, STATE_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
+    if files.path(path).is_file():
+        state = json.loads(files.path(path).read_text(encoding="utf-8"))
         for key, value in settings.items():
             saved = state["settings"].get(key, value)  # a split not distilled before may be added.
             if saved != value:
                 raise ValueError(f"{key}: {output} was made with {saved!r}, this run has {value!r}; "
                                  "rerun with the same arguments or choose a new --output.")
         state["settings"].update(settings)
-    elif os.path.isdir(output) and os.listdir(output):
+    elif files.path(output).is_dir() and any(files.path(output).iterdir()):
         raise ValueError(f"--output={output} is not empty and has no {STATE_FILE} of a distillation; "
                          "choose a new directory.")
     else:
         state = {"settings": settings, "done": {}}
-    os.makedirs(os.path.join(output, CHUNKS), exist_ok=True)
+    (files.path(output) / CHUNKS).mkdir(parents=True, exist_ok=True)
     for folder in (output, os.path.join(output, CHUNKS)):
-        for temporary in glob.glob(os.path.join(folder, "*.tmp")):
-            os.remove(temporary)  # left by a killed run.
+        for temporary in files.path(folder).glob("*.tmp"):
+            temporary.unlink()  # left by a killed run.
     _write_json(path, state)
     return state
 
@@ -159,22 +157,21 @@ def distill_split(translator: Translator, pairs: PairSource, prefix: str, target
              for i in range(-(-len(pairs) // chunk_size))]
     for number, path in enumerate(tqdm.tqdm(paths, desc=f"distilling {name}", unit="chunk",
                                             disable=not progress)):
-        if not os.path.isfile(path):
+        if not files.path(path).is_file():
             start = number * chunk_size
             records = [pairs[i] for i in range(start, min(start + chunk_size, len(pairs)))]
             _write_json(path, _translate_chunk(translator, records, targets, name, start))
     chunks = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            chunks.append(json.load(f))
+        chunks.append(json.loads(files.path(path).read_text(encoding="utf-8")))
     lines = [pair for chunk in chunks for pair in _pairs(chunk, targets)]
-    files = [f"{prefix}.{language}" for language in pairs.languages]
-    for side, path in enumerate(files):
+    corpus = [f"{prefix}.{language}" for language in pairs.languages]
+    for side, path in enumerate(corpus):
         write_text(path, (_one_line(pair[side]) + "\n" for pair in lines))
     teacher = [text for chunk in chunks for text in chunk["teacher"]]
     references = [text for chunk in chunks for text in chunk["references"]]
     seconds = sum(chunk["seconds"] for chunk in chunks)
-    report = {"spec": pairs.spec, "files": files, "sentences": len(teacher), "lines": len(lines),
+    report = {"spec": pairs.spec, "files": corpus, "sentences": len(teacher), "lines": len(lines),
               "skipped_empty": pairs.skipped_empty + sum(chunk["skipped_empty"] for chunk in chunks),
               "truncated": sum(chunk["truncated"] for chunk in chunks),
               "empty_translations": sum(not text.strip() for text in teacher), "seconds": seconds,
@@ -203,11 +200,12 @@ def distill(translator: Translator, workdir: str, output: str, splits: Sequence[
             state["done"][split] = distill_split(translator, pairs, os.path.join(output, split),
                                                  targets, chunk_size, progress)
             _write_json(os.path.join(output, STATE_FILE), state)
-        for path in glob.glob(os.path.join(output, CHUNKS, f"{split}-*.json")):
-            os.remove(path)
-    if not os.listdir(os.path.join(output, CHUNKS)):
-        os.rmdir(os.path.join(output, CHUNKS))
-    report = {"teacher": os.path.abspath(workdir), "checkpoint": translator.model.label,
+        for path in (files.path(output) / CHUNKS).glob(f"{split}-*.json"):
+            path.unlink()
+    chunks = files.path(output) / CHUNKS
+    if chunks.is_dir() and not any(chunks.iterdir()):  # (on Cloud Storage, gone with its files)
+        chunks.rmdir()
+    report = {"teacher": os.fspath(files.path(workdir)), "checkpoint": translator.model.label,
               "targets": targets, "decode": config.decode.to_dict(),
               "splits": {split: state["done"][split] for split in splits}}
     _write_json(os.path.join(output, REPORT_FILE), report)

@@ -27,7 +27,6 @@ pruned model needs, `overrides`).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -37,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from tfx.core import config as config_lib
-from tfx.core import parallel
+from tfx.core import files, parallel
 from tfx.data import pipeline
 from tfx.infer import evaluate, trained
 from tfx.model.params import abstract_params
@@ -169,7 +168,7 @@ def prune_heads(config: ml_collections.ConfigDict, workdir: str, checkpoint: str
     check_prunable(config, count)
     if not config.data[split]:
         raise ValueError(f"config.data.{split} is empty: name a split to score the heads on.")
-    if os.path.isdir(os.path.join(output, "checkpoints")) and Checkpoints(output).steps():
+    if files.path(output).joinpath("checkpoints").is_dir() and Checkpoints(output).steps():
         raise FileExistsError(f"--output={output} already holds checkpoints; choose a new directory.")
     source = trained.load(config, workdir, checkpoint)
     label, params = source.label, source.params

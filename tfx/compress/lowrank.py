@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import math
 import operator
-import os
 
 import jax
 import ml_collections
@@ -28,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from tfx.core import config as config_lib
+from tfx.core import files
 from tfx.infer import trained
 from tfx.model.layers import LowRank
 from tfx.model.params import abstract_params
@@ -91,7 +91,7 @@ def factorize_run(config: ml_collections.ConfigDict, workdir: str, checkpoint: s
                          "the full-rank run was trained with (rank_fraction 0).")
     if not 0 < rank_fraction <= 1:
         raise ValueError(f"--rank_fraction={rank_fraction} must be in (0, 1].")
-    if os.path.isdir(os.path.join(output, "checkpoints")) and Checkpoints(output).steps():
+    if files.path(output).joinpath("checkpoints").is_dir() and Checkpoints(output).steps():
         raise FileExistsError(f"--output={output} already holds checkpoints; choose a new directory.")
     source = trained.load(config, workdir, checkpoint)
     low_rank = config.copy_and_resolve_references()
@@ -101,7 +101,7 @@ def factorize_run(config: ml_collections.ConfigDict, workdir: str, checkpoint: s
     params, errors = factorize(jax.device_get(nnx.to_pure_dict(source.params)),
                                nnx.merge(graphdef, host_params))
     nnx.replace_by_pure_dict(host_params, params)
-    os.makedirs(output, exist_ok=True)
+    files.path(output).mkdir(parents=True, exist_ok=True)
     rundir.write_run(low_rank, source.mesh, host_params, source.tokenizer, output)
     return Factorized(low_rank, source.label, count_params(source.params), count_params(host_params),
                       {kind: float(np.mean(values)) for kind, values in errors.items()})

@@ -35,8 +35,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tfx.core import config as config_lib
+from tfx.core import files
 
-ERRORS = (ValueError, FileNotFoundError, FileExistsError)  # what a user can act on: one line.
+# What a user can act on: one line.
+ERRORS = (ValueError, FileNotFoundError, FileExistsError, files.MissingBackendError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +57,10 @@ class SharedFlags:
         with the --config.KEY=VALUE overrides on top; validated. A model or tokenizer key that
         differs from the run's is refused (`config.for_inference`)."""
         workdir = self.workdir.value
-        if not os.path.isdir(workdir):
+        if not files.path(workdir).is_dir():
             raise FileNotFoundError(f"workdir {workdir!r} does not exist.")
         source = os.path.join(workdir, config_lib.RUN_CONFIG_FILE)
-        run = config_lib.load_run(workdir) if os.path.isfile(source) else None
+        run = config_lib.load_run(workdir) if files.path(source).is_file() else None
         flag = flags.FLAGS[self.config.name]
         return config_lib.for_inference(run, source, self._given() if flag.present else None,
                                         config_flags.get_override_values(flag))

@@ -206,7 +206,7 @@ def default_config() -> ml_collections.ConfigDict:
             eval_bleu_examples=0,  # periodic BLEU on the first N eval pairs; 0: all of them.
             checkpoint_every_steps=1000,  # also at the end and on SIGTERM/SIGINT.
             keep_checkpoints=3,  # the latest K, plus the best by eval BLEU.
-            lock_timeout_s=300.0,  # a workdir lock from another host whose heartbeat (every 30 s) is older than this is stale (tfx/train/lock.py).
+            lock_timeout_s=300.0,  # a workdir lock from another machine or container (boot id, pid namespace) whose heartbeat (every 30 s) is older than this is stale (tfx/train/lock.py).
             nonfinite_loss="stop",  # a NaN, infinite or diverged loss: stop (exit naming the step) or skip (leave the parameters and moments unchanged).
             divergence_factor=3.0,  # a loss above this x ln(vocab_size) (a uniform prediction's, about where training starts) has diverged; 0: only NaN/inf.
             # Starting from another run (fine-tunes: int8 QAT, pruning, low-rank, pruned heads).
@@ -288,17 +288,16 @@ def _tuples(value):
 
 def save_run(config: ml_collections.ConfigDict, workdir: str):
     """Writes `config` as the run's config.json in `workdir` (atomically), for `load_run`."""
-    files.write_text(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=2))
+    files.write_text(files.join(workdir, RUN_CONFIG_FILE), config.to_json(indent=2))
 
 
 def load_run(workdir: str) -> ml_collections.ConfigDict:
     """The config the run in `workdir` was trained with (its config.json), not yet validated."""
     path = os.path.join(workdir, RUN_CONFIG_FILE)
-    if not os.path.isfile(path):
+    if not files.path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist: give the run's --config FILE[:variant] "
                                 "and the overrides it was trained with.")
-    with open(path, encoding="utf-8") as f:
-        return from_json(f.read(), path)
+    return from_json(files.path(path).read_text(encoding="utf-8"), path)
 
 
 def for_inference(run: ml_collections.ConfigDict | None, source: str,

@@ -1,10 +1,11 @@
 """Downloads and prepares a config's data splits and trains its vocabulary, once.
 
-    python -m tfx.data.prepare --config configs/wmt_base.py [--config.data.data_dir=gs://...]
+    python -m tfx.data.prepare --config configs/wmt_base.py [--config.data.data_dir=DIR]
 
-Run it once on one machine before training on many (a TPU pod's workers then only read).
-Training prepares whatever is missing on first use too; this command just does it up front
-and prints what it found.
+The data dir is on local disk (tfx/data/sources.py). For many hosts (a TPU pod's workers),
+prepare it once, copy it to a bucket, and copy it from there to each host's disk. Training
+prepares whatever is missing on first use too; this command just does it up front and prints
+what it found.
 """
 from __future__ import annotations
 

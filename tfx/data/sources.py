@@ -5,10 +5,14 @@ A split is named by a spec string (`config.data.train/eval/test`):
 - `tfds:NAME[/CONFIG]:SPLIT`, any TFDS translation dataset, e.g. `tfds:wmt14_translate/de-en:train`;
 - `text:PATH_PREFIX`, line-aligned files `PATH_PREFIX.<source_lang>` and `PATH_PREFIX.<target_lang>`.
 
-Both go the same way: a TFDS builder prepares array_record files once under `data_dir` (local
-text through `ParallelTextBuilder`, keyed by a hash of the files), and `as_data_source()` gives
-random access, which grain's global shuffle and exact resume need. Each record is
-{"source": str, "target": str} in the configured direction.
+Both go the same way: a TFDS builder prepares array_record files once under `data_dir` (text
+through `ParallelTextBuilder`, keyed by a hash of the files, which reads them at each opening),
+and `as_data_source()` gives random access, which grain's global shuffle and exact resume need.
+Each record is {"source": str, "target": str} in the configured direction.
+
+The text files may be on Cloud Storage (`text:gs://...`); `data_dir` must be on local disk.
+array_record writes local files only, and reads a gs:// file with one request per record, which
+the input pipeline makes one after another, so a gs:// data dir is refused (`check_data_dir`).
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import ml_collections
 import tensorflow_datasets as tfds
 import tensorflow_datasets.translate  # noqa: F401  (registers the WMT builders; tfds imports them lazily)
 
+from tfx.core import files
+
 SPEC_FORMS = '"tfds:NAME[/CONFIG]:SPLIT" or "text:PATH_PREFIX"'
 TEXT_SPLIT = "lines"  # the one split of a local-text dataset.
 
@@ -34,10 +40,11 @@ def default_data_dir(data_dir: str) -> str:
 
 
 def read_lines(path: str) -> Iterator[str]:
-    """The lines of a UTF-8 text file, without newlines; errors name the file and line."""
-    if not os.path.isfile(path):
+    """The lines of a UTF-8 text file (local or gs://), without newlines; errors name the file
+    and line."""
+    if not files.path(path).is_file():
         raise FileNotFoundError(f"data file {path!r} does not exist.")
-    with open(path, "rb") as f:
+    with files.path(path).open("rb") as f:
         yield from decode_lines(f, path)
 
 
@@ -55,21 +62,21 @@ def decode_lines(stream: BinaryIO, name: str) -> Iterator[str]:
 
 
 def _count_lines(path: str) -> int:
-    with open(path, "rb") as f:
+    with files.path(path).open("rb") as f:
         return sum(1 for _ in f)
 
 
 def _file_digest(paths: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as f:
+        with files.path(path).open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
 
 
 class ParallelTextBuilder(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder over two line-aligned local files; one split, in file order.
+    """TFDS builder over two line-aligned files (local or gs://); one split, in file order.
 
     Pairs with an empty (or whitespace-only) side are skipped; their count is kept in the
     dataset's metadata as `skipped_empty`.
@@ -79,7 +86,7 @@ class ParallelTextBuilder(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, source_path: str, target_path: str, languages: tuple[str, str], **kwargs):
         for path in (source_path, target_path):
-            if not os.path.isfile(path):
+            if not files.path(path).is_file():
                 raise FileNotFoundError(f"data file {path!r} does not exist.")
         self.paths, self.languages = (source_path, target_path), languages
         name = f"{languages[0]}-{languages[1]}-{_file_digest(self.paths)}"
@@ -186,8 +193,20 @@ def open_split(spec: str, key: str, source_lang: str, target_lang: str, data_dir
         return _open_split(spec, key, source_lang, target_lang, data_dir, prepare)
 
 
+def check_data_dir(data_dir: str):
+    """Refuses a data dir that is not on local disk (see the module doc), saying what to do."""
+    data_dir = default_data_dir(data_dir)
+    if not files.is_local(data_dir):
+        raise ValueError(
+            f"config.data.data_dir={data_dir!r} (or $TFDS_DATA_DIR) is not on local disk: tfx "
+            "prepares and reads data on local disk only (array_record writes local files, and "
+            "reads gs:// one request per record); set it to a local directory DIR, and to use "
+            f"data prepared there, first copy it: gcloud storage cp -r {data_dir.rstrip('/')}/* DIR")
+
+
 def _open_split(spec, key, source_lang, target_lang, data_dir, prepare) -> PairSource:
     kind, _, rest = spec.partition(":")
+    check_data_dir(data_dir)
     data_dir = default_data_dir(data_dir)
     languages = (source_lang, target_lang)
     if kind == "text" and rest:

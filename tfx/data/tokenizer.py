@@ -25,13 +25,13 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 
 class Tokenizer:
-    """A loaded SentencePiece model; `path` names the file it came from."""
+    """A loaded SentencePiece model; `path` names the file it came from (local or gs://)."""
 
     def __init__(self, path: str):
-        if not os.path.isfile(path):
+        if not files.path(path).is_file():
             raise FileNotFoundError(f"tokenizer model {path!r} does not exist.")
-        try:
-            self.processor = spm.SentencePieceProcessor(model_file=path)
+        try:  # from bytes: SentencePiece opens local files only.
+            self.processor = spm.SentencePieceProcessor(model_proto=files.path(path).read_bytes())
         except RuntimeError as error:
             raise ValueError(
                 f"tokenizer model {path!r} is not a valid SentencePiece model ({error}); "

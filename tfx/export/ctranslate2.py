@@ -46,6 +46,7 @@ try:
 except ModuleNotFoundError as error:
     raise ModuleNotFoundError(f"tfx.export.ctranslate2 needs CTranslate2 ({error}): pip install 'tfx-mt[export]'.") from None
 
+from tfx.core import files
 from tfx.core.config import head_dim
 from tfx.data.tokenizer import EOS_ID, PAD_ID, UNK_ID
 from tfx.model import shortlist
@@ -202,27 +203,38 @@ def check_output(output: str, quantization: str, force: bool):
     """Raises for an unknown `quantization`, or an existing `output` without `force`."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)}.")
-    if os.path.exists(output) and not force:
+    if files.path(output).exists() and not force:
         raise FileExistsError(f"--output={output} exists; pass --force to replace it.")
 
 
 def write_ctranslate2(spec: model_spec.ModelSpec, output: str, quantization: str = "float32",
-                      force: bool = False, files: Mapping[str, str] | None = None) -> str:
-    """Saves `spec` (its weights stored as `quantization`) and copies of `files` ({name: path})
-    as the directory `output`, which must not exist unless `force`; returns its absolute path.
+                      force: bool = False, extra: Mapping[str, str] | None = None) -> str:
+    """Saves `spec` (its weights stored as `quantization`) and copies of the files `extra`
+    ({name: path}) as the directory `output` (local or gs://), which must not exist unless
+    `force`; returns its path (absolute if local).
 
-    CTranslate2 validates, quantizes and writes the model into a temporary directory beside
-    `output`, which is then renamed, so a failed export leaves `output` as it was.
+    CTranslate2 validates, quantizes and writes the model into a local temporary directory,
+    beside `output` when it is local, then renamed there, so a failed export leaves `output`
+    as it was. A gs:// `output` is uploaded from a temporary directory once the model is
+    whole: Cloud Storage has no renames, so an upload that fails part way leaves part of
+    the files (an export with --force writes them again).
     """
-    output = os.path.abspath(output)
+    output = os.fspath(files.path(output))
     check_output(output, quantization, force)
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
+    local = files.is_local(output)
+    parent = os.path.dirname(output) if local else None
+    if parent:
+        os.makedirs(parent, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", dir=parent)
     try:
         written = _SpecConverter(spec).convert(os.path.join(scratch, "model"), quantization=quantization)
-        for name, path in (files or {}).items():
-            shutil.copyfile(path, os.path.join(written, name))
+        for name, path in (extra or {}).items():
+            files.copy_file(path, os.path.join(written, name))
+        if not local:
+            if files.path(output).exists():
+                files.path(output).rmtree()
+            files.copy_tree(written, output)
+            return output
         if os.path.exists(output):
             os.replace(output, os.path.join(scratch, "old"))
         os.replace(written, output)
@@ -239,13 +251,13 @@ def export_ctranslate2(trained, output: str, quantization: str = "float32", forc
     processor = trained.tokenizer.processor
     pieces = [processor.id_to_piece(i) for i in range(processor.vocab_size())]
     spec = ctranslate2_spec(trained.config.model, params, pieces)
-    files = {SENTENCEPIECE_FILE: trained.tokenizer.path}
+    extra = {SENTENCEPIECE_FILE: trained.tokenizer.path}
     with tempfile.TemporaryDirectory() as scratch:
         if trained.config.decode.shortlist:
-            files[VOCABULARY_MAP_FILE] = os.path.join(scratch, VOCABULARY_MAP_FILE)
+            extra[VOCABULARY_MAP_FILE] = os.path.join(scratch, VOCABULARY_MAP_FILE)
             table = shortlist.load(trained.config.decode.shortlist, trained.config.model.vocab_size)
-            write_vocabulary_map(files[VOCABULARY_MAP_FILE], table, pieces)
-        return write_ctranslate2(spec, output, quantization, force, files)
+            write_vocabulary_map(extra[VOCABULARY_MAP_FILE], table, pieces)
+        return write_ctranslate2(spec, output, quantization, force, extra)
 
 
 def write_vocabulary_map(path: str, table: shortlist.Shortlist, pieces: Sequence[str]):

@@ -6,7 +6,6 @@ equals what the `sacrebleu` command gives for the same hypothesis and reference 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -149,9 +148,9 @@ class SplitDecoder:
             suffix = "" if config.quantization == "none" else f"-{config.quantization}"
             if shortlist:
                 suffix += f"-shortlist{config.decode.shortlist_size}"
-            prefix = os.path.join(self.workdir, f"{split}-{self.label}{suffix}")
+            prefix = files.join(self.workdir, f"{split}-{self.label}{suffix}")
             results.update(hypotheses=f"{prefix}.hyp.txt",
-                           references=os.path.join(self.workdir, f"{split}.ref.txt"))
+                           references=files.join(self.workdir, f"{split}.ref.txt"))
             for path, lines in ((results["hypotheses"], hypotheses), (results["references"], references)):
                 files.write_text(path, (line + "\n" for line in lines))
             files.write_text(f"{prefix}.json", json.dumps(results, indent=2))

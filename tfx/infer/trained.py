@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from tfx.core import distributed, parallel
+from tfx.core import distributed, files, parallel
 from tfx.data import sources
 from tfx.data import tokenizer as tokenizer_lib
 from tfx.model import shortlist
@@ -28,7 +28,7 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_
     """The run's SentencePiece model (see the module doc), checked against model.vocab_size and
     the tokenizer config.decode.shortlist was learned with."""
     copy = os.path.join(workdir, TOKENIZER_FILE)
-    if os.path.isfile(copy):
+    if files.path(copy).is_file():
         tokenizer = tokenizer_lib.Tokenizer(copy)
     elif config.tokenizer.model_path:
         tokenizer = tokenizer_lib.Tokenizer(config.tokenizer.model_path)

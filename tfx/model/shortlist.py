@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 from typing import NamedTuple
 
@@ -44,13 +45,12 @@ def save(path: str, candidates_VxK, probs_VxK, target_counts_V, frequent: int, t
 
 
 def _digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(files.path(path).read_bytes()).hexdigest()
 
 
 def _read(path: str) -> dict[str, np.ndarray]:
     try:
-        with np.load(path) as f:
+        with np.load(io.BytesIO(files.path(path).read_bytes())) as f:
             return {key: f[key] for key in ("candidates", "probs", "target_counts", "frequent",
                                              "tokenizer_sha256")}
     except (OSError, KeyError, ValueError) as error:
@@ -59,11 +59,15 @@ def _read(path: str) -> dict[str, np.ndarray]:
 
 
 def load(path: str, vocab_size: int) -> Shortlist:
-    """The table at `path` (config.decode.shortlist) for a `vocab_size`-token model, read again
-    once the file is replaced (`save` writes a new inode)."""
+    """The table at `path` (config.decode.shortlist, local or gs://) for a `vocab_size`-token
+    model, read again once the file is replaced (`save` writes a new inode, or a new object)."""
     try:
-        stat = os.stat(path)
-        version = (stat.st_ino, stat.st_mtime_ns)
+        if files.is_local(path):
+            stat = os.stat(path)
+            version = (stat.st_ino, stat.st_mtime_ns)
+        else:
+            stat = files.path(path).stat()
+            version = (stat.length, stat.mtime)
     except OSError:
         version = None  # _read names the missing file.
     return _load(path, version, vocab_size)

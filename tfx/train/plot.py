@@ -9,6 +9,7 @@ import os
 
 from matplotlib.figure import Figure  # without pyplot: no backend chosen, no global state.
 
+from tfx.core import files
 from tfx.train.metrics import read_metrics
 
 
@@ -29,10 +30,11 @@ def plot(workdir: str) -> str:
         bleu_axes.annotate(f"{r['bleu']:.1f} (step {r['step']})", (r.get("wall_time_s", 0) / 60, r["bleu"]),
                            ha="right", va="bottom")
     bleu_axes.set(xlabel="wall-clock minutes", ylabel="sacreBLEU", title="eval BLEU")
-    figure.suptitle(os.path.abspath(workdir))
+    figure.suptitle(os.fspath(files.path(workdir)))
     figure.tight_layout()
-    path = os.path.join(workdir, "curves.png")
-    figure.savefig(path, dpi=100)
+    path = files.join(workdir, "curves.png")
+    with files.replacing(path, "wb") as f:
+        figure.savefig(f, format="png", dpi=100)
     return path
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import filecmp
-import os
 
 import jax
 import ml_collections
@@ -44,7 +42,7 @@ def restore_params(workdir: str, checkpoint: str, like: nnx.State, key: str = "-
 
     "latest" is the newest checkpoint that restores (a warning names each one skipped); a
     requested step, or a member of an average, that does not restore is an error naming it."""
-    if not os.path.isdir(workdir):
+    if not files.path(workdir).is_dir():
         raise FileNotFoundError(f"workdir {workdir!r} does not exist.")
     checkpoints = Checkpoints(workdir)
     saved = checkpoints.steps()
@@ -89,7 +87,7 @@ def init_params(config: ml_collections.ConfigDict, state) -> tuple[str, nnx.Stat
 
 def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer, workdir: str):
     """Copies the tokenizer's model into `workdir` (atomically), for `tfx.infer.trained`."""
-    files.copy_file(tokenizer.path, os.path.join(workdir, TOKENIZER_FILE))
+    files.copy_file(tokenizer.path, files.join(workdir, TOKENIZER_FILE))
 
 
 def write_run(config: ml_collections.ConfigDict, mesh: Mesh, params: nnx.State,
@@ -125,9 +123,9 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh,
             f"config.distill.teacher_config={distill.teacher_config!r} has model.vocab_size="
             f"{teacher.model.vocab_size}, the student config.model.vocab_size="
             f"{config.model.vocab_size}: distillation needs one vocabulary.")
-    copy = os.path.join(distill.teacher_workdir, TOKENIZER_FILE)
-    if not os.path.isfile(copy) or not filecmp.cmp(copy, tokenizer.path, shallow=False):
-        found = "differs from" if os.path.isfile(copy) else "is missing, so cannot be checked against"
+    copy = files.path(distill.teacher_workdir) / TOKENIZER_FILE
+    if not copy.is_file() or copy.read_bytes() != files.path(tokenizer.path).read_bytes():
+        found = "differs from" if copy.is_file() else "is missing, so cannot be checked against"
         raise ValueError(
             f"config.distill.teacher_workdir={distill.teacher_workdir!r}: its {TOKENIZER_FILE} "
             f"{found} the student's SentencePiece model {tokenizer.path}; distillation needs one "
