@@ -42,12 +42,11 @@ from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import Mesh
 
-from tfx.core import config as config_lib
 from tfx.core import parallel, precision
 from tfx.model import decode, flops
 from tfx.model.params import abstract_params, placed
 from tfx.tpu import hlo
-from tfx.train import steps
+from tfx.train import rundir, steps
 
 GiB = 2**30
 
@@ -169,12 +168,11 @@ def train_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.
 def abstract_teacher(config: ml_collections.ConfigDict, mesh: Mesh
                      ) -> tuple[ml_collections.ConfigDict, nnx.GraphDef, nnx.State, nnx.State] | None:
     """(config, graphdef, abstract parameters, shardings) of config.distill's teacher, placed as
-    `rundir.load_teacher` places it (the student's logical axis rules), computing as on the
-    mesh's platform; None without one. Its workdir need not exist here."""
+    `rundir.load_teacher` places it, computing as on the mesh's platform; None without one.
+    Its workdir need not exist here."""
     if not config.distill.teacher_config:
         return None
-    teacher_config = config_lib.load(config.distill.teacher_config)
-    teacher_config.logical_axis_rules = config.logical_axis_rules
+    teacher_config = rundir.teacher_config(config)
     teacher_config.model.dtype = precision.resolve(teacher_config.model.dtype,
                                                    mesh.devices.flat[0].platform)
     return (teacher_config, *abstract_params(teacher_config, mesh))

@@ -107,14 +107,9 @@ def write_run(config: ml_collections.ConfigDict, mesh: Mesh, params: nnx.State,
         keep_tokenizer(tokenizer, workdir)
 
 
-def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh,
-                 tokenizer: tokenizer_lib.Tokenizer) -> TrainedModel:
-    """config.distill's teacher (its config file's model, its workdir's teacher_checkpoint)
-    placed on the student's `mesh` by the student's logical axis rules.
-
-    Distillation compares the two models' predictions token by token, so the teacher must have
-    the student's vocabulary: the same model.vocab_size, and a tokenizer.model in its workdir
-    with the bytes of the student's SentencePiece model `tokenizer`."""
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.distill.teacher_config loaded, with the student's vocabulary size checked and the
+    student's logical axis rules, by which the teacher is placed on the student's mesh."""
     distill = config.distill
     with _naming("distill.teacher_config", distill.teacher_config):
         teacher = config_lib.load(distill.teacher_config)
@@ -123,6 +118,20 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh,
             f"config.distill.teacher_config={distill.teacher_config!r} has model.vocab_size="
             f"{teacher.model.vocab_size}, the student config.model.vocab_size="
             f"{config.model.vocab_size}: distillation needs one vocabulary.")
+    teacher.logical_axis_rules = config.logical_axis_rules
+    return teacher
+
+
+def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh,
+                 tokenizer: tokenizer_lib.Tokenizer) -> TrainedModel:
+    """config.distill's teacher (`teacher_config`, its workdir's teacher_checkpoint) placed on
+    the student's `mesh` by the student's logical axis rules.
+
+    Distillation compares the two models' predictions token by token, so the teacher must have
+    the student's vocabulary: the same model.vocab_size, and a tokenizer.model in its workdir
+    with the bytes of the student's SentencePiece model `tokenizer`."""
+    distill = config.distill
+    teacher = teacher_config(config)
     copy = files.path(distill.teacher_workdir) / TOKENIZER_FILE
     if not copy.is_file() or copy.read_bytes() != files.path(tokenizer.path).read_bytes():
         found = "differs from" if copy.is_file() else "is missing, so cannot be checked against"
@@ -130,7 +139,6 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh,
             f"config.distill.teacher_workdir={distill.teacher_workdir!r}: its {TOKENIZER_FILE} "
             f"{found} the student's SentencePiece model {tokenizer.path}; distillation needs one "
             "vocabulary (set the student's config.tokenizer.model_path to the teacher's).")
-    teacher.logical_axis_rules = config.logical_axis_rules
     graphdef, abstract, shardings = model_params.abstract_params(teacher, mesh)
     with _naming("distill.teacher_workdir", distill.teacher_workdir):
         label, params = restore_params(distill.teacher_workdir, distill.teacher_checkpoint,
