@@ -36,13 +36,12 @@ import numpy as np
 from flax import nnx
 
 from tfx.core import config as config_lib
-from tfx.core import files, parallel
+from tfx.core import parallel
 from tfx.data import pipeline
 from tfx.infer import evaluate, trained
 from tfx.model.params import abstract_params
 from tfx.model.transformer import count_params
 from tfx.train import losses, rundir, steps
-from tfx.train.checkpoint import Checkpoints
 
 ATTENTION = ("query", "key", "value", "out")  # the parameters of an attention module.
 HEAD_AXIS = {"query": 1, "key": 1, "value": 1, "out": 0}  # their heads axis (unstacked).
@@ -168,8 +167,7 @@ def prune_heads(config: ml_collections.ConfigDict, workdir: str, checkpoint: str
     check_prunable(config, count)
     if not config.data[split]:
         raise ValueError(f"config.data.{split} is empty: name a split to score the heads on.")
-    if files.path(output).joinpath("checkpoints").is_dir() and Checkpoints(output).steps():
-        raise FileExistsError(f"--output={output} already holds checkpoints; choose a new directory.")
+    rundir.check_new_run(output)
     source = trained.load(config, workdir, checkpoint)
     label, params = source.label, source.params
     sharding, shard = pipeline.batch_layout(config, source.mesh, config.per_device_eval_batch_size)

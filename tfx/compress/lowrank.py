@@ -33,7 +33,6 @@ from tfx.model.layers import LowRank
 from tfx.model.params import abstract_params
 from tfx.model.transformer import count_params
 from tfx.train import rundir
-from tfx.train.checkpoint import Checkpoints
 
 
 def truncated_svd(w_MxN: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,8 +90,7 @@ def factorize_run(config: ml_collections.ConfigDict, workdir: str, checkpoint: s
                          "the full-rank run was trained with (rank_fraction 0).")
     if not 0 < rank_fraction <= 1:
         raise ValueError(f"--rank_fraction={rank_fraction} must be in (0, 1].")
-    if files.path(output).joinpath("checkpoints").is_dir() and Checkpoints(output).steps():
-        raise FileExistsError(f"--output={output} already holds checkpoints; choose a new directory.")
+    rundir.check_new_run(output)
     source = trained.load(config, workdir, checkpoint)
     low_rank = config.copy_and_resolve_references()
     low_rank.model.rank_fraction = rank_fraction

@@ -278,12 +278,9 @@ class Checkpoints:
         with self._restoring(step):
             self._check_shapes(step, abstract)
             position = None if batches is None else read_position(self._data_directory(step), batches)
-            handler = ocp.StandardCheckpointHandler()
-            try:
+            with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
                 restored = handler.restore(self._step_directory(step) / "state",
                                            args=ocp.args.StandardRestore(abstract))
-            finally:
-                handler.close()
         if batches is not None:
             batches.set_state(position)
         return restored
@@ -297,11 +294,8 @@ class Checkpoints:
                                       partial_restore=True)
         with self._restoring(step):
             self._check_shapes(step, abstract)
-            handler = ocp.PyTreeCheckpointHandler()
-            try:
+            with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
                 return handler.restore(self._step_directory(step) / "state", args=args)["params"]
-            finally:
-                handler.close()
 
     def resume(self, state: TrainState, batches: TrainBatches | None = None
                ) -> tuple[int | None, TrainState | None]:
@@ -408,11 +402,8 @@ class Checkpoints:
     def _check_shapes(self, step: int, abstract):
         """Names the first array of `abstract` (a train state, or a part of its tree) that is
         not saved or whose saved shape differs from the config's."""
-        handler = ocp.StandardCheckpointHandler()
-        try:
+        with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
             metadata = handler.metadata(self._step_directory(step) / "state")
-        finally:
-            handler.close()
         saved = {path_name(path): leaf.shape for path, leaf in
                  jax.tree_util.tree_leaves_with_path(metadata)}
         if not saved:

@@ -90,6 +90,12 @@ def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer, workdir: str):
     files.copy_file(tokenizer.path, files.join(workdir, TOKENIZER_FILE))
 
 
+def check_new_run(output: str):
+    """Refuses, before a tool's work, an `output` for `write_run` that already holds checkpoints."""
+    if files.path(output).joinpath("checkpoints").is_dir() and Checkpoints(output).steps():
+        raise FileExistsError(f"--output={output} already holds checkpoints; choose a new directory.")
+
+
 def write_run(config: ml_collections.ConfigDict, mesh: Mesh, params: nnx.State,
               tokenizer: tokenizer_lib.Tokenizer, workdir: str):
     """Writes the run directory of a tool's model (tfx.compress.heads, tfx.compress.lowrank):
