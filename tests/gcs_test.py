@@ -56,7 +56,9 @@ def tool(*command: str) -> str:
     return done.stdout
 
 
-def test_train_resume_evaluate_translate_and_export_with_the_run_in_a_bucket(gcs_bucket, data_dir):
+def test_train_resume_evaluate_translate_and_export_with_the_run_in_a_bucket(gcs_bucket, data_dir,
+                                                                            tmp_path):
+    """The run in the bucket, resumed, gives the losses of an uninterrupted run on local disk."""
     root = f"{gcs_bucket}/run-{uuid.uuid4().hex[:8]}"
     workdir, text = f"{root}/run", f"{root}/text/valid"
     for language in ("en", "de"):  # in the bucket: eval.py's test split, translate.py's input.
@@ -65,6 +67,8 @@ def test_train_resume_evaluate_translate_and_export_with_the_run_in_a_bucket(gcs
 
     out, _ = finish(train_py(workdir, data_dir, num_train_steps=4, checkpoint_every_steps=2))
     assert "step 4/4" in out
+    # Beside the resume below, once the data is prepared.
+    local = train_py(str(tmp_path / "local"), data_dir, num_train_steps=6, checkpoint_every_steps=2)
     written = {"checkpoints", "config.json", "metrics.jsonl", "tensorboard", "tokenizer.model"}
     assert written <= set(names(workdir))
     assert names(f"{workdir}/checkpoints") == ["2", "4"]
@@ -74,6 +78,9 @@ def test_train_resume_evaluate_translate_and_export_with_the_run_in_a_bucket(gcs
     assert f"resuming from step 4 in {workdir}/checkpoints" in out
     train = [r for r in read_metrics(workdir) if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    finish(local)
+    local_train = [r for r in read_metrics(str(tmp_path / "local")) if r["split"] == "train"]
+    assert [r["loss"] for r in train] == [r["loss"] for r in local_train]
     assert train[4]["wall_time_s"] > train[3]["wall_time_s"]  # the clock went on from the first run's.
     assert len(files.path(f"{workdir}/metrics.jsonl").read_text().splitlines()) == 6
     assert names(f"{workdir}/checkpoints") == ["2", "4", "6"]
