@@ -1,11 +1,13 @@
 """Translate a split with a trained checkpoint and score it with sacreBLEU, or score given files.
 
     python eval.py --workdir runs/multi30k [--split test] [--checkpoint latest|STEP|average:N]
-                   [--metrics bleu,chrf,ter] [--config.decode.beam_size=2 ...]
+                   [--metrics bleu,chrf,ter] [--target_lang LANG] [--config.decode.beam_size=2 ...]
     python eval.py --hyp hyps.txt --ref ref1.txt [--ref ref2.txt ...] [--tokenize 13a] [--lowercase]
 
 The run's config is its config.json; --config FILE[:variant] and --config.KEY=VALUE may change
 what may change at inference (decoding, batch sizes, mesh, data splits), not its model.
+--target_lang deu chooses a multilingual model's output language: OPUS-MT's token '>>deu<<'
+before every source (config.data.target_lang_token).
 """
 import json
 
@@ -14,6 +16,7 @@ from absl import app, flags
 
 from tfx.core import cli, distributed, host_memory
 from tfx.data.sources import read_lines
+from tfx.data.tokenizer import language_token
 from tfx.infer import evaluate
 
 
@@ -26,13 +29,17 @@ def main():
     ref = flags.DEFINE_multi_string("ref", None, "Score mode: reference file(s), line-aligned.")
     tokenize = flags.DEFINE_string("tokenize", None, "sacreBLEU tokenizer for BLEU (default 13a).")
     lowercase = flags.DEFINE_bool("lowercase", False, "Case-insensitive scores.")
+    target_lang = flags.DEFINE_string(
+        "target_lang", None, "A multilingual model's output language: OPUS-MT's '>>LANG<<' token "
+        "starts every source (config.data.target_lang_token).")
+    cli.alias("target-lang", "target_lang")
 
     def command():
         if hyp.value:
             scores = score_files(hyp.value, ref.value, tuple(metrics.value), tokenize.value,
                                  lowercase.value)
         elif shared.workdir.value:
-            scores = evaluate_run(shared, split.value, tuple(metrics.value))
+            scores = evaluate_run(shared, split.value, tuple(metrics.value), target_lang.value)
         else:
             raise app.UsageError("give --workdir, or --hyp and --ref.")
         if scores is None:
@@ -60,9 +67,13 @@ def score_files(hyp: str, refs: list[str] | None, metrics: tuple[str, ...], toke
     return evaluate.score(hypotheses, references, metrics, tokenize, lowercase)
 
 
-def evaluate_run(shared: cli.SharedFlags, split: str, metrics: tuple[str, ...]) -> dict | None:
-    """The scores of --checkpoint of the run on `split` (None but on process 0)."""
+def evaluate_run(shared: cli.SharedFlags, split: str, metrics: tuple[str, ...],
+                 target_lang: str | None = None) -> dict | None:
+    """The scores of --checkpoint of the run on `split` (None but on process 0), with
+    `target_lang`'s token before every source if given."""
     config = shared.run_config()
+    if target_lang is not None:
+        config.data.target_lang_token = language_token(target_lang)
     host_memory.keep_freed_memory_on_cpu()  # before JAX starts its threads.
     distributed.initialize(config)  # before any other JAX call.
     results = evaluate.evaluate_checkpoint(config, shared.workdir.value, split,

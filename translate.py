@@ -4,12 +4,15 @@
     python translate.py --workdir W [--checkpoint latest|STEP|average:N]
         [--input FILE] [--output FILE] [--beam N] [--strategy beam|greedy|sample]
         [--temperature T] [--top_k K] [--top_p P] [--length_penalty A] [--max_length N]
-        [--nbest K] [--config.KEY=VALUE ...]
+        [--nbest K] [--target_lang LANG] [--config.KEY=VALUE ...]
     python translate.py --workdir W --score --source S --target T [--output FILE]
 
 The run's config is its config.json; --config FILE[:variant] and --config.KEY=VALUE may change
 what may change at inference (decoding, batch sizes, mesh), not its model. The decoding flags
-are shorthands of config.decode keys (--beam of --config.decode.beam_size).
+are shorthands of config.decode keys (--beam of --config.decode.beam_size). --target_lang deu
+chooses a multilingual model's output language: it puts OPUS-MT's token '>>deu<<' before every
+source (config.data.target_lang_token); a language the vocabulary has no token for is an error
+listing those it has.
 
 Translations go one per line in input order; with --nbest K, lines of
 index<TAB>rank<TAB>score<TAB>translation (index from 0, rank 1 is the best). --score writes
@@ -23,6 +26,7 @@ from absl import flags, logging
 from tfx.core import cli, files, host_memory
 from tfx.core import config as config_lib
 from tfx.data.sources import decode_lines, read_lines
+from tfx.data.tokenizer import language_token
 from tfx.infer import trained
 from tfx.infer.translate import Translator
 
@@ -45,7 +49,10 @@ def main():
         "length_penalty": flags.DEFINE_float("length_penalty", None, "GNMT length penalty alpha."),
         "max_length": flags.DEFINE_integer("max_length", None, "Longest output in tokens, EOS included."),
     }
-    for old in ("top-k", "top-p", "length-penalty", "max-length"):
+    target_lang = flags.DEFINE_string(
+        "target_lang", None, "A multilingual model's output language: OPUS-MT's '>>LANG<<' token "
+        "starts every source (config.data.target_lang_token).")
+    for old in ("top-k", "top-p", "length-penalty", "max-length", "target-lang"):
         cli.alias(old, old.replace("-", "_"))
 
     def command():
@@ -53,6 +60,8 @@ def main():
         for key, flag in decode.items():
             if flag.value is not None:
                 config.decode[key] = flag.value
+        if target_lang.value is not None:
+            config.data.target_lang_token = language_token(target_lang.value)
         run(config_lib.validate(config), shared.workdir.value, shared.checkpoint.value, inputs.value,
             output.value, nbest.value, score.value, source.value, target.value)
 

@@ -75,14 +75,16 @@ def ctranslate2_engine(model: trained.TrainedModel, directory: str, quantization
     directory = export_ctranslate2(model, directory, quantization)
     engine = ctranslate2.Translator(directory, device="cpu", compute_type=quantization,
                                     intra_threads=os.cpu_count() or 1)
-    processor = model.tokenizer.processor
+    tokenizer, pieces = model.tokenizer, model.tokenizer.pieces()
+    ids = {piece: i for i, piece in enumerate(pieces)}
 
     def translate(lines):
+        # tfx's tokenizer both ways (either kind, with its source prefix); the export adds EOS.
+        sources = [[pieces[i] for i in tokenizer.encode_source(line)[:-1]] for line in lines]
         outputs = engine.translate_batch(
-            [processor.encode(line, out_type=str) for line in lines], beam_size=args.beam,
-            max_batch_size=rows, length_penalty=args.ct2_length_penalty,
+            sources, beam_size=args.beam, max_batch_size=rows, length_penalty=args.ct2_length_penalty,
             max_decoding_length=model.config.model.max_len, use_vmap=bool(args.shortlist))
-        return ([processor.decode(o.hypotheses[0]) for o in outputs],
+        return ([tokenizer.decode([ids[p] for p in o.hypotheses[0]]) for o in outputs],
                 sum(len(o.hypotheses[0]) + 1 for o in outputs))  # EOS included, as tfx.
     return translate
 

@@ -349,6 +349,10 @@ def _defines(known: set[str], flag: str, uses_absl: bool) -> bool:
 
 def _config_problems(given: dict[str, str | None]) -> list[str]:
     spec = given.get("config")
+    # A variant that names a run (configs/opus_mt.py:runs/...) loads its config.json, which an
+    # earlier command of the page writes; tests/opus_mt_test.py runs those pages' commands.
+    if spec and spec.partition(":")[2].startswith("runs/"):
+        return []
     if spec and spec.startswith("configs/") and not PLACEHOLDER.search(spec):
         try:
             _config(spec)

@@ -36,7 +36,7 @@ def run(converged, tmp_path_factory):
     model = trained.load(config, workdir)
     output = export.export_ctranslate2(model, str(tmp_path_factory.mktemp("ct2") / "float32"))
     with open(TEST_SOURCES, encoding="utf-8") as f:
-        sources = [model.tokenizer.encode(line.rstrip("\n")) for line in f][:NUM_SENTENCES]
+        sources = [model.tokenizer.encode_source(line.rstrip("\n")) for line in f][:NUM_SENTENCES]
     return model, workdir, output, sources
 
 
@@ -61,12 +61,13 @@ def ct2_translate(translator, model: rundir.TrainedModel, sources: list[list[int
                   beam_size: int, **options) -> list[list[int]]:
     """CTranslate2's translations (ids) of `sources` as tfx decodes them: EOS allowed from the
     first step, no length penalty, at most `output_limit` tokens before EOS."""
-    processor = model.tokenizer.processor
-    pieces = [[processor.id_to_piece(i) for i in ids[:-1]] for ids in sources]  # EOS: the export adds it.
-    results = translator.translate_batch(pieces, beam_size=beam_size, length_penalty=0.0,
+    pieces = model.tokenizer.pieces()
+    ids_of = {piece: i for i, piece in enumerate(pieces)}
+    source_pieces = [[pieces[i] for i in ids[:-1]] for ids in sources]  # EOS: the export adds it.
+    results = translator.translate_batch(source_pieces, beam_size=beam_size, length_penalty=0.0,
                                          min_decoding_length=0,
                                          max_decoding_length=output_limit(model, sources), **options)
-    return [[processor.piece_to_id(p) for p in result.hypotheses[0]] for result in results]
+    return [[ids_of[p] for p in result.hypotheses[0]] for result in results]
 
 
 def test_greedy_translations_are_token_identical(run):
@@ -160,6 +161,17 @@ VARIANTS = {
     "unshared_embeddings": dict(share_embeddings=False, logits_via_embedding=False),
     "scan_layers": dict(scan_layers=True),
     "low_rank": dict(rank_fraction=0.5, activation="swiglu", scan_layers=True),  # factors multiplied back.
+    "swish": dict(activation="swish"),
+    "gelu_sigmoid": dict(activation="gelu_sigmoid"),
+    "biases": dict(use_bias=True),  # with tiny_config's GQA: kv biases repeated like the weights.
+    "output_bias": dict(output_bias=True),
+    "embedding_norm": dict(embedding_norm=True),
+    "unscaled_embeddings": dict(scale_embeddings=False),
+    "zero_start": dict(start_from_zero_embedding=True),
+    "marian_post": dict(norm_position="post", activation="swish", use_bias=True, output_bias=True,
+                        start_from_zero_embedding=True),
+    "marian_pre": dict(activation="gelu_sigmoid", use_bias=True, output_bias=True, embedding_norm=True,
+                       start_from_zero_embedding=True, share_embeddings=False, logits_via_embedding=False),
 }
 PIECES = ["<pad>", "</s>", "<unk>"] + [f"piece{i}" for i in range(3, 50)]
 

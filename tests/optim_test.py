@@ -120,13 +120,15 @@ def test_unknown_names_raise_naming_the_key(key, value, message):
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_weight_decay_skips_norm_scales_and_biases_unless_asked(tiny_config, optimizer, scan_layers):
     """With zero gradients an update is pure decay (AdamW: exactly -lr * decay * param), so it
-    is nonzero exactly where decay applies: not the norms' scale and bias, unless asked."""
-    model_config = tiny_config(model=dict(scan_layers=scan_layers)).model
+    is nonzero exactly where decay applies: not the norms' scale and bias nor the projections'
+    and output's biases (use_bias, output_bias), unless asked."""
+    model_config = tiny_config(model=dict(scan_layers=scan_layers, use_bias=True, output_bias=True,
+                                          embedding_norm=True)).model
     params = nnx.state(EncoderDecoder(model_config, nnx.Rngs(0)), nnx.Param)
     params = jax.tree.map(lambda x: x + 1.0, params)  # norm biases start at 0.
     grads = jax.tree.map(jnp.zeros_like, params)
     names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
-    is_norm = ["'scale'" in name or "'bias'" in name for name in names]
+    is_norm = ["'scale'" in name or "bias'" in name for name in names]
     assert any(is_norm) and not all(is_norm)
     for norms in (False, True):
         config = make_config(optimizer=optimizer, weight_decay=0.1, weight_decay_norms=norms,

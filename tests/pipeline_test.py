@@ -59,8 +59,27 @@ def unpack(row: dict[str, np.ndarray]) -> list[tuple]:
 
 def tokenized(corpus) -> list[tuple]:
     source, tokenizer = corpus
-    return [pair_key(tokenizer.encode(source[i]["source"]), tokenizer.encode(source[i]["target"]))
-            for i in range(len(source))]
+    return [pair_key(tokenizer.encode_source(source[i]["source"]),
+                     tokenizer.encode_target(source[i]["target"])) for i in range(len(source))]
+
+
+class SidedTokenizer:
+    """Source ids start with 10, target ids with 20: which side encoded what shows."""
+
+    def encode_source(self, text):
+        return [10, len(text), tok.EOS_ID]
+
+    def encode_target(self, text):
+        return [20, len(text), tok.EOS_ID]
+
+
+def test_sources_and_targets_are_encoded_by_their_side(corpus, config):
+    source, _ = corpus
+    batch = pipeline.eval_batches(config, source, SidedTokenizer(), pipeline.Shard(0, 1, 4))[0]
+    lengths = [(len(source[i]["source"]), len(source[i]["target"])) for i in range(4)]
+    np.testing.assert_array_equal(batch["inputs"][:, :3], [[10, s, tok.EOS_ID] for s, _ in lengths])
+    np.testing.assert_array_equal(batch["targets"][:, :3], [[20, t, tok.EOS_ID] for _, t in lengths])
+    assert not batch["inputs"][:, 3:].any() and not batch["targets"][:, 3:].any()
 
 
 def test_unpacking_gives_back_every_pair_exactly_once(corpus):

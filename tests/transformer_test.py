@@ -7,6 +7,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from tfx.core import config as config_lib
 from tfx.core import parallel
+from tfx.core.pytree import path_name
 from tfx.model import layers
 from tfx.model.transformer import EncoderDecoder, attention_mask, count_params, shift_right
 from tfx.train import losses
@@ -14,6 +15,45 @@ from tfx.train import losses
 
 def build(config, seed=0):
     return EncoderDecoder(config.model, nnx.Rngs(params=seed))
+
+
+# Marian's options (OPUS-MT), all on; swiglu so that the gate's bias is there too.
+MARIAN = dict(use_bias=True, output_bias=True, embedding_norm=True, scale_embeddings=False,
+              start_from_zero_embedding=True, activation="swiglu")
+MARIAN_PARAMS = {"query_bias", "key_bias", "value_bias", "out_bias", "wi_bias", "wi_gate_bias", "wo_bias",
+                 "logits_bias", "source_embed_norm", "target_embed_norm"}
+
+
+def perturbed(model, seed=1):
+    """`model` with every parameter moved off its initial value (zero biases, unit norm scales
+    would hide a bias or norm that is not applied)."""
+    graphdef, params = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    noisy = [x + 0.2 * jax.random.normal(key, x.shape) for x, key in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, noisy))
+
+
+def param_names(model) -> dict[str, np.ndarray]:
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {path_name(path): x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def test_marian_options_are_off_by_default_and_draw_no_random_numbers(tiny_config):
+    """The default builds none of their parameters; with them on, the other parameters are
+    those of the default (biases and norms start at constants), the biases have their axes."""
+    default = param_names(build(tiny_config(model=dict(activation="swiglu"))))
+    marian_model = build(tiny_config(model=MARIAN))
+    marian = param_names(marian_model)
+    assert not {part for name in default for part in name.split("/")} & MARIAN_PARAMS
+    assert {part for name in set(marian) - set(default) for part in name.split("/")} & MARIAN_PARAMS == MARIAN_PARAMS
+    for name, value in default.items():
+        np.testing.assert_array_equal(marian[name], value, err_msg=name)
+    attention = marian_model.decoder_layers[0].self_attention
+    assert attention.query_bias.shape == (4, 8) and attention.key_bias.shape == (2, 8)
+    assert attention.key_bias.get_metadata()["logical_axes"] == ("kv_heads", "head_dim")
+    assert marian_model.logits_bias.get_metadata()["logical_axes"] == ("vocab",)
+    assert not np.any(marian["logits_bias"])
 
 
 def test_base_has_transformer_base_parameter_count():
@@ -126,6 +166,7 @@ def test_packed_rows_give_the_same_per_token_logits_as_unpacked(tiny_config, mak
 
 @pytest.mark.parametrize("model_overrides", [
     dict(activation="gelu"), dict(activation="swiglu"), dict(activation="squared_relu"),
+    dict(activation="swish"), dict(activation="gelu_sigmoid"), dict(MARIAN, dtype="bfloat16"),
     dict(norm="rmsnorm"), dict(norm_position="post"), dict(num_kv_heads=1),
     dict(share_embeddings=False, logits_via_embedding=False), dict(dtype="bfloat16"),
 ])
@@ -135,6 +176,54 @@ def test_every_architecture_option_gives_finite_float32_logits(tiny_config, make
     logits = model(batch["inputs"], batch["targets"], rngs=nnx.Rngs(dropout=0))
     assert logits.shape == (2, 6, 50) and logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_swish_and_gelu_sigmoid_are_marians_activations():
+    x = np.linspace(-6, 6, 25, dtype=np.float32)
+    np.testing.assert_allclose(layers._activation("swish", jnp.asarray(x)), x / (1 + np.exp(-x)), rtol=1e-6)
+    np.testing.assert_allclose(layers._activation("gelu_sigmoid", jnp.asarray(x)), x / (1 + np.exp(-1.702 * x)),
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("zero_start", [False, True])
+def test_start_from_zero_embedding_ignores_the_start_tokens_embedding(tiny_config, zero_start):
+    """With the option, the decoder's start token (0) embeds as zeros, so its embedding row
+    changes no logit; without it, it changes every position's."""
+    config = tiny_config(model=dict(start_from_zero_embedding=zero_start, share_embeddings=False,
+                                    logits_via_embedding=False))
+    model = build(config)
+    inputs, targets = jnp.array([[3, 4, 5, 6]]), jnp.array([[7, 8, 9, 10, 11]])
+    before = np.asarray(model(inputs, targets))
+    row_D = jax.random.normal(jax.random.PRNGKey(1), (32,))  # not a constant, which layer norms remove.
+    model.target_embed.embedding[...] = model.target_embed.embedding[...].at[0].set(row_D)
+    after = np.asarray(model(inputs, targets))
+    if zero_start:
+        np.testing.assert_array_equal(after, before)
+    else:
+        assert not np.allclose(after[:, 0], before[:, 0], atol=1e-3)
+
+
+@pytest.mark.parametrize("model_overrides", [dict(), MARIAN, dict(MARIAN, norm_position="post", scan_layers=True)])
+def test_incremental_decoding_equals_teacher_forcing(tiny_config, make_batch, model_overrides):
+    """One position at a time with key/value caches (as tfx/model/decode.py decodes), the
+    logits are the teacher-forced ones at every position; with a shortlist, those of its tokens."""
+    model = perturbed(build(tiny_config(model=model_overrides)))
+    batch = make_batch(7, 2, 7, 6, 50)
+    inputs, targets = jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"])
+    expected_BxTxV = np.asarray(model(inputs, targets))
+    decoder_inputs_BxT = shift_right(targets, (targets > 0).astype(jnp.int32))
+    (b, t), vocab_S = targets.shape, jnp.array([1, 7, 3, 42])
+    cross_kv = model.cross_kv(model.encode(inputs), for_decoding=True)
+    cross_mask = attention_mask(jnp.ones((b, 1), jnp.int32), (inputs > 0).astype(jnp.int32), causal=False)
+    caches = model.empty_cache(b, t)
+    for step in range(t):
+        self_mask = jnp.broadcast_to(jnp.arange(t) <= step, (b, 1, 1, t))
+        y_Bx1xD, caches = model.decoder_states(decoder_inputs_BxT[:, step:step + 1], jnp.full((b, 1), step),
+                                               cross_kv, self_mask, cross_mask, caches=caches, index=step)
+        logits_BxV = np.asarray(model.logits(y_Bx1xD))[:, 0]
+        valid_B = np.asarray(targets[:, step] > 0)
+        np.testing.assert_allclose(logits_BxV[valid_B], expected_BxTxV[valid_B, step], atol=1e-4)
+        np.testing.assert_allclose(model.logits(y_Bx1xD, vocab_S)[:, 0], logits_BxV[:, vocab_S], atol=1e-5)
 
 
 def test_bfloat16_computes_in_bfloat16_but_keeps_float32_params(tiny_config, make_batch):
@@ -301,9 +390,12 @@ def loss_and_grads(model, batch, dropout_seed=None):
 
 
 def assert_trees_close(actual, expected):
-    """Equal to float32 rounding, relative to each array's largest entry."""
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
-                 actual, expected)
+    """Equal to float32 rounding, relative to each array's largest entry. Key biases are left
+    out: softmax ignores a shift shared by all keys, so their gradient is 0 but for rounding."""
+    def check(path, a, b):
+        if not path_name(path).endswith("key_bias"):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=path_name(path))
+    jax.tree_util.tree_map_with_path(check, actual, expected)
 
 
 DROPOUT = dict(dropout_rate=0.2, attention_dropout_rate=0.2, activation_dropout_rate=0.2)
@@ -345,11 +437,11 @@ def test_scanned_layers_stack_the_parameters_with_a_layers_axis(tiny_config):
     np.testing.assert_array_equal(query[2], unrolled.encoder_layers[2].attention.query[...])
 
 
-@pytest.mark.parametrize("model_overrides", [dict(), dict(norm_position="post", remat="dots")])
+@pytest.mark.parametrize("model_overrides", [dict(), dict(norm_position="post", remat="dots"), MARIAN])
 def test_scanned_layers_equal_unrolled_layers_with_the_same_parameters(tiny_config, make_batch,
                                                                        model_overrides):
     config = tiny_config(model=model_overrides)
-    model = build(config)
+    model = perturbed(build(config))
     scanned = to_scanned(config, model)
     batch = make_batch(6, 2, 7, 6, 50)
     np.testing.assert_allclose(scanned(batch["inputs"], batch["targets"]),

@@ -40,7 +40,7 @@ def translator(run):
 
 def test_training_keeps_the_tokenizer_that_translation_uses(run, translator):
     config, workdir = run
-    kept = os.path.join(workdir, trained_lib.TOKENIZER_FILE)
+    kept = os.path.join(workdir, "tokenizer.model")
     with open(kept, "rb") as a, open(translator.model.tokenizer.path, "rb") as b:
         assert a.read() == b.read()
 
@@ -96,7 +96,7 @@ def test_scores_are_the_log_probabilities_of_the_model_logits(translator):
     graphdef, tokenizer = translator.model.graphdef, translator.model.tokenizer
     forward = jax.jit(lambda params, inputs, targets: nnx.merge(graphdef, params)(inputs, targets))
     for (total, count), source, target in zip(scores, sources, targets):
-        ids = [tokenizer.encode(text) for text in (source, target)]
+        ids = [tokenizer.encode_source(source), tokenizer.encode_target(target)]
         inputs, targets_ = (np.zeros((1, -(-len(i) // 32) * 32), np.int32) for i in ids)
         inputs[0, :len(ids[0])], targets_[0, :len(ids[1])] = ids
         logits = np.asarray(forward(translator.model.params, inputs, targets_), np.float64)[0, :len(ids[1])]
@@ -140,6 +140,17 @@ def test_cli_translates_stdin_into_nbest_lines_and_scores_files(run, translator,
         got_total, got_mean, got_count = line.split("\t")
         assert int(got_count) == count
         np.testing.assert_allclose([float(got_total), float(got_mean)], [total, total / count], atol=2e-6)
+
+
+def test_cli_refuses_a_target_language_the_vocabulary_has_no_token_for(run):
+    """The run's joint tokenizer has no OPUS-MT language tokens: --target_lang fails in one line
+    naming the key, before the checkpoint is read."""
+    done = cli(run, "--target_lang=deu", stdin=b"A dog.\n")
+    assert done.returncode == 1 and not done.stdout
+    assert done.stderr.decode().splitlines()[-1] == (
+        "translate.py: config.data.target_lang_token='>>deu<<' is not a piece of the "
+        f"SentencePiece model {os.path.join(run[1], 'tokenizer.model')}; it has no language "
+        "tokens (>>xx<<): it is not a multilingual model's.")
 
 
 def test_cli_names_the_invalid_utf8_line_and_writes_nothing(run, tmp_path):

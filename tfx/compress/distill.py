@@ -27,7 +27,6 @@ and the BLEU and chrF of the teacher's best translations against the references.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -78,12 +77,13 @@ def _settings(translator: Translator, workdir: str, targets: str, chunk_size: in
               splits: dict[str, PairSource]) -> dict:
     """What the corpus depends on, keyed by the flag or config key that sets it."""
     config, model = translator.model.config, translator.model
-    tokenizer = hashlib.sha256(files.path(model.tokenizer.path).read_bytes()).hexdigest()[:16]
     settings = {"--workdir": os.fspath(files.path(workdir)), "--checkpoint": model.label,
-                "--targets": targets, "--chunk_size": chunk_size, "tokenizer (sha256)": tokenizer,
+                "--targets": targets, "--chunk_size": chunk_size,
+                "tokenizer (sha256)": model.tokenizer.fingerprint[:16],
                 "config.seed": config.seed, "config.quantization": config.quantization,
                 "config.data.source_lang": config.data.source_lang,
                 "config.data.target_lang": config.data.target_lang,
+                "config.data.target_lang_token": config.data.target_lang_token,
                 **{f"config.model.{k}": v for k, v in config.model.to_dict().items()},
                 **{f"config.decode.{k}": v for k, v in config.decode.to_dict().items()},
                 **{f"config.data.{name} (content)": pairs.fingerprint for name, pairs in splits.items()}}

@@ -9,7 +9,8 @@ the parameters' gradient gives it, with no change to the model.
 
 `keep_indices` then drops the K least important heads of every attention module (encoder self-,
 decoder self- and cross-attention) and `remove_heads` takes their slices out of query [D, N, H],
-key and value [D, N, H] and out [N, H, D]. Every module loses the same number of heads, so the
+key and value [D, N, H], out [N, H, D] and, with model.use_bias, the query, key and value
+biases [N, H] (out's bias [D] stays whole). Every module loses the same number of heads, so the
 result is again a uniform Transformer that a config describes (num_heads N - K and an explicit
 head_dim); Michel et al. rank the heads of all modules together, which leaves modules with
 different head counts. Grouped-query attention (num_kv_heads < num_heads) is refused: a
@@ -44,7 +45,8 @@ from tfx.model.transformer import count_params
 from tfx.train import losses, rundir, steps
 
 ATTENTION = ("query", "key", "value", "out")  # the parameters of an attention module.
-HEAD_AXIS = {"query": 1, "key": 1, "value": 1, "out": 0}  # their heads axis (unstacked).
+HEAD_AXIS = {"query": 1, "key": 1, "value": 1, "out": 0,  # their heads axis (unstacked),
+             "query_bias": 0, "key_bias": 0, "value_bias": 0}  # and their biases' (model.use_bias).
 
 
 def check_prunable(config: ml_collections.ConfigDict, count: int):

@@ -5,8 +5,8 @@ students ship); `tfx.model.shortlist` decodes with it.
         [--frequent 100] [--per_token 50]
 
 Learning (`learn`): IBM Model 1 (Brown et al., 1993) translation probabilities p(t | s) of
-target token t given source token s, by EM over the training split in the run's SentencePiece
-tokens, each source with a NULL token. Each source token keeps its `per_token` most probable
+target token t given source token s, by EM over the training split in the run's tokens (the
+source's as `encode_source` gives them, language token included), each source with a NULL token. Each source token keeps its `per_token` most probable
 targets; the `frequent` most frequent target tokens go in every shortlist.
 """
 from __future__ import annotations
@@ -92,11 +92,12 @@ def main():
             raise ValueError("--frequent must be >= 0, --per_token and --iterations >= 1.")
         tokenizer = trained.tokenizer_for(config, shared.workdir.value)
         d = config.data
-        encode = lambda split: [(tokenizer.encode(split[i]["source"])[:-1],  # without EOS.
-                                 tokenizer.encode(split[i]["target"])[:-1]) for i in range(len(split))]
+        encode = lambda split: [(tokenizer.encode_source(split[i]["source"])[:-1],  # without EOS.
+                                 tokenizer.encode_target(split[i]["target"])[:-1])
+                                for i in range(len(split))]
         train = encode(open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir))
         save(output.value, *learn(train, config.model.vocab_size, per_token.value, iterations.value),
-             frequent.value, tokenizer.path)
+             frequent.value, tokenizer)
         held_out = encode(open_split(d.eval, "data.eval", d.source_lang, d.target_lang, d.data_dir))
         print(f"{output.value}: {per_token.value} candidates per source token and the "
               f"{frequent.value} most frequent targets, from {len(train)} pairs of {d.train}")

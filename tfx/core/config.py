@@ -18,7 +18,7 @@ import ml_collections
 
 from tfx.core import files
 
-ACTIVATIONS = ("relu", "gelu", "swiglu", "squared_relu")
+ACTIVATIONS = ("relu", "gelu", "swiglu", "squared_relu", "swish", "gelu_sigmoid")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned")
@@ -63,14 +63,19 @@ def model_config() -> ml_collections.ConfigDict:
             mlp_dim=256,  # hidden width of the position-wise MLP.
             num_encoder_layers=2,
             num_decoder_layers=2,
-            activation="relu",  # relu, gelu, swiglu or squared_relu (Primer).
+            activation="relu",  # relu, gelu (tanh form), swiglu, squared_relu (Primer), swish (x sigmoid(x)) or gelu_sigmoid (x sigmoid(1.702 x), Marian's gelu).
             norm="layernorm",  # layernorm or rmsnorm.
             norm_position="pre",  # pre (pre-LN, stable) or post (the original Transformer).
             norm_epsilon=1e-6,
             positions="sinusoidal",  # sinusoidal or learned.
             max_len=256,  # longest sequence the model accepts (learned positions, decoding).
             share_embeddings=True,  # one embedding for source and target.
-            logits_via_embedding=True,  # output projection tied to the target embedding.
+            logits_via_embedding=True,  # output projection tied to the target embedding (the shared one with share_embeddings).
+            use_bias=False,  # a bias on every attention and MLP projection (Marian).
+            output_bias=False,  # a bias on the logits (Marian).
+            embedding_norm=False,  # a norm of embeddings plus positions, before the first layer (Marian's transformer-postprocess-emb n).
+            scale_embeddings=True,  # token embeddings times sqrt(emb_dim); False: as they are.
+            start_from_zero_embedding=False,  # the decoder's start token (0) embeds as a zero vector, positions still added (Marian).
             dropout_rate=0.1,  # embeddings and residual branches, as in Vaswani et al.
             attention_dropout_rate=0.0,  # attention weights; > 0 leaves the fused kernel.
             activation_dropout_rate=0.0,  # MLP hidden activations (fairseq's default is 0).
@@ -84,13 +89,17 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def tokenizer_config() -> dict:
-    """`config.tokenizer.*`: the SentencePiece vocabulary of model.vocab_size pieces, joint over
-    source and target."""
+    """`config.tokenizer.*`: the vocabulary of model.vocab_size pieces: one SentencePiece model
+    joint over source and target (tfx's own), or, with vocabulary_path, a source and a target
+    SentencePiece model whose pieces a vocabulary file maps to one id space (imported models)."""
     return dict(
-        model_path="",  # "": train on the training split on first use, then cache.
+        model_path="",  # the joint SentencePiece model; "": train on the training split on first use, then cache.
         model_type="unigram",  # unigram or bpe.
         character_coverage=1.0,  # characters covered; the rest fall back to bytes.
         input_sentence_size=0,  # > 0: train on that many sampled lines (big corpora).
+        source_model_path="",  # mapped: the source side's SentencePiece model.
+        target_model_path="",  # mapped: the target side's SentencePiece model.
+        vocabulary_path="",  # mapped: the JSON vocabulary of pieces and the ids each side may produce (tfx/data/vocabulary.py); "": the joint model.
     )
 
 
@@ -100,6 +109,7 @@ def data_config() -> dict:
     return dict(
         source_lang="en",  # translate from this language ...
         target_lang="de",  # ... into this one.
+        target_lang_token="",  # a vocabulary piece put before every source: the output language of a multilingual model, e.g. OPUS-MT's '>>deu<<'; '': none.
         train="",  # split spec of the training data (required).
         eval="",  # validation: eval loss and BLEU during training.
         test="",  # split spec eval.py scores by default.
@@ -354,6 +364,7 @@ def _lookup(config: ml_collections.ConfigDict, key: str):
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks values and their combinations; raises ValueError naming the config key."""
     _check_values(config)
+    _check_tokenizer(config)
     _check_training(config)
     _check_model(config)
     return config
@@ -394,6 +405,21 @@ def _check_values(config: ml_collections.ConfigDict):
             raise ValueError(f"config.{key}={_lookup(config, key)!r} must be in [0, 1].")
 
 
+def _check_tokenizer(config: ml_collections.ConfigDict):
+    """One tokenizer kind: the joint model (model_path, or trained) or the mapped one."""
+    t = config.tokenizer
+    if t.vocabulary_path and not (t.source_model_path and t.target_model_path):
+        raise ValueError("config.tokenizer.vocabulary_path is set, so the tokenizer is mapped and "
+                         "needs config.tokenizer.source_model_path and "
+                         "config.tokenizer.target_model_path.")
+    if t.vocabulary_path and t.model_path:
+        raise ValueError("config.tokenizer.model_path (a joint model) and "
+                         "config.tokenizer.vocabulary_path (a mapped one) are both set; keep one.")
+    if not t.vocabulary_path and (t.source_model_path or t.target_model_path):
+        raise ValueError("config.tokenizer.source_model_path/target_model_path are set without "
+                         "config.tokenizer.vocabulary_path, which maps their pieces to ids.")
+
+
 def _check_training(config: ml_collections.ConfigDict):
     """Training and decoding keys that constrain each other."""
     if config.distill.teacher_config and not config.distill.teacher_workdir:
@@ -426,11 +452,6 @@ def _check_model(config: ml_collections.ConfigDict):
         raise ValueError(
             f"config.model.emb_dim={m.emb_dim} is not divisible by config.model.num_heads="
             f"{m.num_heads}; set config.model.head_dim explicitly."
-        )
-    if m.logits_via_embedding and not m.share_embeddings:
-        raise ValueError(
-            "config.model.logits_via_embedding=True ties the output projection to the shared "
-            "embedding, so it needs config.model.share_embeddings=True."
         )
     if max(config.max_source_length, config.max_target_length) > m.max_len:
         raise ValueError(

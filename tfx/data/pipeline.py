@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tfx.core import parallel
 from tfx.data.sources import PairSource
-from tfx.data.tokenizer import EOS_ID, Tokenizer
+from tfx.data.tokenizer import EOS_ID, BaseTokenizer
 
 LENGTH_MULTIPLE = 8  # eval rows are padded to a multiple of this (fewer distinct shapes).
 SHORTEST_BUCKET = 16  # decoding batches are padded to a power of two, at least this.
@@ -125,14 +125,15 @@ def truncate(tokens: np.ndarray, length: int) -> np.ndarray:
 
 
 class Tokenize(grain.transforms.Map):
-    """{"source", "target"} text -> {"inputs", "targets"} int32 ids ending with EOS."""
+    """{"source", "target"} text -> {"inputs", "targets"} int32 ids ending with EOS, each by
+    its side of the tokenizer."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: BaseTokenizer):
         self.tokenizer = tokenizer
 
     def map(self, pair: dict[str, str]) -> dict[str, np.ndarray]:
-        return {"inputs": np.asarray(self.tokenizer.encode(pair["source"]), np.int32),
-                "targets": np.asarray(self.tokenizer.encode(pair["target"]), np.int32)}
+        return {"inputs": np.asarray(self.tokenizer.encode_source(pair["source"]), np.int32),
+                "targets": np.asarray(self.tokenizer.encode_target(pair["target"]), np.int32)}
 
 
 def pad_to(tokens: np.ndarray, length: int) -> np.ndarray:
@@ -182,7 +183,7 @@ def data_shards(config: ml_collections.ConfigDict, shard: Shard) -> tuple[int, r
     return shards, range(shard.index * per_process, (shard.index + 1) * per_process)
 
 
-def train_iterator(config: ml_collections.ConfigDict, source: PairSource, tokenizer: Tokenizer,
+def train_iterator(config: ml_collections.ConfigDict, source: PairSource, tokenizer: BaseTokenizer,
                    shard: Shard) -> tuple[TrainBatches, LengthCounts]:
     """This process's endless train batches of `shard.rows` rows, and the length-policy counts.
 
@@ -250,7 +251,7 @@ def longest_first(lengths: list[int], batch: int) -> list[np.ndarray]:
     return [order[i:i + batch] for i in range(0, len(order), batch)]
 
 
-def eval_batches(config: ml_collections.ConfigDict, source: PairSource, tokenizer: Tokenizer,
+def eval_batches(config: ml_collections.ConfigDict, source: PairSource, tokenizer: BaseTokenizer,
                  shard: Shard) -> list[dict[str, np.ndarray]]:
     """This process's rows of every eval batch over `source`, in order (see module doc).
 
@@ -277,7 +278,7 @@ def eval_batches(config: ml_collections.ConfigDict, source: PairSource, tokenize
     return batches
 
 
-def decode_batches(config: ml_collections.ConfigDict, source: PairSource, tokenizer: Tokenizer,
+def decode_batches(config: ml_collections.ConfigDict, source: PairSource, tokenizer: BaseTokenizer,
                    shard: Shard) -> list[dict[str, np.ndarray]]:
     """This process's rows of batches that decode every source of `source` once: sorted by
     length (longest first), each global batch's `inputs` padded to the `bucket` of its longest

@@ -23,11 +23,12 @@ def prepare(config) -> Iterator[str]:
     for which, split in splits.items():
         yield f"{which}: {split.spec}: {len(split)} pairs ({split.skipped_empty} skipped empty)"
     tokenizer = tokenizer_lib.from_config(config, splits["train"])
-    yield f"tokenizer: {tokenizer.path} ({tokenizer.vocab_size} pieces)"
+    yield f"tokenizer: {tokenizer.description} ({tokenizer.vocab_size} pieces)"
     sample = [splits["train"][i] for i in range(0, len(splits["train"]),
                                                  max(1, len(splits["train"]) // 2000))]
-    for side, limit in (("source", config.max_source_length), ("target", config.max_target_length)):
-        lengths = np.array([len(tokenizer.encode(pair[side])) for pair in sample])
+    for side, encode, limit in (("source", tokenizer.encode_source, config.max_source_length),
+                                ("target", tokenizer.encode_target, config.max_target_length)):
+        lengths = np.array([len(encode(pair[side])) for pair in sample])
         yield (f"train {side} tokens: median {np.median(lengths):.0f}, 99th percentile "
                f"{np.percentile(lengths, 99):.0f}, {np.mean(lengths > limit):.2%} over {limit}")
 

@@ -11,7 +11,13 @@ plus the run's SentencePiece model, `sentencepiece.model`, so it is all that tra
     result = translator.translate_batch([sp.encode(line, out_type=str)], beam_size=4)
     sp.decode(result[0].hypotheses[0])
 
-The mapping is exact: CTranslate2's vocabulary is the SentencePiece pieces in id order, sources
+A run with a mapped tokenizer (an imported model, tfx/data/tokenizer.py) gets its two models,
+`source.spm` and `target.spm`, instead: sources are the source model's pieces, outputs decode
+with the target model's, and a piece outside the vocabulary reads as <unk>. (tfx also maps a
+source piece outside the vocabulary's source ids to <unk>, which CTranslate2 does not.) A
+config.data.target_lang_token is not part of the export: put it before each source's pieces.
+
+The mapping is exact: CTranslate2's vocabulary is the tokenizer's pieces in id order, sources
 get EOS appended as in tfx, the decoder starts from piece 0 at position 0, and the position
 table is tfx's own (learned, or the sinusoids of positions 0..max_len-1), so sequences are
 limited to model.max_len tokens as in tfx. Grouped-query key/value heads are repeated into
@@ -48,7 +54,7 @@ except ModuleNotFoundError as error:
 
 from tfx.core import files
 from tfx.core.config import head_dim
-from tfx.data.tokenizer import EOS_ID, PAD_ID, UNK_ID
+from tfx.data.tokenizer import EOS_ID, JOINT_FILE, PAD_ID, UNK_ID, VOCABULARY_FILE
 from tfx.model import shortlist
 from tfx.model.layers import sinusoidal_positions
 
@@ -59,7 +65,9 @@ VOCABULARY_MAP_FILE = "vmap.txt"  # CTranslate2's name for it.
 NO_TOKEN_BIAS = -1e4  # output bias of token 0: never generated; still finite in float16.
 ACTIVATIONS = {"relu": common_spec.Activation.RELU,
                "gelu": common_spec.Activation.GELUTanh,  # jax.nn.gelu's default tanh form.
-               "swiglu": common_spec.Activation.SWISH}  # silu(x @ wi_gate) * (x @ wi).
+               "swiglu": common_spec.Activation.SWISH,  # silu(x @ wi_gate) * (x @ wi).
+               "swish": common_spec.Activation.SWISH,
+               "gelu_sigmoid": common_spec.Activation.GELUSigmoid}
 
 
 def unsupported(model: ml_collections.ConfigDict) -> list[str]:
@@ -90,7 +98,7 @@ def ctranslate2_spec(model: ml_collections.ConfigDict, params: nnx.State | Mappi
     pre_norm = model.norm_position == "pre"
     options = dict(pre_norm=pre_norm, activation=ACTIVATIONS[model.activation],
                    ffn_glu=model.activation == "swiglu", rms_norm=model.norm == "rmsnorm",
-                   head_dim=head_dim(model))
+                   head_dim=head_dim(model), layernorm_embedding=model.embedding_norm)
     encoder = transformer_spec.TransformerEncoderSpec(model.num_encoder_layers, model.num_heads, **options)
     decoder = transformer_spec.TransformerDecoderSpec(model.num_decoder_layers, model.num_heads, **options)
 
@@ -98,8 +106,11 @@ def ctranslate2_spec(model: ml_collections.ConfigDict, params: nnx.State | Mappi
     target_embedding_VxD = p["target_embed"]["embedding"] if "target_embed" in p else source_embedding_VxD
     encoder.embeddings[0].weight, decoder.embeddings.weight = source_embedding_VxD, target_embedding_VxD
     for stack, side in ((encoder, "source"), (decoder, "target")):
-        stack.scale_embeddings = float(np.sqrt(model.emb_dim))
+        stack.scale_embeddings = float(np.sqrt(model.emb_dim)) if model.scale_embeddings else False
         stack.position_encodings.encodings = _position_table(model, p, side)
+        if model.embedding_norm:
+            _set_norm(stack.layernorm_embedding, p[f"{side}_embed_norm"])
+    decoder.start_from_zero_embedding = model.start_from_zero_embedding
     if pre_norm:
         _set_norm(encoder.layer_norm, p["encoder_norm"])
         _set_norm(decoder.layer_norm, p["decoder_norm"])
@@ -117,7 +128,7 @@ def ctranslate2_spec(model: ml_collections.ConfigDict, params: nnx.State | Mappi
 
     decoder.projection.weight = (target_embedding_VxD if model.logits_via_embedding
                                  else p["logits_projection"].T)
-    bias_V = np.zeros((model.vocab_size,), np.float32)
+    bias_V = p["logits_bias"] if model.output_bias else np.zeros((model.vocab_size,), np.float32)
     bias_V[PAD_ID] = NO_TOKEN_BIAS
     decoder.projection.bias = bias_V
 
@@ -155,30 +166,38 @@ def _set_norm(spec, norm: Mapping):
 
 
 def _set_attention(spec, attention: Mapping, model: ml_collections.ConfigDict, self_attention: bool):
-    """[out, in] weights; grouped key/value heads repeated so query head n reads kv head
-    n // (N / K), as tfx's `Attention` groups them."""
+    """[out, in] weights and, with use_bias, biases; grouped key/value heads repeated so query
+    head n reads kv head n // (N / K), as tfx's `Attention` groups them. CTranslate2 fuses
+    query, key and value into one linear in self-attention, key and value in cross-attention."""
     groups = model.num_heads // model.num_kv_heads
-    attention = {name: _full(attention[name]) for name in ("query", "key", "value", "out")}
-    query_DxNxH = attention["query"]
-    d, n, h = query_DxNxH.shape
-    q = query_DxNxH.reshape(d, n * h).T
-    k, v = (np.repeat(attention[name], groups, axis=1).reshape(d, n * h).T for name in ("key", "value"))
-    out = attention["out"].reshape(n * h, d).T
-    if self_attention:
-        spec.linear[0].weight, spec.linear[1].weight = np.concatenate([q, k, v]), out
-    else:
-        spec.linear[0].weight, spec.linear[1].weight, spec.linear[2].weight = q, np.concatenate([k, v]), out
+    weights, biases = {}, {}
+    for name, repeat in (("query", 1), ("key", groups), ("value", groups)):
+        w_DxNxH = np.repeat(_full(attention[name]), repeat, axis=1)
+        weights[name] = w_DxNxH.reshape(w_DxNxH.shape[0], -1).T
+        if model.use_bias:
+            biases[name] = np.repeat(attention[f"{name}_bias"], repeat, axis=0).reshape(-1)
+    out_NxHxD = _full(attention["out"])
+    weights["out"] = out_NxHxD.reshape(-1, out_NxHxD.shape[-1]).T
+    if model.use_bias:
+        biases["out"] = attention["out_bias"]
+    fused = ((("query", "key", "value"), ("out",)) if self_attention
+             else (("query",), ("key", "value"), ("out",)))
+    for linear, names in zip(spec.linear, fused, strict=True):
+        linear.weight = np.concatenate([weights[name] for name in names])
+        if biases:
+            linear.bias = np.concatenate([biases[name] for name in names])
 
 
 def _set_mlp(spec, norm: Mapping, mlp: Mapping):
     """CTranslate2 applies the activation to `linear_0` and multiplies by `linear_0_noact`."""
     _set_norm(spec.layer_norm, norm)
     mlp = {name: _full(weight) for name, weight in mlp.items()}
-    if "wi_gate" in mlp:
-        spec.linear_0.weight, spec.linear_0_noact.weight = mlp["wi_gate"].T, mlp["wi"].T
-    else:
-        spec.linear_0.weight = mlp["wi"].T
-    spec.linear_1.weight = mlp["wo"].T
+    linears = ({"wi_gate": spec.linear_0, "wi": spec.linear_0_noact} if "wi_gate" in mlp
+               else {"wi": spec.linear_0})
+    for name, linear in {**linears, "wo": spec.linear_1}.items():
+        linear.weight = mlp[name].T
+        if f"{name}_bias" in mlp:
+            linear.bias = mlp[f"{name}_bias"]
 
 
 def _full(weight) -> np.ndarray:
@@ -245,13 +264,13 @@ def write_ctranslate2(spec: model_spec.ModelSpec, output: str, quantization: str
 
 def export_ctranslate2(trained, output: str, quantization: str = "float32", force: bool = False) -> str:
     """Writes `trained` (a `tfx.infer.trained.TrainedModel`) as a CTranslate2 model directory
-    `output` with its SentencePiece model; returns the directory."""
+    `output` with its SentencePiece model(s) (see the module doc); returns the directory."""
     check_output(output, quantization, force)
     params = jax.device_get(nnx.to_pure_dict(trained.params))  # whole arrays, off their shards.
-    processor = trained.tokenizer.processor
-    pieces = [processor.id_to_piece(i) for i in range(processor.vocab_size())]
+    pieces = trained.tokenizer.pieces()
     spec = ctranslate2_spec(trained.config.model, params, pieces)
-    extra = {SENTENCEPIECE_FILE: trained.tokenizer.path}
+    extra = {SENTENCEPIECE_FILE if name == JOINT_FILE else name: path  # the vocabulary is the spec's.
+             for name, path in trained.tokenizer.files.items() if name != VOCABULARY_FILE}
     with tempfile.TemporaryDirectory() as scratch:
         if trained.config.decode.shortlist:
             extra[VOCABULARY_MAP_FILE] = os.path.join(scratch, VOCABULARY_MAP_FILE)

@@ -21,14 +21,14 @@ from jax.sharding import NamedSharding
 from tfx.core import distributed, files
 from tfx.data import sources
 from tfx.data.pipeline import Shard, batch_layout, decode_batches, to_global
-from tfx.data.tokenizer import EOS_ID, Tokenizer
+from tfx.data.tokenizer import EOS_ID, BaseTokenizer
 from tfx.infer import trained
 from tfx.model import decode
 from tfx.train.experiment import Experiment
 
 
 def translate_batches(translate: Callable, params, batches: Sequence[dict[str, np.ndarray]],
-                      sharding: NamedSharding, shard: Shard, tokenizer: Tokenizer,
+                      sharding: NamedSharding, shard: Shard, tokenizer: BaseTokenizer,
                       progress: bool = False, warm_up: bool = False
                       ) -> tuple[list[str], dict[str, float]]:
     """Detokenized translations of the `batches` (pipeline.eval_batches or decode_batches), in

@@ -1,8 +1,10 @@
 """Translate raw text and score given pairs with a trained run (the library of translate.py).
 
-Text goes through the run's SentencePiece model both ways. Sentences are sorted by length and
-batched (per_device_eval_batch_size rows per data-parallel device), each batch padded to a
-power-of-two length so that only a few shapes compile, and results come back in input order.
+Text goes through the run's tokenizer: sources by its source side (`encode_source`, with
+config.data.target_lang_token first), targets and translations by its target side. Sentences
+are sorted by length and batched (per_device_eval_batch_size rows per data-parallel device),
+each batch padded to a power-of-two length so that only a few shapes compile, and results come
+back in input order.
 Empty lines translate to empty lines without decoding. Sentences longer than model.max_len
 tokens are truncated (keeping EOS) and counted.
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -69,8 +71,9 @@ class Report:
                 f"sentences/s, {self.tokens * rate:.0f} tokens/s); {self.truncated} truncated")
 
 
-def _encode(tokenizer, text: str, max_len: int) -> tuple[np.ndarray, bool]:
-    ids = np.asarray(tokenizer.encode(text), np.int32)
+def _encode(encode: Callable[[str], list[int]], text: str, max_len: int) -> tuple[np.ndarray, bool]:
+    """(`encode(text)` cut to `max_len` ids keeping EOS, whether it was cut)."""
+    ids = np.asarray(encode(text), np.int32)
     return truncate(ids, max_len), len(ids) > max_len
 
 
@@ -123,7 +126,7 @@ class Translator:
         sources = {}
         for i, line in enumerate(lines):
             if line.strip():
-                sources[i], cut = _encode(self.model.tokenizer, line, self.max_len)
+                sources[i], cut = _encode(self.model.tokenizer.encode_source, line, self.max_len)
                 report.truncated += cut
         found: dict[int, list[Hypothesis]] = {i: [] for i in sources}
         left = dict.fromkeys(sources, copies)  # searches still to come per sentence.
@@ -161,9 +164,10 @@ class Translator:
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets; they must be line-aligned.")
         report, start = Report(sentences=len(sources)), time.perf_counter()
         pairs = []
+        tokenizer = self.model.tokenizer
         for source, target in zip(sources, targets):
-            (inputs, cut_source), (outputs, cut_target) = (
-                _encode(self.model.tokenizer, text, self.max_len) for text in (source, target))
+            inputs, cut_source = _encode(tokenizer.encode_source, source, self.max_len)
+            outputs, cut_target = _encode(tokenizer.encode_target, target, self.max_len)
             pairs.append((inputs, outputs))
             report.truncated += cut_source or cut_target
         results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)

@@ -30,6 +30,20 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], logical_axes)
     return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), logical_axes=tuple(logical_axes))
 
 
+def bias(shape: Sequence[int], logical_axes) -> nnx.Param:
+    """A float32 bias parameter, initialised to zeros (draws no random numbers)."""
+    return nnx.Param(jnp.zeros(tuple(shape), jnp.float32), logical_axes=tuple(logical_axes))
+
+
+def add_bias(x: jax.Array, module: nnx.Module, name: str) -> jax.Array:
+    """x plus `module`'s bias `name` over x's last axes, in x's dtype; x as it is when the
+    module has no such bias (`config.model.use_bias` False)."""
+    if not hasattr(module, name):
+        return x
+    b = getattr(module, name)[...]
+    return x + b.reshape((1,) * (x.ndim - b.ndim) + b.shape).astype(x.dtype)
+
+
 def dense_init(in_axis, out_axis) -> Initializer:
     """Xavier-uniform over possibly multi-dimensional fan-in/fan-out axes."""
     return jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis, out_axis)
@@ -189,15 +203,17 @@ class Norm(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding scaled by sqrt(D); `attend` reuses it as the tied output projection."""
+    """Token embedding times sqrt(D), or as it is if not `scaled`; `attend` reuses it as the
+    tied output projection."""
 
-    def __init__(self, vocab_size: int, dim: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, vocab_size: int, dim: int, dtype, rngs: nnx.Rngs, scaled: bool = True):
         self.dim, self.dtype = dim, dtype
+        self.multiplier = float(np.sqrt(dim)) if scaled else 1.0
         init = jax.nn.initializers.normal(stddev=dim**-0.5)
         self.embedding = param(rngs, init, (vocab_size, dim), ("vocab", "embed"))
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-        return lookup(self.embedding[...], tokens_BxL, float(np.sqrt(self.dim)), self.dtype)
+        return lookup(self.embedding[...], tokens_BxL, self.multiplier, self.dtype)
 
     def attend(self, x_BxLxD: jax.Array, dtype=None, vocab_S: jax.Array | None = None) -> jax.Array:
         """Scores [B, L, V] of x against every embedding row, computed in `dtype` (default: the
@@ -241,7 +257,12 @@ lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 def sinusoidal_positions(positions_BxL: jax.Array, dim: int) -> jax.Array:
-    """Sinusoidal encodings ([sin | cos] halves, as tensor2tensor/fairseq) of integer positions."""
+    """Sinusoidal encodings ([sin | cos] halves, as tensor2tensor/fairseq) of integer positions.
+
+    Marian's exactly (SinusoidalPositionEmbeddings in its src/tensors/cpu/tensor_operators.cpp):
+    frequencies 10000^(-i / (D/2 - 1)), sines in the first half, cosines in the second,
+    positions from 0.
+    """
     half = dim // 2
     inv_freq = np.exp(-np.log(10_000.0) * np.arange(half) / max(half - 1, 1)).astype(np.float32)
     angles_BxLxH = positions_BxL.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
@@ -270,8 +291,10 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 dropout_rate: float, dtype, rngs: nnx.Rngs, rank_fraction: float = 0.0):
-        """`rank_fraction` > 0: each projection is a `LowRank` (see `projection_weight`)."""
+                 dropout_rate: float, dtype, rngs: nnx.Rngs, rank_fraction: float = 0.0,
+                 use_bias: bool = False):
+        """`rank_fraction` > 0: each projection is a `LowRank` (see `projection_weight`);
+        `use_bias`: each adds a bias (one vector, low-rank or not)."""
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.dropout_rate, self.dtype = dropout_rate, dtype
         self.query = projection_weight(rngs, (dim, num_heads, head_dim), ("embed", "heads", "head_dim"),
@@ -282,6 +305,11 @@ class Attention(nnx.Module):
                                        ("embed", "kv_heads", "head_dim"), 1, rank_fraction)
         self.out = projection_weight(rngs, (num_heads, head_dim, dim), ("heads", "head_dim", "embed"),
                                      2, rank_fraction)
+        if use_bias:
+            self.query_bias = bias((num_heads, head_dim), ("heads", "head_dim"))
+            self.key_bias = bias((num_kv_heads, head_dim), ("kv_heads", "head_dim"))
+            self.value_bias = bias((num_kv_heads, head_dim), ("kv_heads", "head_dim"))
+            self.out_bias = bias((dim,), ("embed",))
 
     def project_kv(self, x_BxSxD: jax.Array, for_decoding: bool = False) -> tuple[jax.Array, jax.Array]:
         """Keys and values [B, S, K, H]; `for_decoding`: keys [B, K, H, S] and values [B, K, S, H].
@@ -289,8 +317,8 @@ class Attention(nnx.Module):
         The decoding layout transposes the projections: projecting straight into it makes XLA:CPU
         transpose the weights instead, at every decoding step.
         """
-        k = project("bsd,dkh->bskh", x_BxSxD, self.key, self.dtype)
-        v = project("bsd,dkh->bskh", x_BxSxD, self.value, self.dtype)
+        k = add_bias(project("bsd,dkh->bskh", x_BxSxD, self.key, self.dtype), self, "key_bias")
+        v = add_bias(project("bsd,dkh->bskh", x_BxSxD, self.value, self.dtype), self, "value_bias")
         if for_decoding:
             return (constrain(k.transpose(0, 2, 3, 1), ("batch", "kv_heads", "head_dim", "length")),
                     constrain(v.transpose(0, 2, 1, 3), ("batch", "kv_heads", "length", "head_dim")))
@@ -299,14 +327,14 @@ class Attention(nnx.Module):
 
     def attend(self, x_BxTxD: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
                mask_Bx1xTxS: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        q = project("btd,dnh->btnh", x_BxTxD, self.query, self.dtype)
+        q = add_bias(project("btd,dnh->btnh", x_BxTxD, self.query, self.dtype), self, "query_bias")
         q_BxTxNxH = constrain(q, ("batch", "length", "heads", "head_dim"))
         if rngs is not None and self.dropout_rate > 0.0:
             ctx_BxTxNxH = self._attend_with_dropout(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, rngs)
         else:
             ctx_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS)
         ctx_BxTxNxH = constrain(ctx_BxTxNxH, ("batch", "length", "heads", "head_dim"))
-        out = project("btnh,nhd->btd", ctx_BxTxNxH, self.out, self.dtype)
+        out = add_bias(project("btnh,nhd->btd", ctx_BxTxNxH, self.out, self.dtype), self, "out_bias")
         return constrain(out, ("batch", "length", "embed"))
 
     def _attend_with_dropout(self, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, rngs):
@@ -338,7 +366,7 @@ class Attention(nnx.Module):
         batched matmuls, faster on XLA:CPU than `attend`, whose `dot_product_attention`
         transposes [B, S, K, H] keys and values at every call.
         """
-        q = project("btd,dnh->btnh", x_BxTxD, self.query, self.dtype)
+        q = add_bias(project("btd,dnh->btnh", x_BxTxD, self.query, self.dtype), self, "query_bias")
         b, t, n, h = q.shape
         k, groups, s = self.num_kv_heads, n // self.num_kv_heads, k_BxKxHxS.shape[-1]
         q_BxKxGTxH = q.reshape(b, t, k, groups, h).transpose(0, 2, 3, 1, 4).reshape(b, k, groups * t, h)
@@ -348,7 +376,7 @@ class Attention(nnx.Module):
         weights = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(self.dtype).reshape(b, k, groups * t, s)
         ctx_BxKxGTxH = jnp.einsum("bkqs,bksh->bkqh", weights, v_BxKxSxH)
         ctx_BxTxNxH = ctx_BxKxGTxH.reshape(b, k, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-        out = project("btnh,nhd->btd", ctx_BxTxNxH, self.out, self.dtype)
+        out = add_bias(project("btnh,nhd->btd", ctx_BxTxNxH, self.out, self.dtype), self, "out_bias")
         return constrain(out, ("batch", "length", "embed"))
 
     def empty_cache(self, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
@@ -376,30 +404,41 @@ def _activation(name: str, h: jax.Array) -> jax.Array:
         return jax.nn.gelu(h)
     if name == "squared_relu":
         return jnp.square(jax.nn.relu(h))
+    if name == "swish":
+        return jax.nn.silu(h)
+    if name == "gelu_sigmoid":  # Marian's "gelu", CTranslate2's GELUSigmoid.
+        return h * jax.nn.sigmoid(1.702 * h)
     raise ValueError(f"config.model.activation={name!r} is not a pointwise activation")
 
 
 class Mlp(nnx.Module):
-    """Position-wise feed-forward: relu, gelu, squared_relu (Primer) or swiglu (gated)."""
+    """Position-wise feed-forward: relu, gelu, swish, gelu_sigmoid, squared_relu (Primer) or
+    swiglu (gated)."""
 
     def __init__(self, dim: int, mlp_dim: int, activation: str, dropout_rate: float, dtype,
-                 rngs: nnx.Rngs, rank_fraction: float = 0.0):
+                 rngs: nnx.Rngs, rank_fraction: float = 0.0, use_bias: bool = False):
         """`dropout_rate` acts on the hidden activations (fairseq's activation_dropout);
-        `rank_fraction` > 0 makes each matrix a `LowRank` (see `projection_weight`)."""
+        `rank_fraction` > 0 makes each matrix a `LowRank` (see `projection_weight`);
+        `use_bias`: each matrix adds a bias."""
         self.activation, self.dropout_rate, self.dtype = activation, dropout_rate, dtype
         self.wi = projection_weight(rngs, (dim, mlp_dim), ("embed", "mlp"), 1, rank_fraction)
         if activation == "swiglu":
             self.wi_gate = projection_weight(rngs, (dim, mlp_dim), ("embed", "mlp"), 1, rank_fraction)
         self.wo = projection_weight(rngs, (mlp_dim, dim), ("mlp", "embed"), 1, rank_fraction)
+        if use_bias:
+            self.wi_bias = bias((mlp_dim,), ("mlp",))
+            if activation == "swiglu":
+                self.wi_gate_bias = bias((mlp_dim,), ("mlp",))
+            self.wo_bias = bias((dim,), ("embed",))
 
     def __call__(self, x_BxLxD: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        h = project("bld,df->blf", x_BxLxD, self.wi, self.dtype)
+        h = add_bias(project("bld,df->blf", x_BxLxD, self.wi, self.dtype), self, "wi_bias")
         if self.activation == "swiglu":
-            gate = project("bld,df->blf", x_BxLxD, self.wi_gate, self.dtype)
+            gate = add_bias(project("bld,df->blf", x_BxLxD, self.wi_gate, self.dtype), self, "wi_gate_bias")
             h_BxLxF = jax.nn.silu(gate) * h
         else:
             h_BxLxF = _activation(self.activation, h)
         h_BxLxF = constrain(h_BxLxF, ("batch", "length", "mlp"))
         h_BxLxF = dropout(h_BxLxF, self.dropout_rate, rngs)
-        out = project("blf,fd->bld", h_BxLxF, self.wo, self.dtype)
+        out = add_bias(project("blf,fd->bld", h_BxLxF, self.wo, self.dtype), self, "wo_bias")
         return constrain(out, ("batch", "length", "embed"))

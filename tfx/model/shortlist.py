@@ -17,13 +17,16 @@ import functools
 import hashlib
 import io
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tfx.core import files
+
+if TYPE_CHECKING:
+    from tfx.data.tokenizer import BaseTokenizer
 
 PAD, EOS = 0, 1
 
@@ -37,15 +40,20 @@ class Shortlist(NamedTuple):
     base_priority_V: np.ndarray  # float32
 
 
-def save(path: str, candidates_VxK, probs_VxK, target_counts_V, frequent: int, tokenizer_path: str):
-    """Writes the table (npz) atomically, with the SentencePiece model's digest."""
+def save(path: str, candidates_VxK, probs_VxK, target_counts_V, frequent: int,
+         tokenizer: BaseTokenizer | str):
+    """Writes the table (npz) atomically, with the tokenizer's digest (`_digest`)."""
     with files.replacing(path, "wb") as f:
         np.savez(f, candidates=candidates_VxK, probs=probs_VxK, target_counts=target_counts_V,
-                 frequent=frequent, tokenizer_sha256=_digest(tokenizer_path))
+                 frequent=frequent, tokenizer_sha256=_digest(tokenizer))
 
 
-def _digest(path: str) -> str:
-    return hashlib.sha256(files.path(path).read_bytes()).hexdigest()
+def _digest(tokenizer: BaseTokenizer | str) -> str:
+    """A tokenizer's `fingerprint`; for the path of a SentencePiece model, the sha256 of its
+    bytes (which a joint tokenizer's fingerprint is)."""
+    if isinstance(tokenizer, str):
+        return hashlib.sha256(files.path(tokenizer).read_bytes()).hexdigest()
+    return tokenizer.fingerprint
 
 
 def _read(path: str) -> dict[str, np.ndarray]:
@@ -88,11 +96,13 @@ def _load(path: str, version: tuple[int, int] | None, vocab_size: int) -> Shortl
     return Shortlist(candidates_VxK, f["probs"], base_priority_V.astype(np.float32))
 
 
-def check_tokenizer(path: str, tokenizer_path: str):
-    """Refuses a shortlist learned in another SentencePiece model's tokens."""
-    if str(_read(path)["tokenizer_sha256"]) != _digest(tokenizer_path):
+def check_tokenizer(path: str, tokenizer: BaseTokenizer | str):
+    """Refuses a shortlist learned in another tokenizer's tokens (`tokenizer`: one, or the path
+    of a SentencePiece model)."""
+    if str(_read(path)["tokenizer_sha256"]) != _digest(tokenizer):
+        name = tokenizer if isinstance(tokenizer, str) else f"the {tokenizer.description}"
         raise ValueError(f"config.decode.shortlist={path!r} was learned with another tokenizer "
-                         f"than {tokenizer_path}; make it again with this run's.")
+                         f"than {name}; make it again with this run's.")
 
 
 def vocabulary(table: Shortlist, inputs_BxS: jax.Array, size: int) -> jax.Array:

@@ -8,6 +8,11 @@ each other, and `*_positions` restarts at 0 for each pair. Unpacked batches may 
 leading "layers" axis and runs them with one `lax.scan`, so compile time stays flat in depth.
 `config.model.rank_fraction` > 0 makes each attention and MLP projection the product of two
 low-rank factors (`layers.LowRank`); embeddings and the output projection stay whole.
+
+Options of Marian's Transformer (OPUS-MT), all off by default: `use_bias` (a bias on every
+attention and MLP projection), `output_bias` (on the logits), `embedding_norm` (a norm after
+embeddings plus positions), `scale_embeddings=False` (no sqrt(D)), and
+`start_from_zero_embedding` (the decoder's start token, 0, embeds as a zero vector).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from tfx.model.layers import (
     LearnedPositions,
     Mlp,
     Norm,
+    bias,
     dense_init,
     dropout,
     fusion_barrier,
@@ -79,10 +85,10 @@ class EncoderLayer(nnx.Module):
         self.pre_norm, self.dropout_rate = cfg.norm_position == "pre", cfg.dropout_rate
         self.attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
         self.attention = Attention(cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg),
-                                   cfg.attention_dropout_rate, dtype, rngs, cfg.rank_fraction)
+                                   cfg.attention_dropout_rate, dtype, rngs, cfg.rank_fraction, cfg.use_bias)
         self.mlp_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
         self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.activation_dropout_rate, dtype, rngs,
-                       cfg.rank_fraction)
+                       cfg.rank_fraction, cfg.use_bias)
 
     def __call__(self, x_BxSxD, mask_Bx1xSxS, rngs):
         x_BxSxD = residual(x_BxSxD, self.attention_norm, self.pre_norm, self.dropout_rate, rngs,
@@ -97,12 +103,12 @@ class DecoderLayer(nnx.Module):
         args = (cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg), cfg.attention_dropout_rate,
                 dtype)
         self.self_attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
-        self.self_attention = Attention(*args, rngs, cfg.rank_fraction)
+        self.self_attention = Attention(*args, rngs, cfg.rank_fraction, cfg.use_bias)
         self.cross_attention_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
-        self.cross_attention = Attention(*args, rngs, cfg.rank_fraction)
+        self.cross_attention = Attention(*args, rngs, cfg.rank_fraction, cfg.use_bias)
         self.mlp_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
         self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.activation_dropout_rate, dtype, rngs,
-                       cfg.rank_fraction)
+                       cfg.rank_fraction, cfg.use_bias)
 
     def __call__(self, y_BxTxD, cross_kv, self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs, cache=None, index=0):
         """The layer over T positions, given its cross-attention (keys, values) of the encoder states.
@@ -176,14 +182,18 @@ class EncoderDecoder(nnx.Module):
         self.max_len, self.vocab_size = cfg.max_len, cfg.vocab_size
         self.pre_norm, self.logits_via_embedding = cfg.norm_position == "pre", cfg.logits_via_embedding
         self.remat, self.scan_layers = cfg.remat, cfg.scan_layers
+        self.start_from_zero_embedding = cfg.start_from_zero_embedding
         dtype = precision.compute_dtype(cfg.dtype)
         self.logits_dtype = jnp.dtype(jnp.float32) if cfg.float32_logits else dtype
-        self.source_embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype, rngs)
+        self.source_embed = Embed(cfg.vocab_size, cfg.emb_dim, dtype, rngs, cfg.scale_embeddings)
         self.target_embed = (self.source_embed if cfg.share_embeddings
-                             else Embed(cfg.vocab_size, cfg.emb_dim, dtype, rngs))
+                             else Embed(cfg.vocab_size, cfg.emb_dim, dtype, rngs, cfg.scale_embeddings))
         if cfg.positions == "learned":
             self.source_positions = LearnedPositions(cfg.max_len, cfg.emb_dim, rngs)
             self.target_positions = LearnedPositions(cfg.max_len, cfg.emb_dim, rngs)
+        if cfg.embedding_norm:
+            self.source_embed_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
+            self.target_embed_norm = Norm(cfg.emb_dim, cfg.norm, cfg.norm_epsilon, dtype)
         # Built one by one in both layouts, so scan_layers does not change the initialisation.
         encoder_layers = [EncoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_encoder_layers)]
         decoder_layers = [DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_decoder_layers)]
@@ -195,21 +205,29 @@ class EncoderDecoder(nnx.Module):
         if not cfg.logits_via_embedding:
             self.logits_projection = param(rngs, dense_init(0, 1), (cfg.emb_dim, cfg.vocab_size),
                                            ("embed", "vocab"))
+        if cfg.output_bias:
+            self.logits_bias = bias((cfg.vocab_size,), ("vocab",))
 
-    def _embed(self, embed: Embed, positions, tokens_BxL, position_BxL, rngs):
-        x_BxLxD = embed(tokens_BxL)
+    def _embed(self, side: str, tokens_BxL, position_BxL, rngs):
+        """The `side` ("source" or "target") embedding of tokens, plus positions, normed
+        (`embedding_norm`), with dropout. With `start_from_zero_embedding` the target's token 0
+        (the decoder's start token) embeds as zeros."""
+        x_BxLxD = getattr(self, f"{side}_embed")(tokens_BxL)
+        if side == "target" and self.start_from_zero_embedding:
+            x_BxLxD = jnp.where((tokens_BxL == 0)[..., None], jnp.zeros_like(x_BxLxD), x_BxLxD)
         if self.positions == "learned":
-            pos_BxLxD = positions(position_BxL)
+            pos_BxLxD = getattr(self, f"{side}_positions")(position_BxL)
         else:
             pos_BxLxD = sinusoidal_positions(position_BxL, self.emb_dim)
         x_BxLxD = x_BxLxD + pos_BxLxD.astype(x_BxLxD.dtype)
+        if hasattr(self, f"{side}_embed_norm"):
+            x_BxLxD = getattr(self, f"{side}_embed_norm")(x_BxLxD)
         return constrain(dropout(x_BxLxD, self.dropout_rate, rngs), ACTIVATION_AXES)
 
     def encode(self, inputs_BxS, inputs_segment_ids=None, inputs_positions=None, rngs=None):
         """Encoder states [B, S, D]; `rngs` (with a `dropout` stream) turns dropout on."""
         segment_BxS, position_BxS = default_layout(inputs_BxS, inputs_segment_ids, inputs_positions)
-        x_BxSxD = self._embed(self.source_embed, getattr(self, "source_positions", None),
-                              inputs_BxS, position_BxS, rngs)
+        x_BxSxD = self._embed("source", inputs_BxS, position_BxS, rngs)
         mask_Bx1xSxS = attention_mask(segment_BxS, segment_BxS, causal=False)
 
         def encoder_layer(layer, x_BxSxD, _, rngs):
@@ -248,8 +266,7 @@ class EncoderDecoder(nnx.Module):
         `empty_cache`: the T positions are written at slots index..index+T-1 and
         `self_mask_Bx1xTxL` says which slots each position attends to (see `DecoderLayer`).
         """
-        y_BxTxD = self._embed(self.target_embed, getattr(self, "target_positions", None),
-                              decoder_inputs_BxT, positions_BxT, rngs)
+        y_BxTxD = self._embed("target", decoder_inputs_BxT, positions_BxT, rngs)
 
         def decoder_layer(layer, y_BxTxD, kv_and_cache, rngs):
             return layer(y_BxTxD, kv_and_cache[0], self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs,
@@ -296,8 +313,9 @@ class EncoderDecoder(nnx.Module):
         return jax.lax.scan(step, x, (params, xs, keys))
 
     def logits(self, y_BxTxD, vocab_S: jax.Array | None = None) -> jax.Array:
-        """Logits [B, T, V] (float32) of decoder states: final norm (pre-LN), output projection;
-        with `vocab_S` [S] (token ids: a decoding shortlist), [B, T, S] of those tokens only.
+        """Logits [B, T, V] (float32) of decoder states: final norm (pre-LN), output projection
+        (plus `output_bias`); with `vocab_S` [S] (token ids: a decoding shortlist), [B, T, S] of
+        those tokens only.
 
         With `model.float32_logits` the final norm's output and the projection are float32
         whatever `model.dtype` is, so the loss, beam scores and sampling never see logits
@@ -312,7 +330,11 @@ class EncoderDecoder(nnx.Module):
             if vocab_S is not None:
                 weight_DxV = jnp.take(weight_DxV[...], vocab_S, axis=1)
             logits_BxTxV = project("btd,dv->btv", y_BxTxD, weight_DxV, self.logits_dtype)
-        return constrain(logits_BxTxV, ("batch", "length", "vocab")).astype(jnp.float32)
+        logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "vocab")).astype(jnp.float32)
+        if hasattr(self, "logits_bias"):
+            bias_V = self.logits_bias[...] if vocab_S is None else jnp.take(self.logits_bias[...], vocab_S)
+            logits_BxTxV = logits_BxTxV + bias_V[None, None, :]
+        return logits_BxTxV
 
     def __call__(self, inputs, targets, inputs_segment_ids=None, targets_segment_ids=None,
                  inputs_positions=None, targets_positions=None, rngs=None):

@@ -36,10 +36,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 def decayed(params) -> object:
     """A tree like `params`: True where weight decay applies, False for norm scales and
-    biases (the only parameters named `scale` or `bias`), which decay would pull to 0."""
+    biases (the parameters named `scale`, `bias` or `*_bias`), which decay would pull to 0."""
     def matrix(path, _) -> bool:
-        names = {str(getattr(key, "key", getattr(key, "name", key))) for key in path}
-        return not names & {"scale", "bias"}
+        names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+        return not any(name in ("scale", "bias") or name.endswith("_bias") for name in names)
     return jax.tree_util.tree_map_with_path(matrix, params)
 
 

@@ -1,5 +1,5 @@
 """A run directory as training leaves it, read back: the parameters of its checkpoints (one,
-the latest that restores, or an average), its SentencePiece model, and another run's
+the latest that restores, or an average), its tokenizer's files, and another run's
 parameters (config.init_from, the distillation teacher)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tfx.model import params as model_params
 from tfx.train import steps
 from tfx.train.checkpoint import Checkpoints, CorruptCheckpointError
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = tokenizer_lib.JOINT_FILE  # a joint tokenizer's copy; see keep_tokenizer.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,7 @@ class TrainedModel:
     graphdef: nnx.GraphDef
     params: nnx.State  # placed with params_shardings.
     params_shardings: nnx.State
-    tokenizer: tokenizer_lib.Tokenizer
+    tokenizer: tokenizer_lib.BaseTokenizer
     label: str  # which checkpoint: "step2500", "average5-step2500".
 
 
@@ -85,9 +85,11 @@ def init_params(config: ml_collections.ConfigDict, state) -> tuple[str, nnx.Stat
                               "config.init_checkpoint")
 
 
-def keep_tokenizer(tokenizer: tokenizer_lib.Tokenizer, workdir: str):
-    """Copies the tokenizer's model into `workdir` (atomically), for `tfx.infer.trained`."""
-    files.copy_file(tokenizer.path, files.join(workdir, TOKENIZER_FILE))
+def keep_tokenizer(tokenizer: tokenizer_lib.BaseTokenizer, workdir: str):
+    """Copies the tokenizer's files into `workdir` (each atomically) under their names there
+    (`tokenizer.files`), for `tfx.infer.trained`."""
+    for name, path in tokenizer.files.items():
+        files.copy_file(path, files.join(workdir, name))
 
 
 def check_new_run(output: str):
@@ -97,11 +99,11 @@ def check_new_run(output: str):
 
 
 def write_run(config: ml_collections.ConfigDict, mesh: Mesh, params: nnx.State,
-              tokenizer: tokenizer_lib.Tokenizer, workdir: str):
+              tokenizer: tokenizer_lib.BaseTokenizer, workdir: str):
     """Writes the run directory of a tool's model (tfx.compress.heads, tfx.compress.lowrank):
     `params` (host arrays, laid out as config.model's) as its one checkpoint, at step 0 with a
     fresh optimizer state so that it reads like training's (eval.py, config.init_from,
-    tfx.compress.average), its config.json and `tokenizer`'s model."""
+    tfx.compress.average), its config.json and `tokenizer`'s files."""
     _, _, shardings = steps.abstract_train_state(config, mesh)
     state = steps.fresh_state(config, jax.device_put(params, shardings.params), shardings)
     checkpoints = Checkpoints(workdir, config)
@@ -111,6 +113,23 @@ def write_run(config: ml_collections.ConfigDict, mesh: Mesh, params: nnx.State,
     if jax.process_index() == 0:
         config_lib.save_run(config, workdir)
         keep_tokenizer(tokenizer, workdir)
+
+
+def _check_teacher_tokenizer(teacher_workdir: str, tokenizer: tokenizer_lib.BaseTokenizer):
+    """Refuses a teacher run whose tokenizer copies are missing or differ from `tokenizer`'s."""
+    copies = {name: files.join(teacher_workdir, name) for name in tokenizer.files}
+    missing = [name for name, path in copies.items() if not files.path(path).is_file()]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        found = f"{' and '.join(missing)} {verb} missing, so cannot be checked against"
+    elif tokenizer_lib.fingerprint(copies) != tokenizer.fingerprint:
+        found = f"{', '.join(copies)} {'differs' if len(copies) == 1 else 'differ'} from"
+    else:
+        return
+    raise ValueError(
+        f"config.distill.teacher_workdir={teacher_workdir!r}: its {found} the student's "
+        f"{tokenizer.description}; distillation needs one vocabulary (set the student's "
+        "config.tokenizer keys to the teacher's files).")
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -129,22 +148,17 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh,
-                 tokenizer: tokenizer_lib.Tokenizer) -> TrainedModel:
+                 tokenizer: tokenizer_lib.BaseTokenizer) -> TrainedModel:
     """config.distill's teacher (`teacher_config`, its workdir's teacher_checkpoint) placed on
     the student's `mesh` by the student's logical axis rules.
 
     Distillation compares the two models' predictions token by token, so the teacher must have
-    the student's vocabulary: the same model.vocab_size, and a tokenizer.model in its workdir
-    with the bytes of the student's SentencePiece model `tokenizer`."""
+    the student's vocabulary: the same model.vocab_size, and copies of the student's
+    tokenizer's files in its workdir (tokenizer.model, or source.spm, target.spm and
+    vocabulary.json) with their bytes (`fingerprint`)."""
     distill = config.distill
     teacher = teacher_config(config)
-    copy = files.path(distill.teacher_workdir) / TOKENIZER_FILE
-    if not copy.is_file() or copy.read_bytes() != files.path(tokenizer.path).read_bytes():
-        found = "differs from" if copy.is_file() else "is missing, so cannot be checked against"
-        raise ValueError(
-            f"config.distill.teacher_workdir={distill.teacher_workdir!r}: its {TOKENIZER_FILE} "
-            f"{found} the student's SentencePiece model {tokenizer.path}; distillation needs one "
-            "vocabulary (set the student's config.tokenizer.model_path to the teacher's).")
+    _check_teacher_tokenizer(distill.teacher_workdir, tokenizer)
     graphdef, abstract, shardings = model_params.abstract_params(teacher, mesh)
     with _naming("distill.teacher_workdir", distill.teacher_workdir):
         label, params = restore_params(distill.teacher_workdir, distill.teacher_checkpoint,
