@@ -24,7 +24,6 @@ side's embedding, and a target PAD_BIAS when it is not a target piece.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from flax import nnx
 from tfx.core import config as config_lib
 from tfx.core import files, parallel
 from tfx.data import tokenizer as tokenizer_lib
+from tfx.data import vocabulary as vocabulary_lib
 from tfx.model.params import abstract_params
 from tfx.train import rundir
 
@@ -129,20 +129,20 @@ def _processing(options: Mapping) -> tuple[str, str, str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Vocabulary:
+class Renumbering:
     """tfx's id space over Marian's vocabularies: `pieces` in tfx id order, and the tfx id of
     each Marian id of the source (`source_ids`) and target (`target_ids`) vocabulary."""
     pieces: list[str]
     source_ids: np.ndarray
     target_ids: np.ndarray
 
-    def to_json(self) -> str:
-        """The vocabulary.json of tfx's mapped tokenizer (tfx/data/tokenizer.py)."""
-        return json.dumps({"pieces": self.pieces, "source_ids": sorted(set(self.source_ids.tolist())),
-                           "target_ids": sorted(set(self.target_ids.tolist()))}, ensure_ascii=False)
+    def vocabulary(self) -> vocabulary_lib.Vocabulary:
+        """The vocabulary file of tfx's mapped tokenizer (tfx/data/vocabulary.py)."""
+        return vocabulary_lib.Vocabulary(tuple(self.pieces), frozenset(self.source_ids.tolist()),
+                                         frozenset(self.target_ids.tolist()))
 
 
-def renumber(source: Sequence[str], target: Sequence[str]) -> Vocabulary:
+def renumber(source: Sequence[str], target: Sequence[str]) -> Renumbering:
     """tfx ids for Marian's source and target pieces (one list twice for a joint vocabulary):
     `<pad>` 0, `</s>` 1, `<unk>` 2, then every other piece once, the source's first."""
     pieces = ["<pad>", "</s>", "<unk>"]
@@ -155,7 +155,7 @@ def renumber(source: Sequence[str], target: Sequence[str]) -> Vocabulary:
                 pieces.append(piece)
         return np.array([index[piece] for piece in vocabulary], np.int64)
 
-    return Vocabulary(pieces, ids(source), ids(target))
+    return Renumbering(pieces, ids(source), ids(target))
 
 
 class Weights:
@@ -189,13 +189,13 @@ class Weights:
         return count
 
 
-def model_config(options: Mapping, weights: Weights, vocabulary: Vocabulary) -> dict:
+def model_config(options: Mapping, weights: Weights, renumbering: Renumbering) -> dict:
     """The config.model keys of the Marian model (its `options` and parameter shapes)."""
     pre_norm = _processing(options) == PRE_NORM
     embedding = weights.arrays["Wemb" if weights.has("Wemb") else "encoder_Wemb"]
     untied = weights.has("decoder_ff_logit_out_W") or weights.has("decoder_ff_logit_out_Wt")
     return dict(
-        vocab_size=len(vocabulary.pieces), emb_dim=int(embedding.shape[1]),
+        vocab_size=len(renumbering.pieces), emb_dim=int(embedding.shape[1]),
         num_heads=int(options.get("transformer-heads", 8)),
         num_kv_heads=int(options.get("transformer-heads", 8)), head_dim=0,
         mlp_dim=int(weights.arrays["encoder_l1_ffn_W1"].shape[1]),
@@ -264,15 +264,15 @@ def _layers(weights: Weights, model: ml_collections.ConfigDict) -> dict:
     return {"encoder_layers": encoder, "decoder_layers": decoder}
 
 
-def _embeddings(weights: Weights, model: ml_collections.ConfigDict, vocabulary: Vocabulary) -> dict:
+def _embeddings(weights: Weights, model: ml_collections.ConfigDict, renumbering: Renumbering) -> dict:
     """Token and position embeddings, their norms, the output projection and its bias."""
     v = model.vocab_size
     params = {}
     if model.share_embeddings:
-        params["source_embed"] = {"embedding": _rows(weights.take("Wemb"), vocabulary.source_ids, v)}
+        params["source_embed"] = {"embedding": _rows(weights.take("Wemb"), renumbering.source_ids, v)}
     else:
-        params["source_embed"] = {"embedding": _rows(weights.take("encoder_Wemb"), vocabulary.source_ids, v)}
-        params["target_embed"] = {"embedding": _rows(weights.take("decoder_Wemb"), vocabulary.target_ids, v)}
+        params["source_embed"] = {"embedding": _rows(weights.take("encoder_Wemb"), renumbering.source_ids, v)}
+        params["target_embed"] = {"embedding": _rows(weights.take("decoder_Wemb"), renumbering.target_ids, v)}
     if model.positions == "learned":
         table = weights.take("Wpos")
         params["source_positions"], params["target_positions"] = {"table": table}, {"table": table.copy()}
@@ -287,21 +287,21 @@ def _embeddings(weights: Weights, model: ml_collections.ConfigDict, vocabulary: 
             table_VxD = weights.take("decoder_ff_logit_out_W").T
         else:
             table_VxD = weights.take("decoder_ff_logit_out_Wt")
-        params["logits_projection"] = _rows(table_VxD, vocabulary.target_ids, v).T
+        params["logits_projection"] = _rows(table_VxD, renumbering.target_ids, v).T
     bias_V = np.full((v,), PAD_BIAS, np.float32)
     if weights.has("decoder_ff_logit_out_b"):
-        bias_V[vocabulary.target_ids] = weights.vector("decoder_ff_logit_out_b")
+        bias_V[renumbering.target_ids] = weights.vector("decoder_ff_logit_out_b")
     else:
-        bias_V[vocabulary.target_ids] = 0.0
+        bias_V[renumbering.target_ids] = 0.0
     bias_V[tokenizer_lib.PAD_ID] = PAD_BIAS
     params["logits_bias"] = bias_V
     return params
 
 
-def marian_params(weights: Weights, model: ml_collections.ConfigDict, vocabulary: Vocabulary) -> dict:
+def marian_params(weights: Weights, model: ml_collections.ConfigDict, renumbering: Renumbering) -> dict:
     """tfx's parameters (`nnx.to_pure_dict`'s layout) of the Marian model; refuses parameters
     that would be left unused."""
-    params = {**_embeddings(weights, model, vocabulary), **_layers(weights, model)}
+    params = {**_embeddings(weights, model, renumbering), **_layers(weights, model)}
     left = weights.left_over()
     if left:
         raise ValueError(f"--model={weights.path} has parameters tfx does not compute: "
@@ -309,22 +309,22 @@ def marian_params(weights: Weights, model: ml_collections.ConfigDict, vocabulary
     return params
 
 
-def run_config(options: Mapping, weights: Weights, vocabulary: Vocabulary, workdir: str,
+def run_config(options: Mapping, weights: Weights, renumbering: Renumbering, workdir: str,
                source_lang: str, target_lang: str) -> ml_collections.ConfigDict:
     """The imported run's config: the model, its tokenizer's files in `workdir`, the languages,
     and Marian's label smoothing; training keys a fine-tune sets are configs/opus_mt.py's."""
     config = config_lib.default_config()
-    config.model.update(model_config(options, weights, vocabulary))
-    config.tokenizer.update(source_model_path=files.join(workdir, "source.spm"),
-                            target_model_path=files.join(workdir, "target.spm"),
-                            vocabulary_path=files.join(workdir, "vocabulary.json"))
+    config.model.update(model_config(options, weights, renumbering))
+    config.tokenizer.update(source_model_path=files.join(workdir, tokenizer_lib.SOURCE_FILE),
+                            target_model_path=files.join(workdir, tokenizer_lib.TARGET_FILE),
+                            vocabulary_path=files.join(workdir, tokenizer_lib.VOCABULARY_FILE))
     config.data.update(source_lang=source_lang, target_lang=target_lang)
     config.label_smoothing = float(options.get("label-smoothing", config.label_smoothing))
     config.max_source_length = config.max_target_length = min(128, config.model.max_len)
     return config_lib.validate(config)
 
 
-def _vocabularies(paths: Sequence[str], options: Mapping) -> Vocabulary:
+def _vocabularies(paths: Sequence[str], options: Mapping) -> Renumbering:
     """tfx's ids for one joint vocabulary or a source and a target one, each cut to the size
     Marian used (`dim-vocabs`)."""
     if len(paths) not in (1, 2):
@@ -368,13 +368,13 @@ def convert(model_path: str, vocab_paths: Sequence[str], source_spm: str, target
     problems = unsupported(options)
     if problems:
         raise ValueError(f"cannot import --model={model_path}: Marian option " + "; ".join(problems) + ".")
-    vocabulary = _vocabularies(vocab_paths, options)
+    renumbering = _vocabularies(vocab_paths, options)
     weights = Weights(model, model_path)
-    if weights.has("Wemb") and not np.array_equal(vocabulary.source_ids, vocabulary.target_ids):
+    if weights.has("Wemb") and not np.array_equal(renumbering.source_ids, renumbering.target_ids):
         raise ValueError(f"--model={model_path} ties source and target embeddings (Wemb) but the "
                          "two --vocab files differ.")
-    config = run_config(options, weights, vocabulary, workdir, source_lang, target_lang)
-    params = marian_params(weights, config.model, vocabulary)
+    config = run_config(options, weights, renumbering, workdir, source_lang, target_lang)
+    params = marian_params(weights, config.model, renumbering)
     mesh = parallel.make_mesh(config.mesh_shape)
     _, abstract, _ = abstract_params(config, mesh)
     _check_shapes(abstract, params)
@@ -384,9 +384,9 @@ def convert(model_path: str, vocab_paths: Sequence[str], source_spm: str, target
         notes.append("the model was trained with guided alignment; tfx translates with it as "
                      "any other model but outputs no alignments.")
     with tempfile.TemporaryDirectory() as scratch:
-        vocabulary_file = os.path.join(scratch, "vocabulary.json")
+        vocabulary_file = os.path.join(scratch, tokenizer_lib.VOCABULARY_FILE)
         with open(vocabulary_file, "w", encoding="utf-8") as f:
-            f.write(vocabulary.to_json())
+            f.write(renumbering.vocabulary().to_json())
         tokenizer = tokenizer_lib.MappedTokenizer(source_spm, target_spm, vocabulary_file)
         files.path(workdir).mkdir(parents=True, exist_ok=True)
         rundir.write_run(config, mesh, abstract, tokenizer, workdir)

@@ -29,6 +29,11 @@ class Vocabulary:
         """piece -> id of one side's `ids`."""
         return {self.pieces[i]: i for i in ids}
 
+    def to_json(self) -> str:
+        """The file `read` reads back."""
+        return json.dumps({"pieces": list(self.pieces), "source_ids": sorted(self.source_ids),
+                           "target_ids": sorted(self.target_ids)}, ensure_ascii=False)
+
 
 def read(path: str) -> Vocabulary:
     """The vocabulary file at `path` (local or gs://), checked: errors name the file and what
