@@ -55,7 +55,7 @@ def model_config() -> ml_collections.ConfigDict:
     """Architecture keys (`config.model.*`); the defaults are a tiny Transformer."""
     return ml_collections.ConfigDict(
         dict(
-            vocab_size=32000,  # SentencePiece pieces, shared by source and target.
+            vocab_size=32000,  # pieces of the vocabulary: one id space for source and target.
             emb_dim=64,  # d_model.
             num_heads=4,
             num_kv_heads=4,  # = num_heads: MHA; 1: MQA; in between: GQA.
