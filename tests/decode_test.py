@@ -287,10 +287,8 @@ def shortlist_file(tmp_path, vocab, seed=0, per_token=3):
     rng = np.random.default_rng(seed)
     candidates = rng.integers(2, vocab, (vocab, per_token)).astype(np.int32)
     probs = np.sort(rng.random((vocab, per_token)), axis=1)[:, ::-1].astype(np.float32)
-    tokenizer = tmp_path / "tokenizer.model"
-    tokenizer.write_bytes(b"unused")
     path = str(tmp_path / "shortlist.npz")
-    shortlist.save(path, candidates, probs, rng.integers(0, 100, vocab), 4, str(tokenizer))
+    shortlist.save(path, candidates, probs, rng.integers(0, 100, vocab), 4, "unused fingerprint")
     return path
 
 

@@ -125,11 +125,12 @@ def test_the_exported_vocabulary_map_gives_ctranslate2_the_shortlist_tfx_decodes
     translations are token-identical."""
     model, _, _, sources = run
     with open(f"{DATA}/train.en", encoding="utf-8") as en, open(f"{DATA}/train.de", encoding="utf-8") as de:
-        pairs = [(model.tokenizer.encode(s)[:-1], model.tokenizer.encode(t)[:-1]) for s, t, _ in zip(en, de, range(3000))]
+        pairs = [(model.tokenizer.encode_source(s)[:-1], model.tokenizer.encode_target(t)[:-1])
+                 for s, t, _ in zip(en, de, range(3000))]
     candidates, probs, counts = shortlist_tool.learn(pairs, model.config.model.vocab_size, per_token=5)
     counts[UNK_ID] = counts.max() + 1
     path = str(tmp_path / "shortlist.npz")
-    shortlist.save(path, candidates, probs, counts, 20, model.tokenizer.path)
+    shortlist.save(path, candidates, probs, counts, 20, model.tokenizer.fingerprint)
     table = shortlist.load(path, model.config.model.vocab_size)
     listed = set(shortlist.always_listed(table)) | {
         int(c) for ids in sources for c, p in zip(candidates[ids].ravel(), probs[ids].ravel()) if p > 0}

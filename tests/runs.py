@@ -39,8 +39,9 @@ def validation_batch(tokenizer, count: int = 64) -> dict[str, np.ndarray]:
     valid = os.path.join(ROOT, "data", "multi30k-en-de", "valid")
     pairs = list(zip(read_lines(f"{valid}.en"), read_lines(f"{valid}.de")))[:count]
     batch = {}
-    for side, key in enumerate(("inputs", "targets")):
-        ids = [tokenizer.encode(pair[side]) for pair in pairs]
+    for side, (key, encode) in enumerate((("inputs", tokenizer.encode_source),
+                                          ("targets", tokenizer.encode_target))):
+        ids = [encode(pair[side]) for pair in pairs]
         batch[key] = np.zeros((len(ids), max(map(len, ids))), np.int32)
         for row, tokens in enumerate(ids):
             batch[key][row, :len(tokens)] = tokens

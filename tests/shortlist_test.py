@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -32,12 +34,11 @@ def test_ibm_model_1_finds_each_source_token_its_translation():
 
 
 def table(tmp_path, candidates, probs, counts, frequent):
-    tokenizer = tmp_path / "tokenizer.model"
-    tokenizer.write_bytes(b"any bytes: only their digest is kept")
+    fingerprint = hashlib.sha256(b"a tokenizer's files").hexdigest()
     path = str(tmp_path / "shortlist.npz")
     shortlist.save(path, np.asarray(candidates, np.int32), np.asarray(probs, np.float32),
-                   np.asarray(counts), frequent, str(tokenizer))
-    return path, str(tokenizer)
+                   np.asarray(counts), frequent, fingerprint)
+    return path, fingerprint
 
 
 def hand_table(tmp_path, vocab=12):
@@ -86,11 +87,10 @@ def test_a_shortlist_for_another_vocabulary_or_tokenizer_or_no_shortlist_is_refu
     path, tokenizer = hand_table(tmp_path)
     with pytest.raises(ValueError, match=r"config.decode.shortlist=.*12-token vocabulary.*vocab_size=50"):
         shortlist.load(path, 50)
-    other = tmp_path / "other.model"
-    other.write_bytes(b"another model")
-    shortlist.check_tokenizer(path, tokenizer)
+    shortlist.check_tokenizer(path, tokenizer, "the tokenizer it was learned with")
+    other = hashlib.sha256(b"another tokenizer's files").hexdigest()
     with pytest.raises(ValueError, match="learned with another tokenizer than .*other.model"):
-        shortlist.check_tokenizer(path, str(other))
+        shortlist.check_tokenizer(path, other, "the SentencePiece model other.model")
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     for bad in (str(tmp_path / "bad.npz"), str(tmp_path / "missing.npz")):
         with pytest.raises(ValueError, match="is not a shortlist made by `python -m tfx.compress.shortlist`"):

@@ -33,7 +33,8 @@ def test_special_ids_and_eos(trained):
     assert trained.vocab_size == 1000
     ids = trained.encode_source("A man rides a bike.")
     assert ids[-1] == tok.EOS_ID and tok.PAD_ID not in ids
-    assert ids == trained.encode_target("A man rides a bike.") == trained.encode("A man rides a bike.")
+    assert ids == trained.encode_target("A man rides a bike.") == (
+        trained.processor.encode("A man rides a bike.") + [tok.EOS_ID])
     assert trained.pieces()[:3] == ["<pad>", "</s>", "<unk>"] and len(trained.pieces()) == 1000
 
 

@@ -97,7 +97,7 @@ def main():
                                 for i in range(len(split))]
         train = encode(open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir))
         save(output.value, *learn(train, config.model.vocab_size, per_token.value, iterations.value),
-             frequent.value, tokenizer)
+             frequent.value, tokenizer.fingerprint)
         held_out = encode(open_split(d.eval, "data.eval", d.source_lang, d.target_lang, d.data_dir))
         print(f"{output.value}: {per_token.value} candidates per source token and the "
               f"{frequent.value} most frequent targets, from {len(train)} pairs of {d.train}")

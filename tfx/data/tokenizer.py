@@ -162,11 +162,6 @@ class Tokenizer(BaseTokenizer):
         found = self.processor.piece_to_id(piece)
         return found if self.processor.id_to_piece(found) == piece else None
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, ending with EOS, without the source prefix (older callers; use
-        encode_source or encode_target)."""
-        return self.processor.encode(text) + [EOS_ID]
-
     def _source_ids(self, text: str) -> list[int]:
         return self.processor.encode(text)
 

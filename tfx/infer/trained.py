@@ -34,7 +34,8 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_
             tokenizer = tokenizer_lib.from_config(config, train)
     tokenizer_lib.check_vocab_size(tokenizer, config)
     if config.decode.shortlist:
-        shortlist.check_tokenizer(config.decode.shortlist, tokenizer)
+        shortlist.check_tokenizer(config.decode.shortlist, tokenizer.fingerprint,
+                                  f"the {tokenizer.description}")
     return tokenizer
 
 

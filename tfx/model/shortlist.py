@@ -14,19 +14,15 @@ scores the shortlist's tokens only, with the softmax over them, as Marian does.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import os
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tfx.core import files
-
-if TYPE_CHECKING:
-    from tfx.data.tokenizer import BaseTokenizer
 
 PAD, EOS = 0, 1
 
@@ -41,19 +37,12 @@ class Shortlist(NamedTuple):
 
 
 def save(path: str, candidates_VxK, probs_VxK, target_counts_V, frequent: int,
-         tokenizer: BaseTokenizer | str):
-    """Writes the table (npz) atomically, with the tokenizer's digest (`_digest`)."""
+         tokenizer_fingerprint: str):
+    """Writes the table (npz) atomically, with the fingerprint of the tokenizer whose tokens it
+    is in (`tokenizer.fingerprint`: a joint tokenizer's is the sha256 of its model's bytes)."""
     with files.replacing(path, "wb") as f:
         np.savez(f, candidates=candidates_VxK, probs=probs_VxK, target_counts=target_counts_V,
-                 frequent=frequent, tokenizer_sha256=_digest(tokenizer))
-
-
-def _digest(tokenizer: BaseTokenizer | str) -> str:
-    """A tokenizer's `fingerprint`; for the path of a SentencePiece model, the sha256 of its
-    bytes (which a joint tokenizer's fingerprint is)."""
-    if isinstance(tokenizer, str):
-        return hashlib.sha256(files.path(tokenizer).read_bytes()).hexdigest()
-    return tokenizer.fingerprint
+                 frequent=frequent, tokenizer_sha256=tokenizer_fingerprint)
 
 
 def _read(path: str) -> dict[str, np.ndarray]:
@@ -96,13 +85,12 @@ def _load(path: str, version: tuple[int, int] | None, vocab_size: int) -> Shortl
     return Shortlist(candidates_VxK, f["probs"], base_priority_V.astype(np.float32))
 
 
-def check_tokenizer(path: str, tokenizer: BaseTokenizer | str):
-    """Refuses a shortlist learned in another tokenizer's tokens (`tokenizer`: one, or the path
-    of a SentencePiece model)."""
-    if str(_read(path)["tokenizer_sha256"]) != _digest(tokenizer):
-        name = tokenizer if isinstance(tokenizer, str) else f"the {tokenizer.description}"
+def check_tokenizer(path: str, tokenizer_fingerprint: str, tokenizer_name: str):
+    """Refuses a shortlist learned in another tokenizer's tokens than the one with
+    `tokenizer_fingerprint`, which `tokenizer_name` names."""
+    if str(_read(path)["tokenizer_sha256"]) != tokenizer_fingerprint:
         raise ValueError(f"config.decode.shortlist={path!r} was learned with another tokenizer "
-                         f"than {name}; make it again with this run's.")
+                         f"than {tokenizer_name}; make it again with this run's.")
 
 
 def vocabulary(table: Shortlist, inputs_BxS: jax.Array, size: int) -> jax.Array:
