@@ -16,7 +16,7 @@ from absl import app, flags
 
 from tfx.core import cli, distributed, host_memory
 from tfx.data.sources import read_lines
-from tfx.data.tokenizer import language_token
+from tfx.data.corpora import language_token
 from tfx.infer import evaluate
 
 
@@ -73,18 +73,29 @@ def evaluate_run(shared: cli.SharedFlags, split: str, metrics: tuple[str, ...],
     `target_lang`'s token before every source if given."""
     config = shared.run_config()
     if target_lang is not None:
-        config.data.target_lang_token = language_token(target_lang)
+        config.data.target_lang_token = language_token(target_lang, config.data.target_lang_token)
     host_memory.keep_freed_memory_on_cpu()  # before JAX starts its threads.
     distributed.initialize(config)  # before any other JAX call.
     results = evaluate.evaluate_checkpoint(config, shared.workdir.value, split,
                                            shared.checkpoint.value, metrics)
     if jax.process_index() != 0:
         return None
-    print(f"{results['split']} ({results['spec']}), {results['checkpoint']}: "
-          f"{results['sentences_per_sec']:.1f} sentences/s, "
+    if "corpora" not in results:
+        print_decoded(results, f"{results['split']} ({results['spec']})")
+        return results["scores"]
+    for name, result in results["corpora"].items():  # a multilingual model's language pairs.
+        print_decoded(result, f"{split} corpus {name} ({result['languages']})")
+        for score in result["scores"].values():
+            print(f"  {score['text']}  ({score['signature']})")
+    print(json.dumps({name: {metric: round(score["score"], 2) for metric, score in result["scores"].items()}
+                      for name, result in results["corpora"].items()}))
+    return None
+
+
+def print_decoded(results: dict, what: str):
+    print(f"{what}, {results['checkpoint']}: {results['sentences_per_sec']:.1f} sentences/s, "
           f"{results['generated_tokens_per_sec']:.0f} tokens/s; hypotheses in "
           f"{results['hypotheses']}")
-    return results["scores"]
 
 
 if __name__ == "__main__":

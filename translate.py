@@ -26,7 +26,7 @@ from absl import flags, logging
 from tfx.core import cli, files, host_memory
 from tfx.core import config as config_lib
 from tfx.data.sources import decode_lines, read_lines
-from tfx.data.tokenizer import language_token
+from tfx.data.corpora import language_token
 from tfx.infer import trained
 from tfx.infer.translate import Translator
 
@@ -61,7 +61,7 @@ def main():
             if flag.value is not None:
                 config.decode[key] = flag.value
         if target_lang.value is not None:
-            config.data.target_lang_token = language_token(target_lang.value)
+            config.data.target_lang_token = language_token(target_lang.value, config.data.target_lang_token)
         run(config_lib.validate(config), shared.workdir.value, shared.checkpoint.value, inputs.value,
             output.value, nbest.value, score.value, source.value, target.value)
 

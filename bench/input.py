@@ -24,7 +24,7 @@ import numpy as np
 
 from tfx.core import config as config_lib
 from tfx.core import parallel
-from tfx.data import pipeline, sources
+from tfx.data import corpora, pipeline
 from tfx.data import tokenizer as tokenizer_lib
 
 from stats import summary
@@ -75,7 +75,7 @@ def main():
 
     config = config_lib.load(args.config)
     start = time.perf_counter()
-    train = sources.open_splits(config)["train"]
+    train = corpora.open_splits(config)["train"]
     tokenizer = tokenizer_lib.from_config(config, train)
     mesh = parallel.make_mesh(config.mesh_shape)
     _, shard = pipeline.batch_layout(config, mesh, config.per_device_batch_size)

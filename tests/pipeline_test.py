@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 
 from tfx.core.parallel import batch_sharding, make_mesh
-from tfx.data import pipeline
+from tfx.data import corpora, pipeline
 from tfx.data import tokenizer as tok
 from tfx.data.sources import open_split
 
@@ -28,7 +28,8 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     for lang in ("en", "de"):
         (root / f"c.{lang}").write_text("".join(sentence(i, lang) + "\n" for i in range(NUM_PAIRS)))
-    source = open_split(f"text:{root}/c", "data.train", "en", "de", str(root / "tfds"))
+    pairs = open_split(f"text:{root}/c", "data.train", "en", "de", str(root / "tfds"))
+    source = corpora.Split("data.train", pairs.spec, [corpora.Corpus("train", pairs)])
     tokenizer = tok.train_or_load(
         lambda: (sentence(i, lang) for i in range(NUM_PAIRS) for lang in ("en", "de")),
         "numbered", str(root / "spm"), vocab_size=300)
@@ -66,7 +67,7 @@ def tokenized(corpus) -> list[tuple]:
 class SidedTokenizer:
     """Source ids start with 10, target ids with 20: which side encoded what shows."""
 
-    def encode_source(self, text):
+    def encode_source(self, text, prefix=None):
         return [10, len(text), tok.EOS_ID]
 
     def encode_target(self, text):

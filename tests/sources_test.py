@@ -2,7 +2,8 @@ import os
 
 import pytest
 
-from tfx.data.sources import open_split, open_splits, read_lines
+from tfx.data.corpora import open_splits
+from tfx.data.sources import open_split, read_lines
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
 

@@ -8,6 +8,7 @@ import pytest
 import sentencepiece as spm
 
 from tfx.core import config as config_lib
+from tfx.data import corpora
 from tfx.data import tokenizer as tok
 from tfx.data.sources import read_lines
 from tfx.train import rundir
@@ -99,13 +100,39 @@ def test_unknown_model_type_names_the_key(tmp_path):
         train_or_load(tmp_path, vocab_size=500, model_type="word")
 
 
+class Pairs(list):
+    """A corpus's pairs as a split reads them."""
+
+    fingerprint, skipped_empty, languages = "pairs", 0, ("en", "de")
+
+
+def split_of(*sizes, weights=None, prefix=None):
+    """A split of corpora of `sizes` pairs whose texts name their corpus: 'c0-s3', 'c0-t3'."""
+    weights = weights or [1.0] * len(sizes)
+    return corpora.Split("data.train", "a,b", [
+        corpora.Corpus(f"c{k}", Pairs({"source": f"c{k}-s{i}", "target": f"c{k}-t{i}"}
+                                      for i in range(size)), weight, prefix)
+        for k, (size, weight) in enumerate(zip(sizes, weights))])
+
+
 def test_sampling_picks_whole_pairs_deterministically():
-    pairs = [{"source": f"s{i}", "target": f"t{i}"} for i in range(100)]
+    pairs = split_of(100)
     sample = list(tok.sample_sentences(pairs, 20, seed=3))
     assert len(sample) == 20 and sample == list(tok.sample_sentences(pairs, 20, seed=3))
-    assert all(t == "t" + s[1:] for s, t in zip(sample[::2], sample[1::2]))
+    assert all(t == s.replace("-s", "-t") for s, t in zip(sample[::2], sample[1::2]))
     assert sample != list(tok.sample_sentences(pairs, 20, seed=4))
     assert len(list(tok.sample_sentences(pairs, 0))) == 200
+
+
+def test_sampling_follows_the_mix_of_the_corpora():
+    """Corpora of 1000 and 100 pairs: by weight 1:1 half the sample each, by temperature 1 (by
+    size) 10:1, and a corpus gives at most what it has."""
+    pairs = split_of(1000, 100)
+    share = lambda sample: sum(s.startswith("c1-") for s in sample[::2]) / (len(sample) // 2)
+    assert share(list(tok.sample_sentences(pairs, 200))) == 0.5
+    assert share(list(tok.sample_sentences(pairs, 220, temperature=1.0))) == pytest.approx(1 / 11)
+    capped = list(tok.sample_sentences(split_of(1000, 100, weights=[1, 9]), 400))  # 20 + 180 pairs
+    assert len(capped) == 2 * (20 + 100) and share(capped) == 100 / 120  # of c1 only its 100.
 
 
 def test_vocab_smaller_than_the_characters_need_names_the_key(tmp_path):

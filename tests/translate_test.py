@@ -150,7 +150,7 @@ def test_cli_refuses_a_target_language_the_vocabulary_has_no_token_for(run):
     assert done.stderr.decode().splitlines()[-1] == (
         "translate.py: config.data.target_lang_token='>>deu<<' is not a piece of the "
         f"SentencePiece model {os.path.join(run[1], 'tokenizer.model')}; it has no language "
-        "tokens (>>xx<<): it is not a multilingual model's.")
+        "tokens (>>xx<<, <2xx>): it is not a multilingual model's.")
 
 
 def test_cli_names_the_invalid_utf8_line_and_writes_nothing(run, tmp_path):

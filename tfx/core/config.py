@@ -104,21 +104,52 @@ def tokenizer_config() -> dict:
 
 
 def data_config() -> dict:
-    """`config.data.*`: each split is "tfds:NAME[/CONFIG]:SPLIT" or "text:PATH_PREFIX" (the
-    files PATH_PREFIX.<source_lang> and PATH_PREFIX.<target_lang>, line-aligned)."""
+    """`config.data.*`: each split is a split spec, "tfds:NAME[/CONFIG]:SPLIT" or
+    "text:PATH_PREFIX" (the files PATH_PREFIX.<source_lang> and PATH_PREFIX.<target_lang>,
+    line-aligned), or names of `data.corpora` joined by commas (docs/data.md)."""
     return dict(
         source_lang="en",  # translate from this language ...
         target_lang="de",  # ... into this one.
-        target_lang_token="",  # a vocabulary piece put before every source: the output language of a multilingual model, e.g. OPUS-MT's '>>deu<<'; '': none.
-        train="",  # split spec of the training data (required).
-        eval="",  # validation: eval loss and BLEU during training.
-        test="",  # split spec eval.py scores by default.
+        target_lang_token="",  # a vocabulary piece put before every source: the output language of a multilingual model; '{lang}' in it stands for the pair's target language ('<2{lang}>' for tfx's own, OPUS-MT's '>>{lang}<<'); '': none.
+        train="",  # the training data (required): a split spec, or names of data.corpora (a,b), mixed by weight.
+        eval="",  # validation (eval loss and BLEU during training): a split spec or names of data.corpora.
+        test="",  # what eval.py scores by default: a split spec, or names of data.corpora, each scored on its own.
+        corpora=ml_collections.ConfigDict(),  # named corpora that train, eval and test may list: NAME -> the keys of data.corpora.NAME.* below.
+        temperature=0.0,  # > 0: each training corpus's share is proportional to (pairs x weight) ** (1 / temperature) (1: by size; larger: towards uniform); 0: to its weight.
+        clean=dict(  # filters applied when a training corpus is prepared, in this order; a corpus may override them (data.corpora.NAME.clean).
+            empty=True,  # drop a pair with an empty or whitespace-only side.
+            max_chars=0,  # drop a pair with a side longer than this many characters; 0: no limit.
+            max_words=0,  # drop a pair with a side of more whitespace-separated words; 0: no limit.
+            max_ratio=0.0,  # drop a pair whose longer side has more than this times the characters of the shorter; 0: off.
+            identical=False,  # drop a pair whose source equals its target (copies).
+            min_letters=0.0,  # drop a pair with a side whose share of letters among its non-space characters is below this; 0: off.
+            nonprinting=False,  # drop a pair with a non-printing character (control, private use, unassigned).
+            langid=False,  # drop a pair with a side identified as another language than the corpus's (offline language identification).
+            dedup=False,  # drop repeats of a pair seen before (exact, by hash, in bounded memory).
+        ),
+        augment=dict(  # training pairs changed as they are read, each chosen at random with this probability (OpusTrainer's modifiers).
+            uppercase=0.0,  # both sides in upper case.
+            titlecase=0.0,  # both sides in title case.
+            typos=0.0,  # the source with a few character typos (swap, drop, repeat or replace).
+        ),
         data_dir="",  # "": $TFDS_DATA_DIR or ~/tensorflow_datasets.
         too_long="drop",  # pairs over max_source/target_length: drop or truncate.
         pack=True,  # several pairs per row (segment ids + positions); False pads.
         worker_count=0,  # grain worker processes for the train split (0: in-process).
         shards=0,  # fixed train-data shards (a multiple of the process count) keep batches and resume across slice sizes; 0: one per process.
         reset_position=False,  # on resume, start the data afresh instead of refusing a changed global batch.
+    )
+
+
+def corpus_config() -> dict:
+    """`config.data.corpora.NAME.*`: one corpus; only `spec` is required."""
+    return dict(
+        spec="",  # its split spec (tfds: or text:).
+        weight=1.0,  # its share of the training mix, relative to the other corpora's (see data.temperature).
+        tag="",  # a piece put before each of its sources, e.g. '<BT>' for back-translation (tagged back-translation); added to a trained vocabulary.
+        source_lang="",  # its languages; '': data.source_lang ...
+        target_lang="",  # ... and data.target_lang.
+        clean={},  # its own values of data.clean keys, e.g. {'max_ratio': 2.0}; the others are data.clean's.
     )
 
 
@@ -233,6 +264,7 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
     config.lock()  # configs may change values, not invent keys: a typo fails loudly.
+    config.data.corpora.unlock()  # but name their corpora (each checked by `validate`).
     return config
 
 
@@ -259,6 +291,7 @@ def get_config() -> ml_collections.ConfigDict:
     return default_config()
 
 
+OPEN_KEYS = ("data.corpora",)  # whose keys a config names itself: set whole from JSON.
 RUN_CONFIG_FILE = "config.json"  # the config a training run saves in its workdir.
 # What a trained run fixes: its parameters' shapes and meaning, and the vocabulary they index.
 FIXED_BY_TRAINING = ("model", "tokenizer")
@@ -277,6 +310,9 @@ def from_json(text: str, source: str) -> ml_collections.ConfigDict:
                              "(tfx/core/config.py); was the run trained by another version?"
                              ) from None
         try:
+            if key in OPEN_KEYS:
+                config.data.corpora = value
+                continue
             config.update_from_flattened_dict(
                 {key: _tuples(value) if isinstance(default, tuple) else value})
         except TypeError as error:
@@ -286,7 +322,7 @@ def from_json(text: str, source: str) -> ml_collections.ConfigDict:
 
 def _flatten_json(tree: dict, prefix: str = ""):
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" not in OPEN_KEYS:
             yield from _flatten_json(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
@@ -364,6 +400,7 @@ def _lookup(config: ml_collections.ConfigDict, key: str):
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks values and their combinations; raises ValueError naming the config key."""
     _check_values(config)
+    _check_data(config)
     _check_tokenizer(config)
     _check_training(config)
     _check_model(config)
@@ -403,6 +440,68 @@ def _check_values(config: ml_collections.ConfigDict):
     for key in ("distill.weight", "model.rank_fraction"):
         if not 0.0 <= _lookup(config, key) <= 1.0:
             raise ValueError(f"config.{key}={_lookup(config, key)!r} must be in [0, 1].")
+
+
+SPLITS = ("train", "eval", "test")
+
+
+def is_split_spec(value: str) -> bool:
+    """Whether a config.data.train/eval/test value is a split spec (else: corpus names)."""
+    return ":" in value
+
+
+def corpus_names(config: ml_collections.ConfigDict, split: str) -> list[str]:
+    """The data.corpora that config.data.`split` names ([] for a split spec or "")."""
+    value = config.data[split]
+    return [] if not value or is_split_spec(value) else [n.strip() for n in value.split(",")]
+
+
+def corpus(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """data.corpora.`name` with every key: its own values, else the defaults, the languages of
+    config.data, and data.clean under its own clean values."""
+    given = config.data.corpora[name].to_dict()
+    settings = {**corpus_config(), **given}
+    settings["source_lang"] = settings["source_lang"] or config.data.source_lang
+    settings["target_lang"] = settings["target_lang"] or config.data.target_lang
+    settings["clean"] = {**config.data.clean.to_dict(), **given.get("clean", {})}
+    return ml_collections.ConfigDict(settings)
+
+
+def _check_data(config: ml_collections.ConfigDict):
+    """data.corpora's entries and the names that train, eval and test give."""
+    known = corpus_config()
+    for name in config.data.corpora:
+        key = f"data.corpora.{name}"
+        if not isinstance(config.data.corpora[name], ml_collections.ConfigDict):
+            raise ValueError(f"config.{key} must be a dict of {', '.join(known)}.")
+        given = config.data.corpora[name]
+        for field in given:
+            if field not in known:
+                raise ValueError(f"config.{key}.{field} is not a corpus key; they are "
+                                 f"{', '.join(known)}.")
+        for field in given.get("clean", {}):
+            if field not in config.data.clean:
+                raise ValueError(f"config.{key}.clean.{field} is not a key of config.data.clean; "
+                                 f"they are {', '.join(config.data.clean)}.")
+        if not given.get("spec") or not is_split_spec(given.spec):
+            raise ValueError(f"config.{key}.spec={given.get('spec', '')!r} must be a split spec, "
+                             '"tfds:NAME[/CONFIG]:SPLIT" or "text:PATH_PREFIX".')
+        weight = given.get("weight", known["weight"])
+        if not isinstance(weight, (int, float)) or weight <= 0:
+            raise ValueError(f"config.{key}.weight={weight!r} must be a positive number.")
+    for split in SPLITS:
+        names = corpus_names(config, split)
+        for name in names:
+            if name not in config.data.corpora:
+                listed = ", ".join(config.data.corpora) or "none"
+                raise ValueError(f"config.data.{split}={config.data[split]!r} names the corpus "
+                                 f"{name!r}, which config.data.corpora does not have ({listed}).")
+        if len(set(names)) < len(names):
+            raise ValueError(f"config.data.{split}={config.data[split]!r} names a corpus twice.")
+    for name, probability in config.data.augment.items():
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"config.data.augment.{name}={probability!r} must be in [0, 1].")
+    _check_positive(config, "data.temperature", allow_zero=True)
 
 
 def _check_tokenizer(config: ml_collections.ConfigDict):
@@ -464,19 +563,20 @@ def reference_table() -> str:
     """Markdown table of every key, its default and the comment beside it in this file (the
     config reference in docs/config.md is this output: `python -m tfx.core.config`)."""
     comments = {}
-    sources = ((model_config, "model."), (default_config, ""),
+    sources = ((model_config, "model."), (default_config, ""), (corpus_config, "data.corpora.NAME."),
                *((function, f"{name}.") for name, function in SECTIONS.items()))
     for function, prefix in sources:
         sections = [prefix]  # the dotted prefix of the `name=dict(` blocks the line is in.
         for line in inspect.getsource(function).splitlines():
-            if match := re.match(r"\s+(\w+)=dict\($", line):
+            if match := re.match(r"\s+(\w+)=dict\((\s+# .*)?$", line):
                 sections.append(f"{sections[-1]}{match.group(1)}.")
             elif re.match(r"\s+\),$", line) and len(sections) > 1:
                 sections.pop()
             elif match := re.match(r"\s+(\w+)=.*?,\s+# (.*)$", line):
                 comments[sections[-1] + match.group(1)] = match.group(2)
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for key, value in _flatten(default_config()):
+    corpus_keys = [(f"data.corpora.NAME.{key}", value) for key, value in corpus_config().items()]
+    for key, value in [*_flatten(default_config()), *corpus_keys]:
         shown = "see DEFAULT_LOGICAL_AXIS_RULES" if key == "logical_axis_rules" else repr(value)
         rows.append(f"| `{key}` | `{shown}` | {comments.get(key, '')} |")
     return "\n".join(rows) + "\n"
@@ -485,8 +585,10 @@ def reference_table() -> str:
 def _flatten(config: ml_collections.ConfigDict, prefix: str = ""):
     for key in sorted(config.keys(), key=lambda k: isinstance(config[k], ml_collections.ConfigDict)):
         value = config[key]
-        if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(value, ml_collections.ConfigDict) and value:
             yield from _flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, ml_collections.ConfigDict):  # an empty data.corpora.
+            yield f"{prefix}{key}", {}
         else:
             yield f"{prefix}{key}", value
 

@@ -19,6 +19,7 @@ assembles the processes' rows into one jax.Array sharded over the mesh's data ax
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import grain
@@ -29,7 +30,8 @@ from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tfx.core import parallel
-from tfx.data.sources import PairSource
+from tfx.data.augment import Augment
+from tfx.data.corpora import Split, mixing_weights
 from tfx.data.tokenizer import EOS_ID, BaseTokenizer
 
 LENGTH_MULTIPLE = 8  # eval rows are padded to a multiple of this (fewer distinct shapes).
@@ -126,13 +128,15 @@ def truncate(tokens: np.ndarray, length: int) -> np.ndarray:
 
 class Tokenize(grain.transforms.Map):
     """{"source", "target"} text -> {"inputs", "targets"} int32 ids ending with EOS, each by
-    its side of the tokenizer."""
+    its side of the tokenizer; a record's "prefix" pieces (tfx/data/corpora.py) start its
+    source instead of the tokenizer's own prefix."""
 
     def __init__(self, tokenizer: BaseTokenizer):
         self.tokenizer = tokenizer
 
-    def map(self, pair: dict[str, str]) -> dict[str, np.ndarray]:
-        return {"inputs": np.asarray(self.tokenizer.encode_source(pair["source"]), np.int32),
+    def map(self, pair: dict) -> dict[str, np.ndarray]:
+        source = self.tokenizer.encode_source(pair["source"], pair.get("prefix"))
+        return {"inputs": np.asarray(source, np.int32),
                 "targets": np.asarray(self.tokenizer.encode_target(pair["target"]), np.int32)}
 
 
@@ -183,12 +187,13 @@ def data_shards(config: ml_collections.ConfigDict, shard: Shard) -> tuple[int, r
     return shards, range(shard.index * per_process, (shard.index + 1) * per_process)
 
 
-def train_iterator(config: ml_collections.ConfigDict, source: PairSource, tokenizer: BaseTokenizer,
+def train_iterator(config: ml_collections.ConfigDict, split: Split, tokenizer: BaseTokenizer,
                    shard: Shard) -> tuple[TrainBatches, LengthCounts]:
     """This process's endless train batches of `shard.rows` rows, and the length-policy counts.
 
     The split is cut into data shards (`config.data.shards`, default one per process); data
-    shard i shuffles the examples [i::shards], every epoch anew, and fills rows
+    shard i shuffles the examples [i::shards] of each corpus, every epoch anew, mixes the
+    corpora by `mixing_weights` (grain's deterministic mix: exact shares), and fills rows
     [i * r, (i + 1) * r) of each global batch (r = global rows / shards). A process reads only
     the shards whose rows its devices hold. With a fixed number of shards the global batches
     do not depend on how many processes share them.
@@ -200,9 +205,10 @@ def train_iterator(config: ml_collections.ConfigDict, source: PairSource, tokeni
     policy = LengthPolicy(config.max_source_length, config.max_target_length, config.data.too_long)
     iterators = {}
     for index in owned:
-        pairs = (grain.MapDataset.source(source)[index::shards]
-                 .shuffle(seed=config.seed + index).repeat(None).map(Tokenize(tokenizer)))
-        dataset = pairs.to_iter_dataset(IN_PROCESS)
+        pairs = mixed_shard(config, split, index, shards)
+        if any(config.data.augment.values()):
+            pairs = pairs.random_map(Augment(**config.data.augment), seed=config.seed + index)
+        dataset = pairs.map(Tokenize(tokenizer)).to_iter_dataset(IN_PROCESS)
         if config.data.worker_count:
             if not flags.FLAGS.is_parsed():
                 raise ValueError(
@@ -216,6 +222,29 @@ def train_iterator(config: ml_collections.ConfigDict, source: PairSource, tokeni
         packed = pack_or_pad(dataset, lengths, config.data.pack, 2 * rows, config.seed)
         iterators[index] = iter(packed.batch(rows, drop_remainder=True))
     return TrainBatches(iterators, shards, global_rows), policy.counts
+
+
+def mixed_shard(config: ml_collections.ConfigDict, split: Split, index: int, shards: int
+                ) -> grain.MapDataset:
+    """Data shard `index` of `shards`: each corpus's pairs [index::shards], shuffled anew every
+    epoch (corpus k by seed config.seed + k * shards + index), mixed by their weights."""
+    parts = []
+    for k, corpus in enumerate(split.corpora):
+        if len(corpus.pairs) < shards:
+            raise ValueError(f"config.{split.key}: corpus {corpus.name!r} has {len(corpus.pairs)} "
+                             f"pairs, fewer than the {shards} data shards that each read a part.")
+        part = grain.MapDataset.source(corpus.pairs)[index::shards]
+        part = part.shuffle(seed=config.seed + k * shards + index).repeat(None)
+        if corpus.prefix is not None:
+            part = part.map(functools.partial(_with_prefix, prefix=corpus.prefix))
+        parts.append(part)
+    if len(parts) == 1:
+        return parts[0]
+    return grain.MapDataset.mix(parts, list(mixing_weights(split.corpora, config.data.temperature)))
+
+
+def _with_prefix(pair: dict, prefix: tuple[str, ...]) -> dict:
+    return {**pair, "prefix": prefix}
 
 
 def pack_or_pad(pairs: grain.IterDataset, lengths: dict[str, int], pack: bool, num_bins: int,
@@ -251,7 +280,7 @@ def longest_first(lengths: list[int], batch: int) -> list[np.ndarray]:
     return [order[i:i + batch] for i in range(0, len(order), batch)]
 
 
-def eval_batches(config: ml_collections.ConfigDict, source: PairSource, tokenizer: BaseTokenizer,
+def eval_batches(config: ml_collections.ConfigDict, source: Split, tokenizer: BaseTokenizer,
                  shard: Shard) -> list[dict[str, np.ndarray]]:
     """This process's rows of every eval batch over `source`, in order (see module doc).
 
@@ -278,7 +307,7 @@ def eval_batches(config: ml_collections.ConfigDict, source: PairSource, tokenize
     return batches
 
 
-def decode_batches(config: ml_collections.ConfigDict, source: PairSource, tokenizer: BaseTokenizer,
+def decode_batches(config: ml_collections.ConfigDict, source: Split, tokenizer: BaseTokenizer,
                    shard: Shard) -> list[dict[str, np.ndarray]]:
     """This process's rows of batches that decode every source of `source` once: sorted by
     length (longest first), each global batch's `inputs` padded to the `bucket` of its longest

@@ -13,22 +13,23 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tfx.data import sources
+from tfx.data import corpora
 from tfx.data import tokenizer as tokenizer_lib
 
 
 def prepare(config) -> Iterator[str]:
     """Prepares the config's splits and tokenizer; yields what it found, line by line."""
-    splits = sources.open_splits(config)
+    splits = corpora.open_splits(config)
     for which, split in splits.items():
         yield f"{which}: {split.spec}: {len(split)} pairs ({split.skipped_empty} skipped empty)"
     tokenizer = tokenizer_lib.from_config(config, splits["train"])
     yield f"tokenizer: {tokenizer.description} ({tokenizer.vocab_size} pieces)"
     sample = [splits["train"][i] for i in range(0, len(splits["train"]),
                                                  max(1, len(splits["train"]) // 2000))]
-    for side, encode, limit in (("source", tokenizer.encode_source, config.max_source_length),
-                                ("target", tokenizer.encode_target, config.max_target_length)):
-        lengths = np.array([len(encode(pair[side])) for pair in sample])
+    encoders = {"source": lambda pair: tokenizer.encode_source(pair["source"], pair.get("prefix")),
+                "target": lambda pair: tokenizer.encode_target(pair["target"])}
+    for side, limit in (("source", config.max_source_length), ("target", config.max_target_length)):
+        lengths = np.array([len(encoders[side](pair)) for pair in sample])
         yield (f"train {side} tokens: median {np.median(lengths):.0f}, 99th percentile "
                f"{np.percentile(lengths, 99):.0f}, {np.mean(lengths > limit):.2%} over {limit}")
 

@@ -24,7 +24,6 @@ import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
-import ml_collections
 import tensorflow_datasets as tfds
 import tensorflow_datasets.translate  # noqa: F401  (registers the WMT builders; tfds imports them lazily)
 
@@ -229,12 +228,3 @@ def _open_split(spec, key, source_lang, target_lang, data_dir, prepare) -> PairS
         raise ValueError(f"config.{key}={spec!r}: no split {split!r}; the dataset has "
                          f"{sorted(builder.info.splits)}.")
     return PairSource(builder, split, (spec, key, source_lang, target_lang, data_dir))
-
-
-def open_splits(config: ml_collections.ConfigDict, prepare: bool = True) -> dict[str, PairSource]:
-    """The config's train/eval/test splits that are set (train is required)."""
-    if not config.data.train:
-        raise ValueError(f"config.data.train is empty; set it to {SPEC_FORMS}.")
-    return {which: open_split(config.data[which], f"data.{which}", config.data.source_lang,
-                              config.data.target_lang, config.data.data_dir, prepare)
-            for which in ("train", "eval", "test") if config.data[which]}

@@ -10,8 +10,9 @@ sentence, 2 unknown. tfx's own model does not normalise text, keeps extra whites
 back to bytes for unknown characters, so `decode(encode_target(text)) == text` for any UTF-8
 line: BLEU is computed on exactly the detokenized text.
 
-config.data.target_lang_token (a multilingual model's output language, OPUS-MT's '>>deu<<')
-is a piece whose id starts every source.
+config.data.target_lang_token (a multilingual model's output language: tfx's '<2de>', OPUS-MT's
+'>>deu<<') is a piece whose id starts every source; a record of a named corpus
+(tfx/data/corpora.py) brings its own pieces instead.
 """
 from __future__ import annotations
 
@@ -29,20 +30,16 @@ import sentencepiece as spm
 
 from tfx.core import files
 from tfx.core.config import TOKENIZER_MODEL_TYPES, choice_error
+from tfx.data import corpora
 from tfx.data import vocabulary as vocabulary_lib
-from tfx.data.sources import PairSource, default_data_dir
+from tfx.data.sources import default_data_dir
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 # The copies a run directory holds (rundir.keep_tokenizer): the joint model, or the mapped three.
 JOINT_FILE = "tokenizer.model"
 SOURCE_FILE, TARGET_FILE, VOCABULARY_FILE = "source.spm", "target.spm", "vocabulary.json"
-LANGUAGE_TOKEN = re.compile(r">>\S+<<")  # OPUS-MT's output-language tokens: >>deu<<, >>fra<<.
+LANGUAGE_TOKEN = re.compile(r">>\S+<<|<2\S+>")  # output-language tokens: >>deu<< (OPUS-MT), <2de>.
 SHOWN_LANGUAGES = 20  # language tokens an error lists.
-
-
-def language_token(language: str) -> str:
-    """OPUS-MT's token for the output language `language` (translate.py --target_lang): '>>deu<<'."""
-    return f">>{language}<<"
 
 
 def fingerprint(paths: Mapping[str, str]) -> str:
@@ -85,9 +82,12 @@ class BaseTokenizer(abc.ABC):
     def _text(self, ids: list[int]) -> str:
         """Target text of `ids` (no EOS, no padding)."""
 
-    def encode_source(self, text: str) -> list[int]:
-        """Source token ids of `text`: `source_prefix`, the text's, EOS."""
-        return self.source_prefix + self._source_ids(text) + [EOS_ID]
+    def encode_source(self, text: str, prefix: Sequence[str] | None = None) -> list[int]:
+        """Source token ids of `text`: `source_prefix` (or the ids of the pieces `prefix`), the
+        text's, EOS."""
+        first = self.source_prefix if prefix is None else [
+            self._piece(p, f"the source prefix {p!r} (a corpus's language token or tag)") for p in prefix]
+        return first + self._source_ids(text) + [EOS_ID]
 
     def encode_target(self, text: str) -> list[int]:
         """Target token ids of `text`, ending with EOS."""
@@ -108,19 +108,22 @@ class BaseTokenizer(abc.ABC):
         return fingerprint(self.files)
 
     def _prefix(self, target_lang_token: str) -> list[int]:
-        """[the id of `target_lang_token`], [] for ""; an error listing the vocabulary's
-        language tokens when it is not one piece of it."""
+        """[the id of `target_lang_token`], [] for ""."""
         if not target_lang_token:
             return []
-        found = self.piece_id(target_lang_token)
+        return [self._piece(target_lang_token, f"config.data.target_lang_token={target_lang_token!r}")]
+
+    def _piece(self, piece: str, what: str) -> int:
+        """The id of `piece`; an error naming `what` and listing the vocabulary's language
+        tokens when it is not one piece of it."""
+        found = self.piece_id(piece)
         if found is not None:
-            return [found]
+            return found
         languages = [p for p in self.pieces() if LANGUAGE_TOKEN.fullmatch(p)]
         has = (f"its language tokens are {', '.join(languages[:SHOWN_LANGUAGES])}"
                f"{', ...' if len(languages) > SHOWN_LANGUAGES else ''}" if languages else
-               "it has no language tokens (>>xx<<): it is not a multilingual model's")
-        raise ValueError(f"config.data.target_lang_token={target_lang_token!r} is not a piece of "
-                         f"the {self.description}; {has}.")
+               "it has no language tokens (>>xx<<, <2xx>): it is not a multilingual model's")
+        raise ValueError(f"{what} is not a piece of the {self.description}; {has}.")
 
 
 def _processor(path: str, fix: str) -> spm.SentencePieceProcessor:
@@ -222,16 +225,18 @@ def _side_ids(model: spm.SentencePieceProcessor, ids: Mapping[str, int], text: s
 
 def train_or_load(sentences: Callable[[], Iterable[str]], content_key: str, cache_dir: str,
                   vocab_size: int, model_type: str = "unigram", character_coverage: float = 1.0,
-                  target_lang_token: str = "") -> Tokenizer:
-    """Trains a joint vocabulary on `sentences()` (source and target text), or loads the model
-    cached in `cache_dir` under a hash of `content_key` (what identifies the sentences) and the
-    settings. The model is written to a temporary name and renamed, so a crash never leaves
-    half a file.
+                  target_lang_token: str = "", symbols: Sequence[str] = ()) -> Tokenizer:
+    """Trains a joint vocabulary on `sentences()` (source and target text), with `symbols`
+    (language tokens, corpus tags) as pieces of their own, or loads the model cached in
+    `cache_dir` under a hash of `content_key` (what identifies the sentences) and the settings.
+    The model is written to a temporary name and renamed, so a crash never leaves half a file.
     """
     if model_type not in TOKENIZER_MODEL_TYPES:
         raise choice_error("tokenizer.model_type", model_type, TOKENIZER_MODEL_TYPES)
     settings = dict(vocab_size=vocab_size, model_type=model_type,
                     character_coverage=character_coverage, content=content_key)
+    if symbols:  # (a vocabulary without them keeps its cache key)
+        settings["symbols"] = list(symbols)
     digest = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"spm-{model_type}-{vocab_size}-{digest}.model")
     if os.path.exists(path):
@@ -244,7 +249,8 @@ def train_or_load(sentences: Callable[[], Iterable[str]], content_key: str, cach
                 vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
                 pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, byte_fallback=True,
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
-                max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+                max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2,
+                user_defined_symbols=list(symbols))
         except RuntimeError as error:
             too_big = re.search(r"<= (\d+)", str(error))
             if too_big:
@@ -264,14 +270,23 @@ def train_or_load(sentences: Callable[[], Iterable[str]], content_key: str, cach
     return Tokenizer(path, target_lang_token)
 
 
-def sample_sentences(pairs, max_sentences: int, seed: int = 0) -> Iterable[str]:
-    """Source and target text of `pairs` (random access, `pairs[i]` -> {"source", "target"}):
-    all of them, or of max_sentences // 2 pairs sampled with `seed` when max_sentences > 0."""
-    indices = range(len(pairs))
-    if 0 < max_sentences < 2 * len(pairs):
-        indices = sorted(random.Random(seed).sample(indices, max(1, max_sentences // 2)))
-    for index in indices:
-        pair = pairs[index]
+def sample_sentences(split: corpora.Split, max_sentences: int, temperature: float = 0.0,
+                     seed: int = 0) -> Iterable[str]:
+    """Source and target text of the pairs of `split`: all of them, or, when max_sentences > 0,
+    of max_sentences // 2 pairs drawn from its corpora by their shares of the training mix
+    (`corpora.mixing_weights`), each corpus's without repeats while it lasts."""
+    rng = random.Random(seed)
+    if max_sentences <= 0 or max_sentences >= 2 * len(split):
+        chosen = range(len(split))
+    else:
+        pairs = max(1, max_sentences // 2)
+        shares = corpora.mixing_weights(split.corpora, temperature)
+        counts = [min(len(c.pairs), round(pairs * share)) for c, share in zip(split.corpora, shares)]
+        starts = [0, *split.ends[:-1]]
+        chosen = sorted(int(start) + i for start, c, count in zip(starts, split.corpora, counts)
+                        for i in rng.sample(range(len(c.pairs)), count))
+    for index in chosen:
+        pair = split[index]
         yield pair["source"]
         yield pair["target"]
 
@@ -279,7 +294,7 @@ def sample_sentences(pairs, max_sentences: int, seed: int = 0) -> Iterable[str]:
 def named(config: ml_collections.ConfigDict) -> BaseTokenizer | None:
     """The tokenizer config.tokenizer names: the mapped one (vocabulary_path and its two
     models) or the joint model_path; None when the joint model is to be trained."""
-    settings, token = config.tokenizer, config.data.target_lang_token
+    settings, token = config.tokenizer, corpora.source_token(config)
     if settings.vocabulary_path:
         return MappedTokenizer(settings.source_model_path, settings.target_model_path,
                                settings.vocabulary_path, token)
@@ -293,7 +308,7 @@ def from_directory(config: ml_collections.ConfigDict, directory: str) -> BaseTok
     (rundir.keep_tokenizer wrote them): vocabulary.json, source.spm and target.spm for a mapped
     one, tokenizer.model for the joint one; None when it holds none."""
     copy = lambda name: files.join(directory, name)
-    token = config.data.target_lang_token
+    token = corpora.source_token(config)
     if config.tokenizer.vocabulary_path:
         if not files.path(copy(VOCABULARY_FILE)).is_file():
             return None
@@ -301,21 +316,23 @@ def from_directory(config: ml_collections.ConfigDict, directory: str) -> BaseTok
     return Tokenizer(copy(JOINT_FILE), token) if files.path(copy(JOINT_FILE)).is_file() else None
 
 
-def from_config(config: ml_collections.ConfigDict, train: PairSource) -> BaseTokenizer:
+def from_config(config: ml_collections.ConfigDict, train: corpora.Split) -> BaseTokenizer:
     """The tokenizer config.tokenizer names (`named`), else the joint vocabulary trained on (a
     sample of) the training split, cached under <data_dir>/tfx_tokenizers."""
     given = named(config)
     if given is not None:
         return given
     settings, sample = config.tokenizer, config.tokenizer.input_sentence_size
+    temperature = config.data.temperature
+    mix = f":temperature={temperature}" if sample and len(train.corpora) > 1 else ""
     return train_or_load(
-        lambda: sample_sentences(train, sample, config.seed),
+        lambda: sample_sentences(train, sample, temperature, config.seed),
         content_key=f"{train.fingerprint}:{config.data.source_lang}-{config.data.target_lang}:"
-                    f"sample={sample}:seed={config.seed}",
+                    f"sample={sample}:seed={config.seed}{mix}",
         cache_dir=os.path.join(default_data_dir(config.data.data_dir), "tfx_tokenizers"),
         vocab_size=config.model.vocab_size, model_type=settings.model_type,
         character_coverage=settings.character_coverage,
-        target_lang_token=config.data.target_lang_token)
+        target_lang_token=corpora.source_token(config), symbols=corpora.vocabulary_symbols(config))
 
 
 def check_vocab_size(tokenizer: BaseTokenizer, config: ml_collections.ConfigDict):

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from tfx.core import distributed, files
-from tfx.data import sources
+from tfx.data import corpora
 from tfx.data.pipeline import Shard, batch_layout, decode_batches, to_global
 from tfx.data.tokenizer import EOS_ID, BaseTokenizer
 from tfx.infer import trained
@@ -96,13 +96,12 @@ def periodic_bleu(config: ml_collections.ConfigDict, experiment: Experiment, bat
     return bleu
 
 
-def open_split(config: ml_collections.ConfigDict, split: str) -> sources.PairSource:
+def open_split(config: ml_collections.ConfigDict, split: str) -> corpora.Split:
     """config.data.<split> ("train", "eval" or "test"), prepared on first use by process 0."""
-    d = config.data
-    if not d[split]:
+    if not config.data[split]:
         raise ValueError(f"config.data.{split} is empty; there is no {split} split to evaluate.")
     with distributed.process_0_first(f"tfx: data.{split} ready"):
-        return sources.open_split(d[split], f"data.{split}", d.source_lang, d.target_lang, d.data_dir)
+        return corpora.open_split(config, split)
 
 
 class SplitDecoder:
@@ -111,13 +110,17 @@ class SplitDecoder:
     gives the translations in source order and the speed, timed after compilation.
 
     The run is loaded as translate.py loads it (`trained.load`: parameters only, the workdir's
-    tokenizer first); of the data, only `split` is opened."""
+    tokenizer first) unless `model` is given; of the data, only `split` is opened, or of it
+    only the corpus `corpus` (a split that names several is scored corpus by corpus)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, split: str = "test",
-                 checkpoint: str = "latest"):
-        self.config, self.workdir, self.split = config, workdir, split
+                 checkpoint: str = "latest", corpus: str | None = None,
+                 model: trained.TrainedModel | None = None):
+        self.config, self.workdir, self.split, self.corpus = config, workdir, split, corpus
         self.source = open_split(config, split)
-        self.model = trained.load(config, workdir, checkpoint)
+        if corpus is not None:
+            self.source = self.source.only(corpus)
+        self.model = model or trained.load(config, workdir, checkpoint)
         self.label, self.params = self.model.label, self.model.params
         self.sharding, self.shard = batch_layout(config, self.model.mesh,
                                                  config.per_device_eval_batch_size)
@@ -141,16 +144,19 @@ class SplitDecoder:
         references = [self.source[i]["target"] for i in range(len(self.source))]
         shortlist = dict(shortlist=config.decode.shortlist,
                          shortlist_size=config.decode.shortlist_size) if config.decode.shortlist else {}
-        results = {"split": split, "spec": config.data[split], "checkpoint": self.label,
+        named = {} if self.corpus is None else {"corpus": self.corpus,
+                                                "languages": "-".join(self.source.languages)}
+        results = {"split": split, "spec": config.data[split], **named, "checkpoint": self.label,
                    "quantization": config.quantization, **shortlist,
                    "scores": score(hypotheses, [references], metrics), **speed}
         if jax.process_index() == 0:
             suffix = "" if config.quantization == "none" else f"-{config.quantization}"
             if shortlist:
                 suffix += f"-shortlist{config.decode.shortlist_size}"
-            prefix = files.join(self.workdir, f"{split}-{self.label}{suffix}")
+            name = split if self.corpus is None else f"{split}-{self.corpus}"
+            prefix = files.join(self.workdir, f"{name}-{self.label}{suffix}")
             results.update(hypotheses=f"{prefix}.hyp.txt",
-                           references=files.join(self.workdir, f"{split}.ref.txt"))
+                           references=files.join(self.workdir, f"{name}.ref.txt"))
             for path, lines in ((results["hypotheses"], hypotheses), (results["references"], references)):
                 files.write_text(path, (line + "\n" for line in lines))
             files.write_text(f"{prefix}.json", json.dumps(results, indent=2))
@@ -160,6 +166,17 @@ class SplitDecoder:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str = "test",
                         checkpoint: str = "latest", metrics=("bleu", "chrf")) -> dict:
     """Decodes `split` with a checkpoint of `workdir` (`SplitDecoder`), scores it and writes the
-    hypotheses, references and results into the workdir (`SplitDecoder.results`)."""
-    decoder = SplitDecoder(config, workdir, split, checkpoint)
-    return decoder.results(*decoder(progress=True), metrics)
+    hypotheses, references and results into the workdir (`SplitDecoder.results`). A split of
+    several corpora (a multilingual model's language pairs) is scored corpus by corpus: the
+    results are {"split", "spec", "checkpoint", "corpora": {name: that corpus's results}}."""
+    names = [corpus.name for corpus in open_split(config, split).corpora]
+    if len(names) == 1:
+        decoder = SplitDecoder(config, workdir, split, checkpoint)
+        return decoder.results(*decoder(progress=True), metrics)
+    model = trained.load(config, workdir, checkpoint)
+    per_corpus = {}
+    for name in names:
+        decoder = SplitDecoder(config, workdir, split, checkpoint, corpus=name, model=model)
+        per_corpus[name] = decoder.results(*decoder(progress=True), metrics)
+    return {"split": split, "spec": config.data[split], "checkpoint": model.label,
+            "corpora": per_corpus}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ml_collections
 
 from tfx.core import distributed, files, parallel
-from tfx.data import sources
+from tfx.data import corpora
 from tfx.data import tokenizer as tokenizer_lib
 from tfx.model import shortlist
 from tfx.model.params import abstract_params
@@ -28,10 +28,8 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_
     tokenizer config.decode.shortlist was learned with."""
     tokenizer = tokenizer_lib.from_directory(config, workdir) or tokenizer_lib.named(config)
     if tokenizer is None:
-        d = config.data
         with distributed.process_0_first("tfx: tokenizer ready"):
-            train = sources.open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir)
-            tokenizer = tokenizer_lib.from_config(config, train)
+            tokenizer = tokenizer_lib.from_config(config, corpora.open_split(config, "train"))
     tokenizer_lib.check_vocab_size(tokenizer, config)
     if config.decode.shortlist:
         shortlist.check_tokenizer(config.decode.shortlist, tokenizer.fingerprint,

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from tfx.core import distributed, parallel
-from tfx.data import pipeline, sources
+from tfx.data import corpora, pipeline
 from tfx.data import tokenizer as tokenizer_lib
 from tfx.model.params import placed
 from tfx.train import steps
@@ -22,7 +22,7 @@ class Experiment:
         self.config = config
         self.mesh = parallel.make_mesh(config.mesh_shape)
         with distributed.process_0_first("tfx: data and tokenizer ready"):
-            self.splits = sources.open_splits(config)
+            self.splits = corpora.open_splits(config)
             self.tokenizer = tokenizer_lib.from_config(config, self.splits["train"])
         tokenizer_lib.check_vocab_size(self.tokenizer, config)
         self.sharding, self.train_shard = pipeline.batch_layout(config, self.mesh,

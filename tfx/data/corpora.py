@@ -1,0 +1,138 @@
+"""A config's splits as corpora: `config.data.train`, `eval` and `test` are each a split spec
+(one corpus) or names of `config.data.corpora` (several, each with its own languages, tag and
+weight).
+
+A `Split` reads its corpora one after another as one random-access source; each record is
+{"source", "target"} plus, for a named corpus, "prefix": the pieces put before its source
+ids (the target-language token of config.data.target_lang_token, then the corpus's tag), which
+then stand in for the tokenizer's own source prefix. Training mixes a split's corpora by
+`mixing_weights` (tfx/data/pipeline.py); evaluation scores each corpus on its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from tfx.core import config as config_lib
+from tfx.data import sources
+from tfx.data.sources import PairSource
+
+
+def language_token(language: str, template: str = "") -> str:
+    """The output-language token of `language`: by `template` when it holds '{lang}'
+    (config.data.target_lang_token, e.g. '<2{lang}>'), else OPUS-MT's '>>LANG<<'."""
+    return (template if "{lang}" in template else ">>{lang}<<").replace("{lang}", language)
+
+
+def source_token(config: ml_collections.ConfigDict) -> str:
+    """The piece before every source of a plain split and of translate.py's sentences:
+    config.data.target_lang_token, its '{lang}' the config's target language."""
+    token = config.data.target_lang_token
+    return language_token(config.data.target_lang, token) if "{lang}" in token else token
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """One corpus of a split: its pairs, its share of a training mix, and the pieces before its
+    sources (None: the tokenizer's own prefix, as for a plain split spec)."""
+
+    name: str
+    pairs: PairSource
+    weight: float = 1.0
+    prefix: tuple[str, ...] | None = None
+
+    @property
+    def languages(self) -> tuple[str, str]:
+        return self.pairs.languages
+
+
+class Split:
+    """A config split: its corpora read one after another (`len`, `split[i]`)."""
+
+    def __init__(self, key: str, value: str, corpora: list[Corpus]):
+        self.key, self.spec, self.corpora = key, value, corpora
+        self.ends = np.cumsum([len(corpus.pairs) for corpus in corpora])
+        self.fingerprint = ";".join(f"{c.pairs.fingerprint}{' '.join(c.prefix or ())}" for c in corpora)
+        self.skipped_empty = sum(corpus.pairs.skipped_empty for corpus in corpora)
+
+    @property
+    def languages(self) -> tuple[str, str]:
+        """The split's languages; an error for a split whose corpora differ."""
+        found = {corpus.languages for corpus in self.corpora}
+        if len(found) > 1:
+            raise ValueError(f"config.{self.key}={self.spec!r} holds several language pairs "
+                             f"({', '.join('-'.join(pair) for pair in sorted(found))}); name one corpus.")
+        return found.pop()
+
+    def only(self, name: str) -> Split:
+        """The split of its corpus `name` alone."""
+        return Split(self.key, name, [corpus for corpus in self.corpora if corpus.name == name])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        which = int(np.searchsorted(self.ends, index, side="right"))
+        corpus = self.corpora[which]
+        record = corpus.pairs[index - (int(self.ends[which - 1]) if which else 0)]
+        return record if corpus.prefix is None else {**record, "prefix": corpus.prefix}
+
+
+def corpus_prefix(config: ml_collections.ConfigDict, settings: ml_collections.ConfigDict
+                  ) -> tuple[str, ...]:
+    """The pieces before a named corpus's sources: its target-language token, then its tag."""
+    token = config.data.target_lang_token
+    language = language_token(settings.target_lang, token) if "{lang}" in token else token
+    return tuple(piece for piece in (language, settings.tag) if piece)
+
+
+def open_corpus(config: ml_collections.ConfigDict, name: str, prepare: bool = True) -> Corpus:
+    """data.corpora.`name`, prepared on first use."""
+    settings = config_lib.corpus(config, name)
+    pairs = sources.open_split(settings.spec, f"data.corpora.{name}.spec", settings.source_lang,
+                               settings.target_lang, config.data.data_dir, prepare)
+    return Corpus(name, pairs, settings.weight, corpus_prefix(config, settings))
+
+
+def open_split(config: ml_collections.ConfigDict, which: str, prepare: bool = True) -> Split:
+    """config.data.`which` ("train", "eval" or "test") as a `Split`, prepared on first use."""
+    value = config.data[which]
+    if not value:
+        raise ValueError(f"config.data.{which} is empty; set it to {sources.SPEC_FORMS} or to "
+                         "names of config.data.corpora.")
+    names = config_lib.corpus_names(config, which)
+    if names:
+        return Split(f"data.{which}", value, [open_corpus(config, name, prepare) for name in names])
+    pairs = sources.open_split(value, f"data.{which}", config.data.source_lang,
+                               config.data.target_lang, config.data.data_dir, prepare)
+    return Split(f"data.{which}", value, [Corpus(which, pairs)])
+
+
+def open_splits(config: ml_collections.ConfigDict, prepare: bool = True) -> dict[str, Split]:
+    """The config's train/eval/test splits that are set (train is required)."""
+    if not config.data.train:
+        raise ValueError(f"config.data.train is empty; set it to {sources.SPEC_FORMS} or to "
+                         "names of config.data.corpora.")
+    return {which: open_split(config, which, prepare)
+            for which in config_lib.SPLITS if config.data[which]}
+
+
+def mixing_weights(corpora: list[Corpus], temperature: float) -> np.ndarray:
+    """Each corpus's share of a training mix: proportional to its weight, or with temperature
+    T > 0 to (pairs x weight) ** (1 / T)."""
+    weights = np.array([corpus.weight for corpus in corpora], np.float64)
+    if temperature > 0:
+        sizes = np.array([len(corpus.pairs) for corpus in corpora], np.float64)
+        weights = (sizes * weights) ** (1.0 / temperature)
+    return weights / weights.sum()
+
+
+def vocabulary_symbols(config: ml_collections.ConfigDict) -> list[str]:
+    """The pieces a trained vocabulary must hold whole: every corpus's prefix pieces and the
+    plain splits' source token."""
+    symbols = [source_token(config)]
+    for name in config.data.corpora:
+        symbols.extend(corpus_prefix(config, config_lib.corpus(config, name)))
+    return sorted({symbol for symbol in symbols if symbol})
