@@ -1,0 +1,98 @@
+"""One model for en->de and de->en (configs/multi30k.py:multilingual): the language token on the
+source chooses the output language, and eval.py scores each direction on its own."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tfx.core import config as config_lib
+from tfx.data.corpora import language_token
+from tfx.data.sources import read_lines
+from tfx.infer import evaluate, trained
+from tfx.infer.translate import Translator
+from tfx.train import trainer
+
+from runs import ROOT, TINY
+
+TEST = os.path.join(ROOT, "data", "multi30k-en-de", "test_2016_flickr")
+SENTENCES = 64
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+    """(config, workdir): the tiny model trained both ways (300 steps, about 60 s here), its test
+    corpora the first 64 test2016 pairs."""
+    small = tmp_path_factory.mktemp("test2016")
+    for lang in ("en", "de"):
+        lines = list(read_lines(f"{TEST}.{lang}"))[:SENTENCES]
+        (small / f"test.{lang}").write_text("".join(line + "\n" for line in lines))
+    config = config_lib.load(os.path.join(ROOT, "configs", "multi30k.py:multilingual"))
+    config.model.update(TINY)
+    config.model.dropout_rate = 0.0
+    for direction in ("en-de", "de-en"):
+        config.data.corpora[f"test-{direction}"].spec = f"text:{small}/test"
+    config.data.data_dir = data_dir
+    config.update(dict(per_device_batch_size=4, per_device_eval_batch_size=8, num_train_steps=300,
+                       train_minutes=0.0, warmup_steps=30, learning_rate=1e-2, log_every_steps=300,
+                       checkpoint_every_steps=300, eval_every_steps=0, max_source_length=32,
+                       max_target_length=32, label_smoothing=0.0))
+    config.decode.update(strategy="greedy", max_length_offset=10)
+    config = config_lib.validate(config)
+    workdir = str(tmp_path_factory.mktemp("multilingual"))
+    trainer.train(config, workdir)
+    return config, workdir
+
+
+def test_the_vocabulary_holds_each_language_token_whole(run):
+    config, workdir = run
+    tokenizer = trained.tokenizer_for(config, workdir)
+    assert tokenizer.piece_id("<2de>") is not None and tokenizer.piece_id("<2en>") is not None
+    assert tokenizer.encode_source("A man.", ["<2en>"])[0] == tokenizer.piece_id("<2en>")
+
+
+def test_the_language_token_chooses_the_output_language(run):
+    """The same sources asked for German or for English give different outputs, which start
+    like sentences of the language asked for: with a first word that starts only sentences of
+    that language in test2016 ("Ein", "Zwei" against "A", "Two"). Translations (English asked
+    for German, German for English) nearly all do; copies, never trained, mostly."""
+    config, workdir = run
+    sentences = {lang: list(read_lines(f"{TEST}.{lang}")) for lang in ("en", "de")}
+    first_words = {lang: {line.split()[0] for line in lines} for lang, lines in sentences.items()}
+    only = {"en": first_words["en"] - first_words["de"], "de": first_words["de"] - first_words["en"]}
+    outputs = {}
+    for asked in ("de", "en"):
+        asked_config = config.copy_and_resolve_references()
+        asked_config.data.target_lang_token = language_token(asked, config.data.target_lang_token)
+        translator = Translator(trained.load(asked_config, workdir))
+        for source in ("en", "de"):
+            outputs[source, asked] = [h[0].text for h in translator.translate(sentences[source][:SENTENCES])[0]]
+    for (source, asked), texts in outputs.items():
+        starts = {lang: sum(t.split()[:1] != [] and t.split()[0] in only[lang] for t in texts)
+                  for lang in ("en", "de")}
+        assert starts[asked] > 1.5 * starts[other(asked)], (source, asked, starts, texts[:5])
+        if source != asked:
+            assert starts[asked] >= 0.9 * SENTENCES, (source, asked, starts, texts[:5])
+    for source in ("en", "de"):
+        differ = sum(a != b for a, b in zip(outputs[source, "de"], outputs[source, "en"]))
+        assert differ >= 0.9 * SENTENCES
+
+
+def other(lang: str) -> str:
+    return {"en": "de", "de": "en"}[lang]
+
+
+def test_eval_py_scores_each_language_pair_on_its_own(run):
+    config, workdir = run
+    command = [sys.executable, os.path.join(ROOT, "eval.py"), f"--workdir={workdir}",
+               "--config.per_device_eval_batch_size=8"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "test corpus test-en-de (en-de)" in out.stdout and "test corpus test-de-en (de-en)" in out.stdout
+    results = evaluate.evaluate_checkpoint(config, workdir, "test")["corpora"]
+    for name, reference in (("test-en-de", "de"), ("test-de-en", "en")):
+        assert results[name]["languages"] == name[5:]
+        hypotheses = list(read_lines(results[name]["hypotheses"]))
+        assert len(hypotheses) == SENTENCES
+        assert list(read_lines(results[name]["references"])) == list(read_lines(f"{TEST}.{reference}"))[:SENTENCES]
+        assert set(results[name]["scores"]) == {"bleu", "chrf"}
