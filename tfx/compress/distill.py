@@ -15,46 +15,34 @@ line-aligned UTF-8, one sentence per line, so that a student config reads them w
   reference (the selection of Mozilla's Bergamot recipe).
 Pairs with an empty side are skipped, as the split reader skips them.
 
-A split goes in chunks of `chunk_size` sentences: each is translated by `tfx.infer.translate.Translator`
-(sorted by length and batched; results in source order) and saved atomically as
-OUTPUT/chunks/<split>-NNNNNN.json. The corpus files appear, each atomically, when every chunk
-is there, and the chunks are then removed. A run killed at any moment and rerun with the same
-arguments continues from its saved chunks and writes the same bytes (given the same devices and
-batch size). OUTPUT/state.json holds what the corpus depends on (teacher, checkpoint, tokenizer,
-model and decoding settings, targets, chunk size, the splits' content): a rerun that differs in
-any of them is refused. OUTPUT/report.json has, per split, the sentences, the decoding seconds,
-and the BLEU and chrF of the teacher's best translations against the references.
+A split goes in chunks of `chunk_size` sentences (tfx/infer/corpus.py, which back-translation
+shares): each is translated by `tfx.infer.translate.Translator` (sorted by length and batched;
+results in source order) and saved atomically as OUTPUT/chunks/<split>-NNNNNN.json. The corpus
+files appear, each atomically, when every chunk is there, and the chunks are then removed. A
+run killed at any moment and rerun with the same arguments continues from its saved chunks and
+writes the same bytes (given the same devices and batch size). OUTPUT/state.json holds what the
+corpus depends on (teacher, checkpoint, tokenizer, model and decoding settings, targets, chunk
+size, the splits' content): a rerun that differs in any of them is refused. OUTPUT/report.json
+has, per split, the sentences, the decoding seconds, and the BLEU and chrF of the teacher's best
+translations against the references.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 import sacrebleu
-import tqdm
 
 from tfx.core import files
-from tfx.core.files import write_text
 from tfx.data.sources import PairSource, open_split
+from tfx.infer import corpus
 from tfx.infer.evaluate import score
-from tfx.infer.translate import NonFiniteScoresError, Translator, excerpt
+from tfx.infer.translate import Translator
 
 CHUNK_SIZE = 2048
 TARGETS = ("teacher", "teacher+original", "best-chrf")
 SPLITS = ("train", "eval")
-STATE_FILE = "state.json"
-REPORT_FILE = "report.json"
-CHUNKS = "chunks"
-
-
-def _write_json(path: str, value):
-    write_text(path, json.dumps(value, indent=1, ensure_ascii=False))
-
-
-def _one_line(text: str) -> str:
-    """`text` with line breaks made spaces, so that a sentence stays one line of the corpus."""
-    return text.replace("\r", " ").replace("\n", " ")
+STATE_FILE, REPORT_FILE, CHUNKS = corpus.STATE_FILE, corpus.REPORT_FILE, corpus.CHUNKS
 
 
 def check_arguments(config, splits: Sequence[str], targets: str, chunk_size: int):
@@ -73,64 +61,17 @@ def check_arguments(config, splits: Sequence[str], targets: str, chunk_size: int
         raise ValueError(f"--chunk_size={chunk_size} must be positive.")
 
 
-def _settings(translator: Translator, workdir: str, targets: str, chunk_size: int,
-              splits: dict[str, PairSource]) -> dict:
-    """What the corpus depends on, keyed by the flag or config key that sets it."""
-    config, model = translator.model.config, translator.model
-    settings = {"--workdir": os.fspath(files.path(workdir)), "--checkpoint": model.label,
-                "--targets": targets, "--chunk_size": chunk_size,
-                "tokenizer (sha256)": model.tokenizer.fingerprint[:16],
-                "config.seed": config.seed, "config.quantization": config.quantization,
-                "config.data.source_lang": config.data.source_lang,
-                "config.data.target_lang": config.data.target_lang,
-                "config.data.target_lang_token": config.data.target_lang_token,
-                **{f"config.model.{k}": v for k, v in config.model.to_dict().items()},
-                **{f"config.decode.{k}": v for k, v in config.decode.to_dict().items()},
-                **{f"config.data.{name} (content)": pairs.fingerprint for name, pairs in splits.items()}}
-    return json.loads(json.dumps(settings))  # as state.json gives them back (lists, not tuples).
-
-
-def _open_state(output: str, settings: dict) -> dict:
-    """The state of `output` (created if new), refusing settings that differ from its own."""
-    path = os.path.join(output, STATE_FILE)
-    if files.path(path).is_file():
-        state = json.loads(files.path(path).read_text(encoding="utf-8"))
-        for key, value in settings.items():
-            saved = state["settings"].get(key, value)  # a split not distilled before may be added.
-            if saved != value:
-                raise ValueError(f"{key}: {output} was made with {saved!r}, this run has {value!r}; "
-                                 "rerun with the same arguments or choose a new --output.")
-        state["settings"].update(settings)
-    elif files.path(output).is_dir() and any(files.path(output).iterdir()):
-        raise ValueError(f"--output={output} is not empty and has no {STATE_FILE} of a distillation; "
-                         "choose a new directory.")
-    else:
-        state = {"settings": settings, "done": {}}
-    (files.path(output) / CHUNKS).mkdir(parents=True, exist_ok=True)
-    for folder in (output, os.path.join(output, CHUNKS)):
-        for temporary in files.path(folder).glob("*.tmp"):
-            temporary.unlink()  # left by a killed run.
-    _write_json(path, state)
-    return state
-
-
 def _translate_chunk(translator: Translator, records: Sequence[dict[str, str]], targets: str,
                      split: str, first: int) -> dict:
     """The teacher's translations of `records`, pairs `first`... of config.data.`split` (those
-    with an empty side skipped), and with best-chrf the selected hypotheses, as a chunk file
-    holds them."""
+    with an empty side skipped), their references, and with best-chrf the selected hypotheses."""
     kept = [i for i, r in enumerate(records) if r["source"].strip() and r["target"].strip()]
-    sources, references = [records[i]["source"] for i in kept], [records[i]["target"] for i in kept]
-    try:
-        results, report = translator.translate(sources, translator.width() if targets == "best-chrf" else 1)
-    except NonFiniteScoresError as error:
-        pair = first + kept[error.index]
-        source = excerpt(sources[error.index])
-        where = f"config.data.{split} pair {pair} (counted from 0; source {source!r})"
-        raise NonFiniteScoresError(pair, where, error.hypotheses) from None
-    chunk = {"sources": sources, "references": references, "teacher": [r[0].text for r in results],
-             "skipped_empty": len(records) - len(kept), "truncated": report.truncated,
-             "tokens": report.tokens, "seconds": report.seconds}
+    references = [records[i]["target"] for i in kept]
+    chunk, results = corpus.translated_chunk(
+        translator, [records[i]["source"] for i in kept], [first + i for i in kept],
+        lambda pair, source: f"config.data.{split} pair {pair} (counted from 0; source {source!r})",
+        skipped=len(records) - len(kept), nbest=translator.width() if targets == "best-chrf" else 1)
+    chunk["references"] = references
     if targets == "best-chrf":
         chrf = sacrebleu.CHRF()
         chunk["selected"] = [
@@ -143,9 +84,9 @@ def _pairs(chunk: dict, targets: str) -> list[tuple[str, str]]:
     """The corpus lines (source, target) of a chunk."""
     if targets == "teacher+original":
         return [pair for source, teacher, reference
-                in zip(chunk["sources"], chunk["teacher"], chunk["references"])
+                in zip(chunk["sources"], chunk["translations"], chunk["references"])
                 for pair in ((source, teacher), (source, reference))]
-    return list(zip(chunk["sources"], chunk["selected" if targets == "best-chrf" else "teacher"]))
+    return list(zip(chunk["sources"], chunk["selected" if targets == "best-chrf" else "translations"]))
 
 
 def distill_split(translator: Translator, pairs: PairSource, prefix: str, targets: str = "teacher",
@@ -153,30 +94,17 @@ def distill_split(translator: Translator, pairs: PairSource, prefix: str, target
     """Writes the corpus of `pairs` as `prefix`.<source_lang> and `prefix`.<target_lang>,
     translating only the chunks not saved yet in the prefix's folder; returns the split's report."""
     name, output = os.path.basename(prefix), os.path.dirname(prefix)
-    paths = [os.path.join(output, CHUNKS, f"{name}-{i:06d}.json")
-             for i in range(-(-len(pairs) // chunk_size))]
-    for number, path in enumerate(tqdm.tqdm(paths, desc=f"distilling {name}", unit="chunk",
-                                            disable=not progress)):
-        if not files.path(path).is_file():
-            start = number * chunk_size
-            records = [pairs[i] for i in range(start, min(start + chunk_size, len(pairs)))]
-            _write_json(path, _translate_chunk(translator, records, targets, name, start))
-    chunks = []
-    for path in paths:
-        chunks.append(json.loads(files.path(path).read_text(encoding="utf-8")))
-    lines = [pair for chunk in chunks for pair in _pairs(chunk, targets)]
-    corpus = [f"{prefix}.{language}" for language in pairs.languages]
-    for side, path in enumerate(corpus):
-        write_text(path, (_one_line(pair[side]) + "\n" for pair in lines))
-    teacher = [text for chunk in chunks for text in chunk["teacher"]]
+    count = -(-len(pairs) // chunk_size)
+    chunks = ((pairs[i] for i in range(start, min(start + chunk_size, len(pairs))))
+              for start in range(0, len(pairs), chunk_size))
+    report = corpus.write(
+        output, name, [f"{prefix}.{language}" for language in pairs.languages], chunks,
+        lambda records, first: _translate_chunk(translator, records, targets, name, first),
+        lambda chunk: _pairs(chunk, targets), chunk_size, total=count, progress=progress)
+    chunks = list(corpus.read_chunks(corpus.chunk_path(output, name, number) for number in range(count)))
+    teacher = [text for chunk in chunks for text in chunk["translations"]]
     references = [text for chunk in chunks for text in chunk["references"]]
-    seconds = sum(chunk["seconds"] for chunk in chunks)
-    report = {"spec": pairs.spec, "files": corpus, "sentences": len(teacher), "lines": len(lines),
-              "skipped_empty": pairs.skipped_empty + sum(chunk["skipped_empty"] for chunk in chunks),
-              "truncated": sum(chunk["truncated"] for chunk in chunks),
-              "empty_translations": sum(not text.strip() for text in teacher), "seconds": seconds,
-              "sentences_per_sec": len(teacher) / max(seconds, 1e-9),
-              "tokens_per_sec": sum(chunk["tokens"] for chunk in chunks) / max(seconds, 1e-9),
+    report = {"spec": pairs.spec, **report, "skipped_empty": pairs.skipped_empty + report["skipped_empty"],
               "teacher_scores": score(teacher, [references])}
     if targets == "best-chrf":
         selected = [text for chunk in chunks for text in chunk["selected"]]
@@ -194,21 +122,20 @@ def distill(translator: Translator, workdir: str, output: str, splits: Sequence[
     check_arguments(config, splits, targets, chunk_size)
     opened = {split: open_split(config.data[split], f"data.{split}", config.data.source_lang,
                                 config.data.target_lang, config.data.data_dir) for split in splits}
-    state = _open_state(output, _settings(translator, workdir, targets, chunk_size, opened))
+    settings = corpus.run_settings(
+        translator.model, workdir, {"--targets": targets, "--chunk_size": chunk_size},
+        {f"config.data.{name} (content)": pairs.fingerprint for name, pairs in opened.items()})
+    state = corpus.open_state(output, settings, "a distillation")
     for split, pairs in opened.items():
         if split not in state["done"]:
             state["done"][split] = distill_split(translator, pairs, os.path.join(output, split),
                                                  targets, chunk_size, progress)
-            _write_json(os.path.join(output, STATE_FILE), state)
-        for path in (files.path(output) / CHUNKS).glob(f"{split}-*.json"):
-            path.unlink()
-    chunks = files.path(output) / CHUNKS
-    if chunks.is_dir() and not any(chunks.iterdir()):  # (on Cloud Storage, gone with its files)
-        chunks.rmdir()
+            corpus.save_state(output, state)
+        corpus.remove_chunks(output, split)
     report = {"teacher": os.fspath(files.path(workdir)), "checkpoint": translator.model.label,
               "targets": targets, "decode": config.decode.to_dict(),
               "splits": {split: state["done"][split] for split in splits}}
-    _write_json(os.path.join(output, REPORT_FILE), report)
+    corpus.write_json(os.path.join(output, REPORT_FILE), report)
     return report
 
 

@@ -106,9 +106,11 @@ class Translator:
         """Hypotheses one search gives per sentence."""
         return self.options.beam_size if self.options.strategy == "beam" else 1
 
-    def translate(self, lines: Sequence[str], nbest: int = 1, progress: bool = False
-                  ) -> tuple[list[list[Hypothesis]], Report]:
+    def translate(self, lines: Sequence[str], nbest: int = 1, progress: bool = False,
+                  stream: int | None = None) -> tuple[list[list[Hypothesis]], Report]:
         """Up to `nbest` hypotheses per line, best first (one empty one for an empty line).
+        Sampling draws batch b's numbers from config.seed's key folded with b, and first with
+        `stream` if given: calls with different streams draw differently.
 
         Beam search gives its best `nbest` of beam_size finished hypotheses; sampling draws
         `nbest` samples per line; greedy decoding has one. A line none of whose hypotheses
@@ -132,11 +134,12 @@ class Translator:
         left = dict.fromkeys(sources, copies)  # searches still to come per sentence.
         todo = [i for i in sources for _ in range(copies)]
         batches = longest_first([len(sources[i]) for i in todo], self.rows)
+        key = self._rng if stream is None else jax.random.fold_in(self._rng, stream)
         for number, rows in enumerate(tqdm.tqdm(batches, desc="translating", unit="batch",
                                                 disable=not progress)):
             indices = [todo[r] for r in rows]
             inputs_BxS = _padded([sources[i] for i in indices], self.rows, self.max_len)
-            rng = jax.random.fold_in(self._rng, number)
+            rng = jax.random.fold_in(key, number)
             tokens_BxWxT, scores_BxW = jax.device_get(self._search(self.model.params, inputs_BxS, rng))
             for row, index in enumerate(indices):
                 report.tokens += _length(tokens_BxWxT[row, 0])
