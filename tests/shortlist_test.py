@@ -1,3 +1,4 @@
+import collections
 import hashlib
 
 import numpy as np
@@ -6,6 +7,58 @@ import pytest
 from tfx.compress import shortlist as shortlist_tool
 from tfx.model import shortlist
 from tfx.model.shortlist import EOS, PAD
+
+NULL = PAD  # the source token every target token may also align to.
+
+
+def reference_learn(pairs, vocab_size, per_token=50, iterations=5):
+    """The former whole-corpus implementation of `learn`, kept as the independent answer: every
+    source x target co-occurrence of the corpus in memory at once, EM by bincounts over them."""
+    sources_E, targets_E, positions_E, target_counts_V = [], [], [], np.zeros(vocab_size, np.int64)
+    position = 0  # one per target token of the corpus: the E-step normalises over its sources.
+    for source, target in pairs:
+        source_I = np.asarray([NULL, *source], np.int64)
+        target_J = np.asarray(target, np.int64)
+        target_counts_V += np.bincount(target_J, minlength=vocab_size)
+        sources_E.append(np.tile(source_I, len(target_J)))
+        targets_E.append(np.repeat(target_J, len(source_I)))
+        positions_E.append(np.repeat(np.arange(position, position + len(target_J)), len(source_I)))
+        position += len(target_J)
+    sources_E, targets_E, positions_E = map(np.concatenate, (sources_E, targets_E, positions_E))
+    pairs_P, pair_of_E = np.unique(sources_E * vocab_size + targets_E, return_inverse=True)
+    source_P, target_P = pairs_P // vocab_size, pairs_P % vocab_size
+    prob_P = np.ones(len(pairs_P))
+    for _ in range(iterations):
+        p_E = prob_P[pair_of_E]
+        share_E = p_E / np.bincount(positions_E, p_E)[positions_E]  # expected alignment counts.
+        counts_P = np.bincount(pair_of_E, share_E, minlength=len(pairs_P))
+        prob_P = counts_P / np.bincount(source_P, counts_P, minlength=vocab_size)[source_P]
+    order = np.lexsort((-prob_P, source_P))  # by source, most probable target first.
+    source_P, target_P, prob_P = source_P[order], target_P[order], prob_P[order]
+    rank_P = np.arange(len(order)) - np.searchsorted(source_P, source_P)
+    kept = (rank_P < per_token) & (source_P != NULL)
+    candidates_VxK = np.full((vocab_size, per_token), PAD, np.int32)
+    probs_VxK = np.zeros((vocab_size, per_token), np.float32)
+    candidates_VxK[source_P[kept], rank_P[kept]] = target_P[kept]
+    probs_VxK[source_P[kept], rank_P[kept]] = prob_P[kept]
+    return candidates_VxK, probs_VxK, target_counts_V
+
+
+def random_corpus(seed=0, pairs=150, vocab=12):
+    """Pairs of random token ids 2..vocab-1, each side 0 to 6 tokens long (empty sides included)."""
+    rng = np.random.default_rng(seed)
+    side = lambda: list(rng.integers(2, vocab, rng.integers(0, 7)))
+    return [(side(), side()) for _ in range(pairs)]
+
+
+def cooccurrence_counts(corpus, vocab):
+    """{s * vocab + t: how often source token s (or NULL) and target token t share a pair}."""
+    counts = collections.Counter()
+    for source, target in corpus:
+        for t in target:
+            for s in [NULL, *source]:
+                counts[s * vocab + t] += 1
+    return counts
 
 
 def word_by_word_corpus(seed=0, pairs=400):
@@ -31,6 +84,55 @@ def test_ibm_model_1_finds_each_source_token_its_translation():
     assert (candidates[PAD] == PAD).all() and (probs[PAD] == 0).all()  # NULL keeps none.
     assert (candidates[10:] == PAD).all()  # never a source: no candidates.
     assert counts[30] == 400 and counts[:10].sum() == 0
+
+
+@pytest.mark.parametrize("chunk_pairs", [1, 7, 150])  # 150: the whole corpus in one chunk.
+def test_learning_in_chunks_of_any_size_equals_the_whole_corpus_reference(chunk_pairs):
+    """Streaming (a Sequence, and a callable returning a fresh iterator) gives the reference's
+    candidates and counts, and its probabilities to float tolerance."""
+    corpus = random_corpus()
+    expected = reference_learn(corpus, vocab_size=12, per_token=12)
+    for given in (corpus, lambda: iter(corpus)):
+        candidates, probs, counts = shortlist_tool.learn(given, 12, per_token=12, chunk_pairs=chunk_pairs)
+        np.testing.assert_array_equal(candidates, expected[0])
+        np.testing.assert_allclose(probs, expected[1], rtol=1e-6)
+        np.testing.assert_array_equal(counts, expected[2])
+
+
+def test_the_pair_table_counts_every_cooccurrence_and_beyond_max_pairs_keeps_the_most_frequent():
+    """Uncapped, the table is every co-occurring pair with its count; capped with the corpus in
+    one chunk, the most frequent pairs (of equal counts, the smaller keys); capped in chunks of
+    7, at most the cap, of observed pairs, each count at most its true one."""
+    corpus, vocab = random_corpus(seed=1), 12
+    true = cooccurrence_counts(corpus, vocab)
+    keys, counts, _ = shortlist_tool.pair_table(corpus, vocab, chunk_pairs=7, max_pairs=0)
+    assert dict(zip(keys.tolist(), counts.tolist())) == true and list(keys) == sorted(true)
+    cap = len(true) // 3
+    most_frequent = sorted(sorted(true), key=lambda key: -true[key])[:cap]
+    keys, counts, _ = shortlist_tool.pair_table(corpus, vocab, chunk_pairs=len(corpus), max_pairs=cap)
+    assert list(keys) == sorted(most_frequent) and list(counts) == [true[key] for key in keys]
+    assert min(counts) >= max(true[key] for key in set(true) - set(most_frequent))
+    keys, counts, _ = shortlist_tool.pair_table(corpus, vocab, chunk_pairs=7, max_pairs=cap)
+    assert len(keys) <= cap and list(keys) == sorted(keys)
+    assert all(0 < count <= true[key] for key, count in zip(keys.tolist(), counts.tolist()))
+    candidates, probs, _ = shortlist_tool.learn(corpus, vocab, per_token=vocab, chunk_pairs=7, max_pairs=cap)
+    sources, ranks = np.nonzero(probs)  # only the kept pairs are learned:
+    assert set((sources * vocab + candidates[sources, ranks]).tolist()) <= set(keys.tolist())
+    np.testing.assert_allclose(  # a cap above the distinct pairs changes nothing.
+        shortlist_tool.learn(corpus, vocab, chunk_pairs=7, max_pairs=len(true))[1],
+        reference_learn(corpus, vocab)[1], rtol=1e-6)
+
+
+def test_the_token_store_gives_back_the_pairs_written_across_chunks(tmp_path):
+    """Written 5 pairs at a time and read in windows of 1, 4 and 100, empty sides included; the
+    command line learns from its `pairs` as from the list."""
+    corpus = random_corpus(seed=2, pairs=23)
+    store = shortlist_tool.TokenStore.write(str(tmp_path), iter(corpus), chunk_pairs=5)
+    assert len(store) == 23
+    for chunk_pairs in (1, 4, 100):
+        assert [(list(s), list(t)) for s, t in store.pairs(chunk_pairs)] == corpus
+    np.testing.assert_allclose(shortlist_tool.learn(store.pairs, 12)[1],
+                               reference_learn(corpus, 12)[1], rtol=1e-6)
 
 
 def table(tmp_path, candidates, probs, counts, frequent):

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import sacrebleu
 
 from tfx.core import files
-from tfx.data.sources import PairSource, open_split
+from tfx.data import corpora
 from tfx.infer import corpus
 from tfx.infer.evaluate import score
 from tfx.infer.translate import Translator
@@ -89,7 +89,7 @@ def _pairs(chunk: dict, targets: str) -> list[tuple[str, str]]:
     return list(zip(chunk["sources"], chunk["selected" if targets == "best-chrf" else "translations"]))
 
 
-def distill_split(translator: Translator, pairs: PairSource, prefix: str, targets: str = "teacher",
+def distill_split(translator: Translator, pairs: corpora.Split, prefix: str, targets: str = "teacher",
                   chunk_size: int = CHUNK_SIZE, progress: bool = False) -> dict:
     """Writes the corpus of `pairs` as `prefix`.<source_lang> and `prefix`.<target_lang>,
     translating only the chunks not saved yet in the prefix's folder; returns the split's report."""
@@ -120,8 +120,7 @@ def distill(translator: Translator, workdir: str, output: str, splits: Sequence[
     `translator` holds the teacher (its config and checkpoint); `workdir` is the teacher's run."""
     config = translator.model.config
     check_arguments(config, splits, targets, chunk_size)
-    opened = {split: open_split(config.data[split], f"data.{split}", config.data.source_lang,
-                                config.data.target_lang, config.data.data_dir) for split in splits}
+    opened = {split: corpora.open_split(config, split) for split in splits}
     settings = corpus.run_settings(
         translator.model, workdir, {"--targets": targets, "--chunk_size": chunk_size},
         {f"config.data.{name} (content)": pairs.fingerprint for name, pairs in opened.items()})
