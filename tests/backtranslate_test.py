@@ -9,12 +9,16 @@ import sys
 import numpy as np
 import pytest
 
+from tfx.core import config as config_lib
+from tfx.data import corpora, pipeline
 from tfx.data.sources import open_split, read_lines
 from tfx.infer import backtranslate as bt
 from tfx.infer import trained as trained_lib
 from tfx.infer.translate import Translator
+from tfx.train import trainer
+from tfx.train.metrics import read_metrics
 
-from runs import ROOT
+from runs import ROOT, tiny_multi30k
 
 GERMAN = os.path.join(ROOT, "data", "multi30k-en-de", "train.de")
 BLANK_AT = (3, 41, 42, 97)  # blank lines put into the monolingual text (at these 0-based lines).
@@ -281,3 +285,27 @@ def test_the_command_line_writes_the_same_corpus(reverse, mono, uninterrupted, t
     assert done.returncode == 0, done.stderr
     assert corpus_bytes(tmp_path) == corpus_bytes(uninterrupted["beam"][0])
     assert f"{LINES} sentences" in done.stdout and f"{len(BLANK_AT)} blank lines skipped" in done.stdout
+
+
+def test_a_forward_run_trains_on_the_tagged_mix_of_its_data_and_the_back_translation(
+        translators, reverse, mono, data_dir, tmp_path):
+    """The recipe of docs/data.md in small: back-translate German text with the reverse run,
+    then train en->de on Multi30k mixed 2:1 with it, its sources tagged <BT>."""
+    run(translators, reverse, mono, tmp_path / "bt")
+    config = tiny_multi30k(data_dir, num_train_steps=6, checkpoint_every_steps=6)
+    config.data.corpora = {"multi30k": dict(spec=config.data.train, weight=2.0),
+                           "bt": dict(spec=f"text:{tmp_path}/bt/train", weight=1.0, tag="<BT>")}
+    config.data.train = "multi30k,bt"
+    config = config_lib.validate(config)
+    trainer.train(config, str(tmp_path / "forward"))
+    tokenizer = trained_lib.tokenizer_for(config, str(tmp_path / "forward"))
+    bt_id = tokenizer.piece_id("<BT>")
+    assert bt_id is not None
+    mix = pipeline.mixed_shard(config, corpora.open_split(config, "train"), index=0, shards=1)
+    tokenize = pipeline.Tokenize(tokenizer)
+    tagged = [tokenize.map(mix[i])["inputs"][0] == bt_id for i in range(300)]
+    assert sum(tagged) == 100
+    english = {line for line in read_lines(os.path.join(tmp_path, "bt", "train.en"))}
+    assert all((mix[i]["source"] in english) == tagged[i] for i in range(300))
+    losses = [row["loss"] for row in read_metrics(str(tmp_path / "forward")) if "loss" in row]
+    assert len(losses) == 6 and np.isfinite(losses).all()
