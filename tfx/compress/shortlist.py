@@ -26,8 +26,7 @@ import numpy as np
 from absl import flags
 
 from tfx.core import cli
-from tfx.data import pipeline
-from tfx.data.sources import open_split
+from tfx.data import corpora, pipeline
 from tfx.infer import trained
 from tfx.model.shortlist import PAD, Shortlist, load, save, vocabulary
 
@@ -252,15 +251,15 @@ def main():
             raise ValueError("--frequent and --max_pairs must be >= 0, --per_token and --iterations >= 1.")
         tokenizer = trained.tokenizer_for(config, shared.workdir.value)
         d = config.data
-        encode = lambda pair: (tokenizer.encode_source(pair["source"])[:-1],  # without EOS.
-                               tokenizer.encode_target(pair["target"])[:-1])
-        train = open_split(d.train, "data.train", d.source_lang, d.target_lang, d.data_dir)
+        encode = lambda pair: (tokenizer.encode_source(pair["source"], pair.get("prefix"))[:-1],
+                               tokenizer.encode_target(pair["target"])[:-1])  # without EOS.
+        train = corpora.open_split(config, "train")
         with tempfile.TemporaryDirectory() as directory:  # each pass reads the tokens from disk.
             store = TokenStore.write(directory, (encode(train[i]) for i in range(len(train))))
             save(output.value, *learn(store.pairs, config.model.vocab_size, per_token.value,
                                       iterations.value, max_pairs=max_pairs.value),
                  frequent.value, tokenizer.fingerprint)
-        eval_split = open_split(d.eval, "data.eval", d.source_lang, d.target_lang, d.data_dir)
+        eval_split = corpora.open_split(config, "eval")
         held_out = [encode(eval_split[i]) for i in range(len(eval_split))]
         print(f"{output.value}: {per_token.value} candidates per source token and the "
               f"{frequent.value} most frequent targets, from {len(train)} pairs of {d.train}")
