@@ -1,4 +1,5 @@
 import collections
+import pickle
 import string
 
 import jax
@@ -7,7 +8,7 @@ import pytest
 
 from tfx.core import config as config_lib
 from tfx.core.parallel import make_mesh
-from tfx.data import augment, corpora, pipeline
+from tfx.data import augment, corpora, pipeline, prepare
 from tfx.data import tokenizer as tok
 
 WORDS = "red green blue small big old dog cat man woman runs sits looks at the a".split()
@@ -178,3 +179,40 @@ def test_title_case_and_typos_known_answers():
     assert all(abs(len(c) - len(text)) <= 2 for c in changed)
     assert sum(c != text for c in changed) >= 48  # (a replacement may draw the same letter)
     assert augment.typos("123 456", np.random.default_rng(0)) == "123 456"  # no letters.
+
+
+def test_training_corpora_are_cleaned_by_their_filters_and_eval_sets_never(mixed):
+    """Every 'small' line is made twice ('small 0 ...' twice: dedup drops 40 of 80), and its
+    own max_words=3 drops the longer ones; the eval split reads the same files uncleaned."""
+    config = mixed()
+    small = config.data.corpora.small.spec.removeprefix("text:")
+    for lang in ("en", "de"):
+        lines = open(f"{small}.{lang}").read().splitlines()
+        with open(f"{small}-twice.{lang}", "w") as f:
+            f.write("".join(line + "\n" for line in lines + lines))
+    config.data.corpora.small.spec = f"text:{small}-twice"
+    config.data.corpora.small.clean = {"max_words": 4}
+    config.data.clean.dedup = True
+    config.data.eval = "small"
+    config.model.vocab_size = 350  # (prepare trains the vocabulary)
+    config = config_lib.validate(config)
+    split = corpora.open_split(config, "train")
+    kept = [split.corpora[2].pairs[i]["source"] for i in range(len(split.corpora[2].pairs))]
+    expected = [line for line in open(f"{small}.en").read().splitlines() if len(line.split()) <= 4]
+    assert kept == expected
+    assert split.corpora[2].pairs.clean_counts == {
+        "read": 80, "empty": 0, "max_chars": 0, "max_words": 2 * (40 - len(expected)), "max_ratio": 0,
+        "identical": 0, "min_letters": 0, "nonprinting": 0, "langid": 0, "dedup": len(expected),
+        "kept": len(expected)}
+    assert len(split.corpora[0].pairs) == SIZES["big"]  # (no copies there)
+    assert len(corpora.open_split(config, "eval")) == 80
+    reopened = pickle.loads(pickle.dumps(split.corpora[2].pairs))  # as grain's workers get it.
+    assert [reopened[i] for i in range(len(reopened))] == [split.corpora[2].pairs[i] for i in range(len(kept))]
+    lines = list(prepare.prepare(config))
+    assert any(line.split()[:2] == ["small", "80"] and line.split()[-2:] == [str(len(expected)), f"{100 * len(expected) / 80:.1f}"]
+               for line in lines), lines
+
+
+def test_default_filters_leave_a_corpus_as_it_is(mixed):
+    split = corpora.open_split(mixed(), "train")
+    assert not any(hasattr(corpus.pairs, "clean_counts") for corpus in split.corpora)

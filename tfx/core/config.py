@@ -122,9 +122,9 @@ def data_config() -> dict:
             max_words=0,  # drop a pair with a side of more whitespace-separated words; 0: no limit.
             max_ratio=0.0,  # drop a pair whose longer side has more than this times the characters of the shorter; 0: off.
             identical=False,  # drop a pair whose source equals its target (copies).
-            min_letters=0.0,  # drop a pair with a side whose share of letters among its non-space characters is below this; 0: off.
-            nonprinting=False,  # drop a pair with a non-printing character (control, private use, unassigned).
-            langid=False,  # drop a pair with a side identified as another language than the corpus's (offline language identification).
+            min_letters=0.0,  # drop a pair with a side whose share of letters (their combining marks included) among its non-space characters is below this; 0: off.
+            nonprinting=False,  # drop a pair with a non-printing character (control, format, private use, unassigned; tab and zero-width joiners are fine).
+            langid=False,  # drop a pair with a side that py3langid (offline, its model in the wheel) identifies as another language than the corpus's.
             dedup=False,  # drop repeats of a pair seen before (exact, by hash, in bounded memory).
         ),
         augment=dict(  # training pairs changed as they are read, each chosen at random with this probability (OpusTrainer's modifiers).

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from tfx.core import config as config_lib
-from tfx.data import sources
+from tfx.data import clean, sources
 from tfx.data.sources import PairSource
 
 
@@ -54,7 +54,8 @@ class Split:
     def __init__(self, key: str, value: str, corpora: list[Corpus]):
         self.key, self.spec, self.corpora = key, value, corpora
         self.ends = np.cumsum([len(corpus.pairs) for corpus in corpora])
-        self.fingerprint = ";".join(f"{c.pairs.fingerprint}{' '.join(c.prefix or ())}" for c in corpora)
+        self.fingerprint = ";".join(c.pairs.fingerprint + (f" prefix {' '.join(c.prefix)}" if c.prefix else "")
+                                    for c in corpora)
         self.skipped_empty = sum(corpus.pairs.skipped_empty for corpus in corpora)
 
     @property
@@ -88,25 +89,41 @@ def corpus_prefix(config: ml_collections.ConfigDict, settings: ml_collections.Co
     return tuple(piece for piece in (language, settings.tag) if piece)
 
 
-def open_corpus(config: ml_collections.ConfigDict, name: str, prepare: bool = True) -> Corpus:
-    """data.corpora.`name`, prepared on first use."""
+def open_corpus(config: ml_collections.ConfigDict, name: str, cleaned: bool,
+                prepare: bool = True) -> Corpus:
+    """data.corpora.`name`, prepared on first use, `cleaned` by its filters if any is on."""
     settings = config_lib.corpus(config, name)
     pairs = sources.open_split(settings.spec, f"data.corpora.{name}.spec", settings.source_lang,
                                settings.target_lang, config.data.data_dir, prepare)
+    if cleaned:
+        pairs = clean_pairs(pairs, settings.clean, f"data.corpora.{name}.clean", prepare)
     return Corpus(name, pairs, settings.weight, corpus_prefix(config, settings))
 
 
+def clean_pairs(pairs: PairSource, settings: ml_collections.ConfigDict, key: str, prepare: bool
+                ) -> PairSource:
+    """`pairs` cleaned by `settings` (config.`key`, checked), or as they are when those drop
+    nothing more than the split does already (the default)."""
+    settings = clean.validate(settings, key)
+    return pairs if clean.is_off(settings) else clean.open_cleaned(pairs, settings, key, prepare)
+
+
 def open_split(config: ml_collections.ConfigDict, which: str, prepare: bool = True) -> Split:
-    """config.data.`which` ("train", "eval" or "test") as a `Split`, prepared on first use."""
+    """config.data.`which` ("train", "eval" or "test") as a `Split`, prepared on first use; the
+    training corpora cleaned by their filters (config.data.clean)."""
     value = config.data[which]
     if not value:
         raise ValueError(f"config.data.{which} is empty; set it to {sources.SPEC_FORMS} or to "
                          "names of config.data.corpora.")
     names = config_lib.corpus_names(config, which)
+    cleaned = which == "train"
     if names:
-        return Split(f"data.{which}", value, [open_corpus(config, name, prepare) for name in names])
+        return Split(f"data.{which}", value,
+                     [open_corpus(config, name, cleaned, prepare) for name in names])
     pairs = sources.open_split(value, f"data.{which}", config.data.source_lang,
                                config.data.target_lang, config.data.data_dir, prepare)
+    if cleaned:
+        pairs = clean_pairs(pairs, config.data.clean, "data.clean", prepare)
     return Split(f"data.{which}", value, [Corpus(which, pairs)])
 
 

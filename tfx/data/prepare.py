@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tfx.data import corpora
+from tfx.data import clean, corpora
 from tfx.data import tokenizer as tokenizer_lib
 
 
@@ -22,6 +22,11 @@ def prepare(config) -> Iterator[str]:
     splits = corpora.open_splits(config)
     for which, split in splits.items():
         yield f"{which}: {split.spec}: {len(split)} pairs ({split.skipped_empty} skipped empty)"
+    cleaned = [(corpus.name, corpus.pairs.clean_counts) for corpus in splits["train"].corpora
+               if hasattr(corpus.pairs, "clean_counts")]
+    if cleaned:
+        yield "cleaning (config.data.clean), pairs:"
+        yield from clean.table(cleaned).splitlines()
     tokenizer = tokenizer_lib.from_config(config, splits["train"])
     yield f"tokenizer: {tokenizer.description} ({tokenizer.vocab_size} pieces)"
     sample = [splits["train"][i] for i in range(0, len(splits["train"]),

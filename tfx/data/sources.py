@@ -21,11 +21,12 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 import tensorflow_datasets as tfds
 import tensorflow_datasets.translate  # noqa: F401  (registers the WMT builders; tfds imports them lazily)
+from tensorflow_datasets.proto import tf_example_pb2
 
 from tfx.core import files
 
@@ -122,11 +123,15 @@ class ParallelTextBuilder(tfds.core.GeneratorBasedBuilder):
 
 
 class PairSource:
-    """Random access over a prepared split: `len(source)`, `source[i]` -> source/target text."""
+    """Random access over a prepared split: `len(source)`, `source[i]` -> source/target text,
+    `source.read(indices)` many at once. `reopen` (a function and its arguments) opens it again
+    without preparing: grain's worker processes unpickle it so."""
 
-    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, open_args: tuple):
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, open_args: tuple,
+                 reopen: tuple | None = None):
         self.records = builder.as_data_source(split=split)
         self.open_args = open_args  # (spec, key, source_lang, target_lang, data_dir)
+        self.reopen = reopen or (open_split, open_args + (False,))
         self.spec = open_args[0]
         self.languages = open_args[2:4]
         # What identifies the content: the tokenizer cache key builds on it.
@@ -138,11 +143,26 @@ class PairSource:
         return len(self.records)
 
     def __reduce__(self):  # grain's worker processes reopen the prepared split.
-        return open_split, self.open_args + (False,)
+        return self.reopen
 
     def __getitem__(self, index: int) -> dict[str, str]:
         record = self.records[index]
         return {"source": _text(record[self.languages[0]]), "target": _text(record[self.languages[1]])}
+
+    def read(self, indices: Sequence[int]) -> list[dict[str, str]]:
+        """`self[i]` for each of `indices`: their array_record records read as one batch and
+        their tf.Example protos parsed here, far faster than one by one or TFDS's decoding."""
+        indices = [int(i) for i in indices]
+        raw = getattr(self.records, "data_source", None)
+        if not hasattr(raw, "__getitems__"):  # (tfds.testing.mock_data)
+            return [self[i] for i in indices]
+        source, target = self.languages
+        pairs = []
+        for serialized in raw.__getitems__(indices):
+            feature = tf_example_pb2.Example.FromString(serialized).features.feature
+            pairs.append({"source": feature[source].bytes_list.value[0].decode(),
+                          "target": feature[target].bytes_list.value[0].decode()})
+        return pairs
 
 
 def _text(value: bytes | str) -> str:
@@ -174,7 +194,7 @@ def _tfds_builder(name: str, key: str, data_dir: str, languages: tuple[str, str]
 
 
 @contextlib.contextmanager
-def _quiet_tfds():
+def quiet_tfds():
     """Hides TFDS's warnings about custom configs and not-yet-prepared folders (expected here)."""
     logger = logging.getLogger("absl")
     level = logger.level
@@ -188,7 +208,7 @@ def _quiet_tfds():
 def open_split(spec: str, key: str, source_lang: str, target_lang: str, data_dir: str,
                prepare: bool = True) -> PairSource:
     """Opens the split `spec` (named by config `key` in errors), preparing it on first use."""
-    with _quiet_tfds():
+    with quiet_tfds():
         return _open_split(spec, key, source_lang, target_lang, data_dir, prepare)
 
 
