@@ -4,6 +4,9 @@ Validation is Multi30k's valid split, the test split is test2016 (flickr), as in
 multimodal task. `configs/multi30k.py:de-en` translates the other way, and
 `configs/multi30k.py:multilingual` both ways in one model: each source starts with its target
 language's token (<2de>, <2en>), and eval.py scores each direction on its own.
+`configs/multi30k.py:bt` trains en-de on Multi30k mixed 2:1 with a cleaned back-translation
+tagged <BT> (`python -m tfx.infer.backtranslate ... --output runs/bt`; docs/data.md).
+Paths under runs/ are relative to the repository root, like the commands in docs/.
 """
 import os
 
@@ -11,23 +14,24 @@ import ml_collections
 
 from tfx.core.config import default_config
 
-DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data",
-                                    "multi30k-en-de"))
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+DATA = os.path.join(ROOT, "data", "multi30k-en-de")
+VARIANTS = ("en-de", "de-en", "multilingual", "bt")
 
 
-def get_config(direction: str = "en-de") -> ml_collections.ConfigDict:
-    if direction not in ("en-de", "de-en", "multilingual"):
-        raise ValueError(f"configs/multi30k.py:{direction}: unknown direction; use en-de, de-en "
-                         "or multilingual.")
+def get_config(variant: str = "en-de") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/multi30k.py:{variant}: unknown variant; use one of "
+                         f"{', '.join(VARIANTS)}.")
     config = default_config()
-    config.variant = direction
+    config.variant = variant
     config.model.update(dict(vocab_size=8000, emb_dim=256, mlp_dim=1024, num_heads=4,
                              num_kv_heads=4, num_encoder_layers=3, num_decoder_layers=3,
                              dropout_rate=0.3, max_len=128))
-    if direction == "multilingual":
+    if variant == "multilingual":
         both_ways(config)
     else:
-        source_lang, target_lang = direction.split("-")
+        source_lang, target_lang = ("en", "de") if variant == "bt" else variant.split("-")
         config.data.update(dict(source_lang=source_lang, target_lang=target_lang,
                                 train=f"text:{DATA}/train", eval=f"text:{DATA}/valid",
                                 test=f"text:{DATA}/test_2016_flickr"))
@@ -46,6 +50,8 @@ def get_config(direction: str = "en-de") -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 250
     config.keep_checkpoints = 5
     config.log_every_steps = 100
+    if variant == "bt":
+        with_back_translation(config)
     return config
 
 
@@ -59,3 +65,13 @@ def both_ways(config: ml_collections.ConfigDict):
         for which, files in splits.items() for source, target in (("en", "de"), ("de", "en"))}
     for which in splits:
         config.data[which] = f"{which}-en-de,{which}-de-en"
+
+
+def with_back_translation(config: ml_collections.ConfigDict):
+    """Multi30k and runs/bt (German text and its back-translation) mixed 2:1, the latter tagged
+    <BT> and cleaned: implausible length ratios, copies, other languages and repeats dropped."""
+    config.data.corpora = {
+        "multi30k": dict(spec=config.data.train, weight=2.0),
+        "bt": dict(spec=f"text:{ROOT}/runs/bt/train", weight=1.0, tag="<BT>",
+                   clean=dict(max_ratio=3.0, identical=True, langid=True, dedup=True))}
+    config.data.train = "multi30k,bt"

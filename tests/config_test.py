@@ -56,7 +56,7 @@ def test_two_four_pruning_is_half_sparse():
 def test_configs_load_with_their_variants():
     assert config_lib.load(os.path.join(ROOT, "configs/multi30k.py:de-en")).data.source_lang == "de"
     assert config_lib.load(os.path.join(ROOT, "configs/wmt_base.py:big")).model.emb_dim == 1024
-    with pytest.raises(ValueError, match="unknown direction"):
+    with pytest.raises(ValueError, match="unknown variant; use one of en-de, de-en, multilingual, bt"):
         config_lib.load(os.path.join(ROOT, "configs/multi30k.py:fr-en"))
     student = os.path.join(ROOT, "configs/multi30k_student.py")
     assert config_lib.load(student).data.train == config_lib.load(os.path.join(ROOT, "configs/multi30k.py")).data.train
