@@ -1,6 +1,11 @@
 import os
 
 import pytest
+from array_record.python import array_record_module
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from tensorflow_datasets.core.utils.shard_utils import FileInstruction
+
+from tfx.data import sources
 
 from tfx.data.corpora import open_splits
 from tfx.data.sources import open_split, read_lines
@@ -95,3 +100,35 @@ def test_tfds_names_and_language_pairs_are_checked_without_downloading(spec, mes
 def test_a_config_without_a_train_split_is_refused(tiny_config):
     with pytest.raises(ValueError, match="config.data.train is empty"):
         open_splits(tiny_config())
+
+
+def test_records_are_read_one_by_one_across_files_and_their_skips(tmp_path):
+    """Two array_record files, the second read from its third record on (a sliced split's
+    file instructions): record i of the split is the file's, singly and in a batch."""
+    files, written = [], []
+    for number, count in enumerate((5, 7)):
+        path = str(tmp_path / f"part-{number}.array_record")
+        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        records = [f"file {number} record {i}".encode() for i in range(count)]
+        for record in records:
+            writer.write(record)
+        writer.close()
+        files.append(path)
+        written.append(records)
+    instructions = [FileInstruction(filename=files[0], skip=0, take=5, examples_in_shard=5),
+                    FileInstruction(filename=files[1], skip=2, take=5, examples_in_shard=7)]
+    records = sources.SerializedRecords(ArrayRecordDataSource(instructions), instructions)
+    expected = written[0] + written[1][2:]
+    assert [records[i] for i in range(10)] == expected
+    assert records.read([9, 0, 6]) == [expected[9], expected[0], expected[6]]
+    with pytest.raises(IndexError):
+        records[10]
+
+
+def test_a_pair_read_alone_or_in_a_batch_is_what_tfds_decodes(tmp_path):
+    write(tmp_path / "c.en", "a b\nc\nd é f\n".encode())
+    write(tmp_path / "c.de", "A B\nC\nD É F\n".encode())
+    split = text_split(tmp_path / "c", tmp_path)
+    decoded = [{side: split.records[i][lang].decode() for side, lang in (("source", "en"), ("target", "de"))}
+               for i in range(len(split))]
+    assert [split[i] for i in range(len(split))] == decoded == split.read([0, 1, 2])
