@@ -153,7 +153,7 @@ class SplitDecoder:
             suffix = "" if config.quantization == "none" else f"-{config.quantization}"
             if shortlist:
                 suffix += f"-shortlist{config.decode.shortlist_size}"
-            name = split if self.corpus is None else f"{split}-{self.corpus}"
+            name = self.corpus or split
             prefix = files.join(self.workdir, f"{name}-{self.label}{suffix}")
             results.update(hypotheses=f"{prefix}.hyp.txt",
                            references=files.join(self.workdir, f"{name}.ref.txt"))
