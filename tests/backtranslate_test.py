@@ -301,11 +301,10 @@ def test_a_forward_run_trains_on_the_tagged_mix_of_its_data_and_the_back_transla
     tokenizer = trained_lib.tokenizer_for(config, str(tmp_path / "forward"))
     bt_id = tokenizer.piece_id("<BT>")
     assert bt_id is not None
-    mix = pipeline.mixed_shard(config, corpora.open_split(config, "train"), index=0, shards=1)
-    tokenize = pipeline.Tokenize(tokenizer)
-    tagged = [tokenize.map(mix[i])["inputs"][0] == bt_id for i in range(300)]
+    mix = pipeline.mixed_shard(config, corpora.open_split(config, "train"), tokenizer, index=0, shards=1)
+    tagged = [mix[i]["inputs"][0] == bt_id for i in range(300)]
     assert sum(tagged) == 100
-    english = {line for line in read_lines(os.path.join(tmp_path, "bt", "train.en"))}
-    assert all((mix[i]["source"] in english) == tagged[i] for i in range(300))
+    german = set(read_lines(os.path.join(tmp_path, "bt", "train.de")))
+    assert all((tokenizer.decode(mix[i]["targets"]) in german) == tagged[i] for i in range(300))
     losses = [row["loss"] for row in read_metrics(str(tmp_path / "forward")) if "loss" in row]
     assert len(losses) == 6 and np.isfinite(losses).all()

@@ -8,7 +8,7 @@ import pytest
 
 from tfx.core import config as config_lib
 from tfx.core.parallel import make_mesh
-from tfx.data import augment, corpora, pipeline, prepare
+from tfx.data import augment, corpora, pipeline, prepare, tokenized
 from tfx.data import tokenizer as tok
 
 WORDS = "red green blue small big old dog cat man woman runs sits looks at the a".split()
@@ -58,19 +58,16 @@ def mixed(root, tiny_config):
     return make
 
 
-def corpus_of(record: dict) -> str:
-    return record["source"].split()[0]
-
-
-def test_the_mix_gives_each_corpus_its_weights_share(mixed):
+def test_the_mix_gives_each_corpus_its_weights_share(mixed, tokenizer):
     config = mixed()
     split = corpora.open_split(config, "train")
-    records = pipeline.mixed_shard(config, split, index=0, shards=1)
-    counts = collections.Counter(corpus_of(records[i]) for i in range(10_000))
+    records = pipeline.mixed_shard(config, split, tokenizer, index=0, shards=1)
+    targets = [tokenizer.decode(records[i]["targets"]) for i in range(10_000)]  # 'BIG 7 RED DOG'
+    counts = collections.Counter(target.split()[0].lower() for target in targets)
     assert {name: counts[name] / 10_000 for name in SIZES} == pytest.approx(
         {"big": 0.5, "mid": 0.3, "small": 0.2}, abs=0.01)
     # Each corpus is read whole, in a fresh order every epoch.
-    bigs = [records[i]["source"] for i in range(10_000) if corpus_of(records[i]) == "big"]
+    bigs = [target for target in targets if target.startswith("BIG ")]
     assert sorted(bigs[:300]) == sorted(bigs[300:600]) and bigs[:300] != bigs[300:600]
     assert len(set(bigs[:300])) == 300
 
@@ -88,7 +85,7 @@ def test_named_corpora_start_their_sources_with_the_language_token_then_the_tag(
     split = corpora.open_split(mixed(), "train")
     first = {}
     for i in range(len(split)):
-        first.setdefault(corpus_of(split[i]), pipeline.Tokenize(tokenizer).map(split[i])["inputs"][:3])
+        first.setdefault(split[i]["source"].split()[0], pipeline.Tokenize(tokenizer).map(split[i])["inputs"][:3])
     de, bt = tokenizer.piece_id("<2de>"), tokenizer.piece_id("<BT>")
     assert first["big"][0] == de and first["big"][1] != bt
     assert list(first["small"][:2]) == [de, bt]
@@ -216,3 +213,21 @@ def test_training_corpora_are_cleaned_by_their_filters_and_eval_sets_never(mixed
 def test_default_filters_leave_a_corpus_as_it_is(mixed):
     split = corpora.open_split(mixed(), "train")
     assert not any(hasattr(corpus.pairs, "clean_counts") for corpus in split.corpora)
+
+
+def test_stored_token_ids_give_the_batches_that_tokenizing_as_read_gives(mixed, tokenizer):
+    """config.data.pretokenize: each corpus's ids (language token and tag first) are stored once;
+    the mixed, packed batches are those of the text, bitwise, and a worker reopens them."""
+    config = mixed()
+    split = corpora.open_split(config, "train")
+    stored = tokenized.tokenized_split(split, tokenizer)
+    assert [len(c.tokens) for c in stored.corpora] == [len(c.pairs) for c in split.corpora]
+    again = pickle.loads(pickle.dumps(stored.corpora[2].tokens))
+    np.testing.assert_array_equal(again[5]["inputs"], pipeline.Tokenize(tokenizer).map(split.corpora[2].pairs[5] | {"prefix": ("<2de>", "<BT>")})["inputs"])
+    shard = pipeline.Shard(0, 1, 4)
+    from_text, _ = pipeline.train_iterator(config, split, tokenizer, shard)
+    from_ids, _ = pipeline.train_iterator(config, stored, tokenizer, shard)
+    for _ in range(6):
+        text_batch, ids_batch = next(from_text), next(from_ids)
+        for key in text_batch:
+            np.testing.assert_array_equal(text_batch[key], ids_batch[key])

@@ -1,4 +1,5 @@
 import hashlib
+import itertools
 import io
 import json
 import os
@@ -334,3 +335,11 @@ def test_the_config_names_one_tokenizer_kind(keys, message):
     config.tokenizer.update(keys)
     with pytest.raises(ValueError, match=message):
         config_lib.validate(config)
+
+
+def test_a_batch_encodes_as_each_sentence_alone(trained):
+    texts = list(itertools.islice(valid_sentences(), 50)) + ["", "  two  spaces "]
+    assert trained.encode_sources(texts) == [trained.encode_source(t) for t in texts]
+    assert trained.encode_targets(texts) == [trained.encode_target(t) for t in texts]
+    prefix = [trained.pieces()[5]]
+    assert trained.encode_sources(texts, prefix) == [trained.encode_source(t, prefix) for t in texts]

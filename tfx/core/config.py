@@ -132,6 +132,7 @@ def data_config() -> dict:
             titlecase=0.0,  # both sides in title case.
             typos=0.0,  # the source with a few character typos (swap, drop, repeat or replace).
         ),
+        pretokenize=False,  # tokenize each training corpus once, when first used, and store its token ids: training reads ids (tfx/data/tokenized.py).
         data_dir="",  # "": $TFDS_DATA_DIR or ~/tensorflow_datasets.
         too_long="drop",  # pairs over max_source/target_length: drop or truncate.
         pack=True,  # several pairs per row (segment ids + positions); False pads.
@@ -501,6 +502,9 @@ def _check_data(config: ml_collections.ConfigDict):
     for name, probability in config.data.augment.items():
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"config.data.augment.{name}={probability!r} must be in [0, 1].")
+    if config.data.pretokenize and any(config.data.augment.values()):
+        raise ValueError("config.data.pretokenize stores token ids, but config.data.augment changes "
+                         "the text as it is read; turn one off.")
     _check_positive(config, "data.temperature", allow_zero=True)
 
 

@@ -42,6 +42,7 @@ class Corpus:
     pairs: PairSource
     weight: float = 1.0
     prefix: tuple[str, ...] | None = None
+    tokens: object = None  # its ids, tokenized once (config.data.pretokenize): a tokenized.TokenSource.
 
     @property
     def languages(self) -> tuple[str, str]:

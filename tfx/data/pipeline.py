@@ -205,10 +205,7 @@ def train_iterator(config: ml_collections.ConfigDict, split: Split, tokenizer: B
     policy = LengthPolicy(config.max_source_length, config.max_target_length, config.data.too_long)
     iterators = {}
     for index in owned:
-        pairs = mixed_shard(config, split, index, shards)
-        if any(config.data.augment.values()):
-            pairs = pairs.random_map(Augment(**config.data.augment), seed=config.seed + index)
-        dataset = pairs.map(Tokenize(tokenizer)).to_iter_dataset(IN_PROCESS)
+        dataset = mixed_shard(config, split, tokenizer, index, shards).to_iter_dataset(IN_PROCESS)
         if config.data.worker_count:
             if not flags.FLAGS.is_parsed():
                 raise ValueError(
@@ -224,19 +221,25 @@ def train_iterator(config: ml_collections.ConfigDict, split: Split, tokenizer: B
     return TrainBatches(iterators, shards, global_rows), policy.counts
 
 
-def mixed_shard(config: ml_collections.ConfigDict, split: Split, index: int, shards: int
-                ) -> grain.MapDataset:
-    """Data shard `index` of `shards`: each corpus's pairs [index::shards], shuffled anew every
-    epoch (corpus k by seed config.seed + k * shards + index), mixed by their weights."""
+def mixed_shard(config: ml_collections.ConfigDict, split: Split, tokenizer: BaseTokenizer,
+                index: int, shards: int) -> grain.MapDataset:
+    """Data shard `index` of `shards`, tokenized: each corpus's pairs [index::shards] (its
+    stored ids with config.data.pretokenize), shuffled anew every epoch (corpus k by seed
+    config.seed + k * shards + index), augmented (config.data.augment), mixed by their weights."""
     parts = []
     for k, corpus in enumerate(split.corpora):
         if len(corpus.pairs) < shards:
             raise ValueError(f"config.{split.key}: corpus {corpus.name!r} has {len(corpus.pairs)} "
                              f"pairs, fewer than the {shards} data shards that each read a part.")
-        part = grain.MapDataset.source(corpus.pairs)[index::shards]
-        part = part.shuffle(seed=config.seed + k * shards + index).repeat(None)
-        if corpus.prefix is not None:
-            part = part.map(functools.partial(_with_prefix, prefix=corpus.prefix))
+        seed = config.seed + k * shards + index
+        part = grain.MapDataset.source(corpus.pairs if corpus.tokens is None else corpus.tokens)
+        part = part[index::shards].shuffle(seed=seed).repeat(None)
+        if corpus.tokens is None:
+            if corpus.prefix is not None:
+                part = part.map(functools.partial(_with_prefix, prefix=corpus.prefix))
+            if any(config.data.augment.values()):
+                part = part.random_map(Augment(**config.data.augment), seed=seed)
+            part = part.map(Tokenize(tokenizer))
         parts.append(part)
     if len(parts) == 1:
         return parts[0]

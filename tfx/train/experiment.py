@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from tfx.core import distributed, parallel
-from tfx.data import corpora, pipeline
+from tfx.data import corpora, pipeline, tokenized
 from tfx.data import tokenizer as tokenizer_lib
 from tfx.model.params import placed
 from tfx.train import steps
@@ -24,6 +24,8 @@ class Experiment:
         with distributed.process_0_first("tfx: data and tokenizer ready"):
             self.splits = corpora.open_splits(config)
             self.tokenizer = tokenizer_lib.from_config(config, self.splits["train"])
+            if config.data.pretokenize:
+                self.splits["train"] = tokenized.tokenized_split(self.splits["train"], self.tokenizer)
         tokenizer_lib.check_vocab_size(self.tokenizer, config)
         self.sharding, self.train_shard = pipeline.batch_layout(config, self.mesh,
                                                                 config.per_device_batch_size)
