@@ -1,12 +1,15 @@
+import os
 import pickle
 import random
 import socket
+import subprocess
+import sys
 
 import pytest
 import tensorflow_datasets as tfds
 
 from tfx.core import config as config_lib
-from tfx.data import clean, sources
+from tfx.data import clean, prepare, sources
 
 DEFAULTS = config_lib.default_config().data.clean.to_dict()
 OFF = dict(DEFAULTS, empty=False, max_chars=0, max_words=0, max_ratio=0.0, identical=False,
@@ -236,3 +239,69 @@ def test_the_prepared_corpus_is_a_translation_dataset(corpus):
     builder = prepared(*corpus, max_chars=40)
     assert isinstance(builder.info.features, tfds.features.Translation)
     assert builder.info.features.languages == ["de", "en"]
+
+
+DIRECT = ["--runner=DirectRunner"]
+# Two worker processes: each opens the split itself (clean._BatchDecider).
+PROCESSES = [*DIRECT, "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+@pytest.mark.parametrize("dedup, flags", [(True, PROCESSES), (False, DIRECT)])
+def test_beam_keeps_the_pairs_and_counts_of_one_process(tmp_path, monkeypatch, dedup, flags):
+    monkeypatch.setattr(clean, "READ_BATCH", 4)  # a pair's copies fall in other batches (bundles)
+    write_corpus(tmp_path / "c", PAIRS * 3)
+    pairs = sources.open_split(f"text:{tmp_path / 'c'}", "data.train", "en", "de", str(tmp_path))
+    settings = dict(OFF, empty=True, **dict(SOME, dedup=dedup))
+    single = prepared(pairs, str(tmp_path / "single"), **settings)
+    beam = clean.CleanedBuilder(pairs=pairs, settings=settings, data_dir=str(tmp_path / "beam"))
+    on_beam = tfds.download.DownloadConfig(beam_options=clean.beam_options(flags),
+                                           num_shards=3)  # (the order across files too)
+    beam.download_and_prepare(file_format="array_record", download_config=on_beam)
+    assert kept(beam) == kept(single) == (
+        [PAIRS[i] for i in (0, 9, 10, 12)] if dedup else [PAIRS[i] for i in (0, 9, 10, 11, 12)] * 3)
+    assert clean.counts(beam) == clean.counts(single) == expected_counts(
+        42, 4 if dedup else 15, max_chars=6, max_words=3, max_ratio=3, identical=6, min_letters=3,
+        nonprinting=6, dedup=11 if dedup else 0)
+    assert len(beam.info.splits[sources.TEXT_SPLIT].shard_lengths) > 1
+    assert not os.path.exists(os.path.join(beam.data_dir, clean.COUNTS_FILE))
+
+
+def test_prepare_prints_the_same_on_beam(tmp_path):
+    """python -m tfx.data.prepare --beam_runner=DirectRunner against the library in this process."""
+    write_corpus(tmp_path / "c", PAIRS * 3)
+    config_file = tmp_path / "config.py"
+    config_file.write_text(
+        "from tfx.core import config\n\n\ndef get_config():\n    c = config.default_config()\n"
+        f"    c.data.train = 'text:{tmp_path / 'c'}'\n    c.data.clean.update({SOME!r})\n"
+        "    c.model.vocab_size = 300\n    return c\n")
+    config = config_lib.load(str(config_file))
+    config.data.data_dir = str(tmp_path / "single")
+    single = list(prepare.prepare(config))
+
+    def run(runner, data_dir):
+        return subprocess.run([sys.executable, "-m", "tfx.data.prepare", f"--config={config_file}",
+                               f"--beam_runner={runner}", f"--config.data.data_dir={data_dir}"],
+                              capture_output=True, text=True, timeout=300)
+
+    done = run("DirectRunner", tmp_path / "beam")
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.replace(str(tmp_path / "beam"), str(tmp_path / "single")).splitlines()
+    assert [line for line in printed if not line.startswith(("Downloading ", "Dataset "))] == single
+    assert "cleaning (config.data.clean), pairs:" in single
+    wrong = run("NoSuchRunner", tmp_path / "other")  # (the flag reaches Beam; one line)
+    assert wrong.stderr.splitlines()[-1].startswith(
+        "tfx.data.prepare: Unexpected pipeline runner: NoSuchRunner."), wrong.stderr
+
+
+def test_a_beam_runner_without_beam_names_the_extra():
+    """Without apache-beam, tfx's data modules import, and a runner asked for names the extra."""
+    code = ("import sys; sys.modules['apache_beam'] = None\n"
+            "from tfx.data import clean, corpora, prepare\n"
+            "try:\n    prepare.beam_flags('DirectRunner', '')\n"
+            "except clean.MissingBeamError as error:\n    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'tfx-mt[beam]'" in done.stdout
+    assert prepare.beam_flags("DataflowRunner", "--project=p, --experiments=a,b") == [
+        "--runner=DataflowRunner", "--project=p", "--experiments=a,b"]
+    with pytest.raises(ValueError, match="each --NAME=VALUE"):
+        prepare.beam_flags("DataflowRunner", "project=p")

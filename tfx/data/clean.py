@@ -10,6 +10,11 @@ the order of `FILTERS`; a dropped pair is counted once, under the first filter t
 files, in their original order, keyed by a hash of the source's content, the settings and the
 languages: changing a setting prepares a new copy, the same settings reuse the prepared one. Its
 metadata keeps the counts (`counts(builder)`; `table(rows)` prints several corpora's).
+
+It prepares in this process, or on Apache Beam (the optional `beam` extra) when given a Beam
+runner (`open_cleaned(..., beam_flags=["--runner=..."])`): workers decide batches of index
+ranges with the same `Cleaner.codes`, dedup keeps the lowest index of each `pair_hash`, and TFDS
+writes the kept pairs in index order, so both give the same files' content and counts.
 """
 from __future__ import annotations
 
@@ -20,15 +25,21 @@ import json
 import logging
 import math
 import numbers
+import operator
 import os
 import tempfile
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tfx.core import files
 from tfx.data import sources
+
+if TYPE_CHECKING:  # (Beam is optional and imported where it runs.)
+    from apache_beam.options.pipeline_options import PipelineOptions
 
 # What each filter drops (its config default), in the order they run.
 FILTERS = {
@@ -59,6 +70,7 @@ READ_BATCH = 10_000  # pairs read at once: array_record reads a batch much faste
 # Dedup's memory: hashes held before they go to bucket files, and the records per bucket file.
 DEDUP_BUFFER = 1 << 18
 DEDUP_BUCKET = 1 << 18
+COUNTS_FILE = "clean_counts.json"  # Beam's counts, in the folder being prepared until read back.
 
 
 def _problem(name: str, value) -> str | None:
@@ -148,6 +160,12 @@ class Cleaner:
                 return name
         return None
 
+    def codes(self, pairs: Sequence[Mapping[str, str]]) -> np.ndarray:
+        """Each pair's fate (uint8): 0 kept, else the CODES of the filter that drops it (dedup,
+        which looks across pairs, aside)."""
+        reasons = map(self.drop_reason, pairs)
+        return np.fromiter((CODES[r] if r else 0 for r in reasons), np.uint8, len(pairs))
+
     def _empty(self, source: str, target: str) -> bool:
         return not source.strip() or not target.strip()
 
@@ -177,6 +195,8 @@ class Cleaner:
 
 def read_pairs(pairs, indices: Sequence[int]) -> list[dict[str, str]]:
     """`pairs[i]` for each index: a PairSource's batched read, else one by one."""
+    if not len(indices):  # (array_record's batched read refuses an empty list.)
+        return []
     if hasattr(pairs, "read"):
         return pairs.read(indices)
     return [pairs[int(i)] for i in indices]
@@ -270,6 +290,8 @@ class CleanedBuilder(tfds.core.GeneratorBasedBuilder):
 
     One split, sources.TEXT_SPLIT; the dataset's metadata keeps the counts (`counts`). Dedup's
     scratch files go to a temporary folder in `data_dir` (local disk, as sources checks).
+    Prepared with a Beam runner or options (tfds.download.DownloadConfig), it runs on Beam
+    (`_beam_cleaned`), which writes the counts to COUNTS_FILE, read back once the pipeline ran.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -277,7 +299,7 @@ class CleanedBuilder(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, pairs, settings: Mapping, data_dir: str, key: str = "data.clean",
                  **kwargs):
         self.pairs, self.cleaner = pairs, Cleaner(settings, pairs.languages, key)
-        self.scratch_root = data_dir
+        self.scratch_root, self.on_beam = data_dir, False
         kwargs.setdefault("file_format", "array_record")
         name = _config_name(pairs.fingerprint, self.cleaner)
         super().__init__(config=tfds.core.BuilderConfig(name=name), data_dir=data_dir, **kwargs)
@@ -287,15 +309,36 @@ class CleanedBuilder(tfds.core.GeneratorBasedBuilder):
             builder=self, features=tfds.features.Translation(languages=self.cleaner.languages),
             disable_shuffling=True, metadata=tfds.core.MetadataDict())
 
+    def _download_and_prepare(self, dl_manager, download_config):
+        self.on_beam = (download_config.beam_runner is not None
+                        or download_config.beam_options is not None)
+        super()._download_and_prepare(dl_manager, download_config)
+
     def _split_generators(self, dl_manager):
+        if self.on_beam:  # (self.data_dir: the temporary folder TFDS renames once complete.)
+            self.counts_path = os.path.join(self.data_dir, COUNTS_FILE)
+            return {sources.TEXT_SPLIT: _beam_cleaned(self.pairs, self.cleaner, self.counts_path)}
         return {sources.TEXT_SPLIT: self._generate_examples()}
+
+    def _process_pipeline_result(self, pipeline_result):
+        """Reads back the counts the Beam pipeline wrote (TFDS calls this once it ran)."""
+        path = files.path(self.counts_path)
+        totals = json.loads(path.read_text())
+        path.unlink()
+        self._record(np.array(totals, np.int64))
 
     def _generate_examples(self):
         totals = np.zeros(len(FILTERS) + 1, np.int64)  # kept, then each filter's drops.
         for start, codes, kept in self._decided_batches():
             totals += np.bincount(codes, minlength=len(totals))
             for index, pair in zip(start + np.flatnonzero(codes == 0), kept):
-                yield int(index), dict(zip(self.cleaner.languages, (pair["source"], pair["target"])))
+                item = int(index), (pair["source"], pair["target"])
+                yield _example(item, self.cleaner.languages)
+        self._record(totals)
+
+    def _record(self, totals: np.ndarray):
+        """Puts the counts (`totals`: kept, then each filter's drops) in the metadata; an error
+        when no pair is kept."""
         found = {"read": int(totals.sum()), **dict(zip(FILTERS, totals[1:].tolist())),
                  "kept": int(totals[0])}
         if not found["kept"]:
@@ -308,7 +351,7 @@ class CleanedBuilder(tfds.core.GeneratorBasedBuilder):
         """(start, each pair's code (0: kept, else CODES of its filter), the kept pairs) in order."""
         if not self.cleaner.settings["dedup"]:
             for start, batch in _batches(self.pairs):
-                codes = self._codes(batch)
+                codes = self.cleaner.codes(batch)
                 yield start, codes, [pair for pair, code in zip(batch, codes) if not code]
             return
         with tempfile.TemporaryDirectory(prefix="tfx-clean-", dir=self.scratch_root) as work_dir:
@@ -316,7 +359,7 @@ class CleanedBuilder(tfds.core.GeneratorBasedBuilder):
                                               (len(self.pairs),))
             duplicates = Duplicates(codes, CODES["dedup"], work_dir)
             for start, batch in _batches(self.pairs):
-                codes[start:start + len(batch)] = batch_codes = self._codes(batch)
+                codes[start:start + len(batch)] = batch_codes = self.cleaner.codes(batch)
                 kept = np.flatnonzero(batch_codes == 0)
                 duplicates.add(start + kept, [batch[i] for i in kept])
             duplicates.finish()
@@ -325,9 +368,98 @@ class CleanedBuilder(tfds.core.GeneratorBasedBuilder):
                 kept = start + np.flatnonzero(batch_codes == 0)
                 yield start, batch_codes, read_pairs(self.pairs, kept)
 
-    def _codes(self, batch: Sequence[Mapping[str, str]]) -> np.ndarray:
-        reasons = map(self.cleaner.drop_reason, batch)
-        return np.fromiter((CODES[r] if r else 0 for r in reasons), np.uint8, len(batch))
+
+def _example(item: tuple[int, tuple[str, str]], languages: Sequence[str]) -> tuple[int, dict]:
+    """A kept (index, (source, target)) as TFDS's (key, example): the index orders the files."""
+    return item[0], dict(zip(languages, item[1]))
+
+
+class MissingBeamError(ImportError):
+    """A Beam runner asked for without apache-beam installed."""
+
+
+def beam_options(flags: Sequence[str]) -> PipelineOptions:
+    """Beam's PipelineOptions of the pipeline `flags` (e.g. --runner=DirectRunner); without
+    apache-beam installed, an error that names the extra."""
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError as error:
+        raise MissingBeamError("preparing a corpus on Apache Beam needs apache-beam; install it "
+                               "with pip install 'tfx-mt[beam]'") from error
+    return PipelineOptions(list(flags))
+
+
+class _BatchDecider:
+    """A Beam worker's step: the pairs of an index range [start, stop) of a prepared split read
+    at once and decided -> (the count of each code, the kept pairs as (index, (source, target))).
+
+    It pickles small (the split's folder, not the split) and opens the split once per worker
+    from that folder: the raw text is neither needed there nor hashed again.
+    """
+
+    def __init__(self, pairs: sources.PairSource, cleaner: Cleaner):
+        self.folder, self.split = pairs.records.dataset_info.data_dir, str(pairs.records.split)
+        self.open_args, self.cleaner, self.pairs = pairs.open_args, cleaner, None
+
+    def __call__(self, bounds: tuple[int, int]) -> tuple[list[int], list[tuple]]:
+        if self.pairs is None:
+            with sources.quiet_tfds():
+                builder = tfds.builder_from_directory(self.folder)
+                self.pairs = sources.PairSource(builder, self.split, self.open_args)
+        start, stop = bounds
+        batch = self.pairs.read(range(start, stop))
+        codes = self.cleaner.codes(batch)
+        kept = [(start + int(i), (batch[i]["source"], batch[i]["target"]))
+                for i in np.flatnonzero(codes == 0)]
+        return np.bincount(codes, minlength=len(FILTERS) + 1).tolist(), kept
+
+
+def _sum_counts(rows) -> list[int]:
+    total = np.zeros(len(FILTERS) + 1, np.int64)
+    for row in rows:
+        total += row
+    return total.tolist()
+
+
+def _keyed_by_hash(item: tuple[int, tuple[str, str]]) -> tuple[bytes, tuple]:
+    return pair_hash(dict(zip(("source", "target"), item[1]))), item
+
+
+def _write_counts(totals: list[int], path: str, unique: int | None):
+    """Writes `totals` (kept, then each filter's drops) to `path`; with dedup, only `unique` of
+    the kept are first copies: the others are dedup's."""
+    totals = list(totals)
+    if unique is not None:
+        totals[CODES["dedup"]] += totals[0] - unique
+        totals[0] = unique
+    files.write_text(path, json.dumps(totals))
+
+
+def _beam_cleaned(pairs: sources.PairSource, cleaner: Cleaner, counts_path: str):
+    """The Beam PTransform of the kept pairs of `pairs` as TFDS's (index, example): batches of
+    READ_BATCH indices spread over the workers and decided there; with dedup, the lowest index of
+    each pair_hash stays (combined per key, so a pair repeated a million times is cheap). Writes
+    the counts to `counts_path` (`_write_counts`)."""
+    import apache_beam as beam
+
+    size = len(pairs)
+    bounds = [(start, min(start + READ_BATCH, size)) for start in range(0, size, READ_BATCH)]
+
+    @beam.ptransform_fn
+    def cleaned(root):
+        decided = (root | "Batches" >> beam.Create(bounds) | "Spread" >> beam.Reshuffle()
+                   | "Decide" >> beam.Map(_BatchDecider(pairs, cleaner)))
+        totals = (decided | "Codes" >> beam.Map(operator.itemgetter(0))
+                  | "SumCodes" >> beam.CombineGlobally(_sum_counts))
+        kept, unique = decided | "Kept" >> beam.FlatMap(operator.itemgetter(1)), None
+        if cleaner.settings["dedup"]:
+            kept = (kept | "ByHash" >> beam.Map(_keyed_by_hash)
+                    | "First" >> beam.CombinePerKey(min) | "Firsts" >> beam.Values())
+            unique = beam.pvalue.AsSingleton(kept | "Unique" >> beam.combiners.Count.Globally())
+        _ = totals | "WriteCounts" >> beam.Map(_write_counts, counts_path, unique)
+        return kept | "Examples" >> beam.Map(_example, cleaner.languages)
+
+    return cleaned()
 
 
 def counts(builder: tfds.core.DatasetBuilder) -> dict[str, int]:
@@ -356,10 +488,11 @@ def is_off(settings: Mapping) -> bool:
     return not any(value for name, value in settings.items() if name != "empty")
 
 
-def open_cleaned(pairs: sources.PairSource, settings: Mapping, key: str, prepare: bool = True
-                 ) -> sources.PairSource:
+def open_cleaned(pairs: sources.PairSource, settings: Mapping, key: str, prepare: bool = True,
+                 beam_flags: Sequence[str] | None = None) -> sources.PairSource:
     """The pairs of `pairs` that `settings` (config.`key`) keep, prepared on first use in the
-    raw split's data dir; its `clean_counts` say what each filter dropped."""
+    raw split's data dir, on Apache Beam with `beam_flags` (its pipeline flags, --runner among
+    them); its `clean_counts` say what each filter dropped."""
     spec, _, source_lang, target_lang, data_dir = pairs.open_args
     with sources.quiet_tfds():
         builder = CleanedBuilder(pairs=pairs, settings=settings, data_dir=data_dir, key=key)
@@ -368,7 +501,9 @@ def open_cleaned(pairs: sources.PairSource, settings: Mapping, key: str, prepare
                 raise FileNotFoundError(f"config.{key}: the cleaned copy of {spec!r} is not prepared "
                                         f"in {data_dir}; run `python -m tfx.data.prepare --config ...` first.")
             tfds.disable_progress_bar()
-            builder.download_and_prepare(file_format="array_record")
+            config = None if beam_flags is None else tfds.download.DownloadConfig(
+                beam_options=beam_options(beam_flags))
+            builder.download_and_prepare(file_format="array_record", download_config=config)
     cleaned = sources.PairSource(builder, sources.TEXT_SPLIT, pairs.open_args,
                                  reopen=(_reopen, (pairs.open_args, dict(settings), key)))
     cleaned.clean_counts = counts(builder)

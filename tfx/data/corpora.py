@@ -11,6 +11,7 @@ then stand in for the tokenizer's own source prefix. Training mixes a split's co
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
@@ -91,27 +92,33 @@ def corpus_prefix(config: ml_collections.ConfigDict, settings: ml_collections.Co
 
 
 def open_corpus(config: ml_collections.ConfigDict, name: str, cleaned: bool,
-                prepare: bool = True) -> Corpus:
-    """data.corpora.`name`, prepared on first use, `cleaned` by its filters if any is on."""
+                prepare: bool = True, beam_flags: Sequence[str] | None = None) -> Corpus:
+    """data.corpora.`name`, prepared on first use, `cleaned` by its filters if any is on (on
+    Apache Beam with `beam_flags`, as `clean.open_cleaned`)."""
     settings = config_lib.corpus(config, name)
     pairs = sources.open_split(settings.spec, f"data.corpora.{name}.spec", settings.source_lang,
                                settings.target_lang, config.data.data_dir, prepare)
     if cleaned:
-        pairs = clean_pairs(pairs, settings.clean, f"data.corpora.{name}.clean", prepare)
+        pairs = clean_pairs(pairs, settings.clean, f"data.corpora.{name}.clean", prepare,
+                            beam_flags)
     return Corpus(name, pairs, settings.weight, corpus_prefix(config, settings))
 
 
-def clean_pairs(pairs: PairSource, settings: ml_collections.ConfigDict, key: str, prepare: bool
-                ) -> PairSource:
+def clean_pairs(pairs: PairSource, settings: ml_collections.ConfigDict, key: str, prepare: bool,
+                beam_flags: Sequence[str] | None = None) -> PairSource:
     """`pairs` cleaned by `settings` (config.`key`, checked), or as they are when those drop
-    nothing more than the split does already (the default)."""
+    nothing more than the split does already (the default); on Apache Beam with `beam_flags`."""
     settings = clean.validate(settings, key)
-    return pairs if clean.is_off(settings) else clean.open_cleaned(pairs, settings, key, prepare)
+    if clean.is_off(settings):
+        return pairs
+    return clean.open_cleaned(pairs, settings, key, prepare, beam_flags)
 
 
-def open_split(config: ml_collections.ConfigDict, which: str, prepare: bool = True) -> Split:
+def open_split(config: ml_collections.ConfigDict, which: str, prepare: bool = True,
+               beam_flags: Sequence[str] | None = None) -> Split:
     """config.data.`which` ("train", "eval" or "test") as a `Split`, prepared on first use; the
-    training corpora cleaned by their filters (config.data.clean)."""
+    training corpora cleaned by their filters (config.data.clean), on Apache Beam with
+    `beam_flags` (Beam's pipeline flags, --runner among them)."""
     value = config.data[which]
     if not value:
         raise ValueError(f"config.data.{which} is empty; set it to {sources.SPEC_FORMS} or to "
@@ -120,20 +127,22 @@ def open_split(config: ml_collections.ConfigDict, which: str, prepare: bool = Tr
     cleaned = which == "train"
     if names:
         return Split(f"data.{which}", value,
-                     [open_corpus(config, name, cleaned, prepare) for name in names])
+                     [open_corpus(config, name, cleaned, prepare, beam_flags) for name in names])
     pairs = sources.open_split(value, f"data.{which}", config.data.source_lang,
                                config.data.target_lang, config.data.data_dir, prepare)
     if cleaned:
-        pairs = clean_pairs(pairs, config.data.clean, "data.clean", prepare)
+        pairs = clean_pairs(pairs, config.data.clean, "data.clean", prepare, beam_flags)
     return Split(f"data.{which}", value, [Corpus(which, pairs)])
 
 
-def open_splits(config: ml_collections.ConfigDict, prepare: bool = True) -> dict[str, Split]:
-    """The config's train/eval/test splits that are set (train is required)."""
+def open_splits(config: ml_collections.ConfigDict, prepare: bool = True,
+                beam_flags: Sequence[str] | None = None) -> dict[str, Split]:
+    """The config's train/eval/test splits that are set (train is required); `beam_flags`: the
+    training corpora are cleaned on Apache Beam (`open_split`)."""
     if not config.data.train:
         raise ValueError(f"config.data.train is empty; set it to {sources.SPEC_FORMS} or to "
                          "names of config.data.corpora.")
-    return {which: open_split(config, which, prepare)
+    return {which: open_split(config, which, prepare, beam_flags)
             for which in config_lib.SPLITS if config.data[which]}
 
 
