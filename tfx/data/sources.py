@@ -194,7 +194,7 @@ class SerializedRecords:
         return self.readers[shard].read(position, position + 1)[0]
 
     def read(self, indices: list[int]) -> list[bytes]:
-        return self.data_source.__getitems__(indices)
+        return self.data_source.__getitems__(indices) if indices else []
 
 
 def _text(value: bytes | str) -> str:
