@@ -496,14 +496,9 @@ def open_cleaned(pairs: sources.PairSource, settings: Mapping, key: str, prepare
     spec, _, source_lang, target_lang, data_dir = pairs.open_args
     with sources.quiet_tfds():
         builder = CleanedBuilder(pairs=pairs, settings=settings, data_dir=data_dir, key=key)
-        if not builder.is_prepared():
-            if not prepare:
-                raise FileNotFoundError(f"config.{key}: the cleaned copy of {spec!r} is not prepared "
-                                        f"in {data_dir}; run `python -m tfx.data.prepare --config ...` first.")
-            tfds.disable_progress_bar()
-            config = None if beam_flags is None else tfds.download.DownloadConfig(
-                beam_options=beam_options(beam_flags))
-            builder.download_and_prepare(file_format="array_record", download_config=config)
+        config = None if beam_flags is None else tfds.download.DownloadConfig(
+            beam_options=beam_options(beam_flags))
+        sources.prepare_once(builder, prepare, f"config.{key}: the cleaned copy of {spec!r}", config)
     cleaned = sources.PairSource(builder, sources.TEXT_SPLIT, pairs.open_args,
                                  reopen=(_reopen, (pairs.open_args, dict(settings), key)))
     cleaned.clean_counts = counts(builder)

@@ -244,6 +244,19 @@ def open_split(spec: str, key: str, source_lang: str, target_lang: str, data_dir
         return _open_split(spec, key, source_lang, target_lang, data_dir, prepare)
 
 
+def prepare_once(builder: tfds.core.DatasetBuilder, prepare: bool, what: str,
+                 download_config: tfds.download.DownloadConfig | None = None):
+    """Prepares `builder`'s array_record files unless they are there; with `prepare` False, an
+    error saying that `what` is not prepared and how to prepare it."""
+    if builder.is_prepared():
+        return
+    if not prepare:
+        raise FileNotFoundError(f"{what} is not prepared in {builder.data_dir}; run "
+                                "`python -m tfx.data.prepare --config ...` first.")
+    tfds.disable_progress_bar()
+    builder.download_and_prepare(file_format="array_record", download_config=download_config)
+
+
 def check_data_dir(data_dir: str):
     """Refuses a data dir that is not on local disk (see the module doc), saying what to do."""
     data_dir = default_data_dir(data_dir)
@@ -270,12 +283,7 @@ def _open_split(spec, key, source_lang, target_lang, data_dir, prepare) -> PairS
         builder = _tfds_builder(name, key, data_dir, languages)
     else:
         raise ValueError(f"config.{key}={spec!r} is not a split spec; expected {SPEC_FORMS}.")
-    if not builder.is_prepared():
-        if not prepare:
-            raise FileNotFoundError(f"config.{key}={spec!r} is not prepared in {data_dir}; run "
-                                    "`python -m tfx.data.prepare --config ...` first.")
-        tfds.disable_progress_bar()
-        builder.download_and_prepare(file_format="array_record")
+    prepare_once(builder, prepare, f"config.{key}={spec!r}")
     if builder.info.splits and split.split("[")[0] not in builder.info.splits:  # (empty: unknown)
         raise ValueError(f"config.{key}={spec!r}: no split {split!r}; the dataset has "
                          f"{sorted(builder.info.splits)}.")

@@ -84,15 +84,10 @@ class TokenSource:
 def open_tokenized(pairs: sources.PairSource, prefix: Sequence[str] | None, tokenizer: BaseTokenizer,
                    prepare: bool = True) -> TokenSource:
     """The ids of `pairs` by `tokenizer`, prepared on first use in the pairs' data dir."""
-    data_dir = pairs.open_args[4]
     with sources.quiet_tfds():
-        builder = TokenizedBuilder(pairs=pairs, prefix=prefix, tokenizer=tokenizer, data_dir=data_dir)
-        if not builder.is_prepared():
-            if not prepare:
-                raise FileNotFoundError(f"the token ids of {pairs.spec!r} are not prepared in "
-                                        f"{data_dir}; run `python -m tfx.data.prepare --config ...` first.")
-            tfds.disable_progress_bar()
-            builder.download_and_prepare(file_format="array_record")
+        builder = TokenizedBuilder(pairs=pairs, prefix=prefix, tokenizer=tokenizer,
+                                   data_dir=pairs.open_args[4])
+        sources.prepare_once(builder, prepare, f"the token ids of {pairs.spec!r}")
     return TokenSource(builder, (_reopen, (pairs, prefix, tokenizer)))
 
 
