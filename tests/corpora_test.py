@@ -9,6 +9,7 @@ import pytest
 from tfx.core import config as config_lib
 from tfx.core.parallel import make_mesh
 from tfx.data import augment, corpora, pipeline, prepare, tokenized
+from tfx.train.experiment import Experiment
 from tfx.data import tokenizer as tok
 
 WORDS = "red green blue small big old dog cat man woman runs sits looks at the a".split()
@@ -231,3 +232,14 @@ def test_stored_token_ids_give_the_batches_that_tokenizing_as_read_gives(mixed, 
         text_batch, ids_batch = next(from_text), next(from_ids)
         for key in text_batch:
             np.testing.assert_array_equal(text_batch[key], ids_batch[key])
+
+
+def test_training_reads_the_stored_ids_when_asked(mixed):
+    config = mixed()
+    config.data.pretokenize = True
+    config.model.vocab_size = 350
+    experiment = Experiment(config_lib.validate(config))
+    assert all(corpus.tokens is not None for corpus in experiment.splits["train"].corpora)
+    config.data.augment.uppercase = 0.1
+    with pytest.raises(ValueError, match="config.data.pretokenize stores token ids, but config.data.augment"):
+        config_lib.validate(config)

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from tfx.data import clean, corpora
+from tfx.data import clean, corpora, tokenized
 from tfx.data import tokenizer as tokenizer_lib
 
 
@@ -33,6 +33,9 @@ def prepare(config, beam_flags: Sequence[str] | None = None) -> Iterator[str]:
         yield from clean.table(cleaned).splitlines()
     tokenizer = tokenizer_lib.from_config(config, splits["train"])
     yield f"tokenizer: {tokenizer.description} ({tokenizer.vocab_size} pieces)"
+    if config.data.pretokenize:
+        stored = tokenized.tokenized_split(splits["train"], tokenizer)
+        yield f"train token ids stored (config.data.pretokenize): {sum(len(c.tokens) for c in stored.corpora)} pairs"
     sample = [splits["train"][i] for i in range(0, len(splits["train"]),
                                                  max(1, len(splits["train"]) // 2000))]
     encoders = {"source": lambda pair: tokenizer.encode_source(pair["source"], pair.get("prefix")),
