@@ -18,6 +18,7 @@ from tfx.infer.translate import Translator
 from tfx.train import trainer
 from tfx.train.metrics import read_metrics
 
+from interrupted import Killed, count_calls
 from runs import ROOT, tiny_multi30k
 
 GERMAN = os.path.join(ROOT, "data", "multi30k-en-de", "train.de")
@@ -110,24 +111,6 @@ def test_sampling_draws_other_translations_than_beam_search(uninterrupted):
     beam, sample = (corpus_lines(uninterrupted[method][0]) for method in ("beam", "sample"))
     assert sample[0] == beam[0] and sample[1] != beam[1]
     assert uninterrupted["sample"][1]["decode"]["strategy"] == "sample"
-
-
-class Killed(Exception):
-    pass
-
-
-def count_calls(monkeypatch, translator: Translator, crash_at: int = 0) -> list:
-    """Records the calls of `translator.translate`; the `crash_at`-th raises Killed instead."""
-    calls = []
-
-    def translate(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == crash_at:
-            raise Killed
-        return Translator.translate(translator, *args, **kwargs)
-
-    monkeypatch.setattr(translator, "translate", translate)
-    return calls
 
 
 @pytest.mark.parametrize("method", ["beam", "sample"])

@@ -13,6 +13,7 @@ from tfx.data.sources import open_split, read_lines
 from tfx.infer import trained as trained_lib
 from tfx.infer.translate import NonFiniteScoresError, Translator
 
+from interrupted import Killed, count_calls
 from runs import ROOT
 
 TEST = os.path.join(ROOT, "data", "multi30k-en-de", "test_2016_flickr")
@@ -100,24 +101,6 @@ def test_teacher_plus_original_pairs_each_source_with_both_targets(teacher, dist
     english, german = corpus_lines(str(tmp_path), "train")
     assert english == [s for s in sources for _ in range(2)]
     assert german[0::2] == corpus_lines(distilled[0], "train")[1] and german[1::2] == references
-
-
-class Killed(Exception):
-    pass
-
-
-def count_calls(monkeypatch, translator: Translator, crash_at: int = 0) -> list:
-    """Records the calls of `translator.translate`; the `crash_at`-th raises Killed instead."""
-    calls = []
-
-    def translate(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == crash_at:
-            raise Killed
-        return Translator.translate(translator, *args, **kwargs)
-
-    monkeypatch.setattr(translator, "translate", translate)
-    return calls
 
 
 def test_an_interrupted_run_resumes_to_the_same_bytes(teacher, distilled, tmp_path, monkeypatch):

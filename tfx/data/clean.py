@@ -493,7 +493,7 @@ def open_cleaned(pairs: sources.PairSource, settings: Mapping, key: str, prepare
     """The pairs of `pairs` that `settings` (config.`key`) keep, prepared on first use in the
     raw split's data dir, on Apache Beam with `beam_flags` (its pipeline flags, --runner among
     them); its `clean_counts` say what each filter dropped."""
-    spec, _, source_lang, target_lang, data_dir = pairs.open_args
+    spec, data_dir = pairs.open_args[0], pairs.open_args[4]
     with sources.quiet_tfds():
         builder = CleanedBuilder(pairs=pairs, settings=settings, data_dir=data_dir, key=key)
         config = None if beam_flags is None else tfds.download.DownloadConfig(

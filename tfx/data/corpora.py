@@ -24,14 +24,19 @@ from tfx.data.sources import PairSource
 def language_token(language: str, template: str = "") -> str:
     """The output-language token of `language`: by `template` when it holds '{lang}'
     (config.data.target_lang_token, e.g. '<2{lang}>'), else OPUS-MT's '>>LANG<<'."""
-    return (template if "{lang}" in template else ">>{lang}<<").replace("{lang}", language)
+    return target_token(template if "{lang}" in template else ">>{lang}<<", language)
+
+
+def target_token(token: str, language: str) -> str:
+    """config.data.target_lang_token `token` for output `language`: its '{lang}' replaced, or
+    the token as it is."""
+    return token.replace("{lang}", language)
 
 
 def source_token(config: ml_collections.ConfigDict) -> str:
     """The piece before every source of a plain split and of translate.py's sentences:
     config.data.target_lang_token, its '{lang}' the config's target language."""
-    token = config.data.target_lang_token
-    return language_token(config.data.target_lang, token) if "{lang}" in token else token
+    return target_token(config.data.target_lang_token, config.data.target_lang)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +91,7 @@ class Split:
 def corpus_prefix(config: ml_collections.ConfigDict, settings: ml_collections.ConfigDict
                   ) -> tuple[str, ...]:
     """The pieces before a named corpus's sources: its target-language token, then its tag."""
-    token = config.data.target_lang_token
-    language = language_token(settings.target_lang, token) if "{lang}" in token else token
+    language = target_token(config.data.target_lang_token, settings.target_lang)
     return tuple(piece for piece in (language, settings.tag) if piece)
 
 
@@ -137,13 +141,10 @@ def open_split(config: ml_collections.ConfigDict, which: str, prepare: bool = Tr
 
 def open_splits(config: ml_collections.ConfigDict, prepare: bool = True,
                 beam_flags: Sequence[str] | None = None) -> dict[str, Split]:
-    """The config's train/eval/test splits that are set (train is required); `beam_flags`: the
-    training corpora are cleaned on Apache Beam (`open_split`)."""
-    if not config.data.train:
-        raise ValueError(f"config.data.train is empty; set it to {sources.SPEC_FORMS} or to "
-                         "names of config.data.corpora.")
+    """The config's train/eval/test splits that are set (train is required: `open_split` says
+    so when it is empty); `beam_flags`: the training corpora are cleaned on Apache Beam."""
     return {which: open_split(config, which, prepare, beam_flags)
-            for which in config_lib.SPLITS if config.data[which]}
+            for which in config_lib.SPLITS if which == "train" or config.data[which]}
 
 
 def mixing_weights(corpora: list[Corpus], temperature: float) -> np.ndarray:

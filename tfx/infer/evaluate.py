@@ -110,14 +110,15 @@ class SplitDecoder:
     gives the translations in source order and the speed, timed after compilation.
 
     The run is loaded as translate.py loads it (`trained.load`: parameters only, the workdir's
-    tokenizer first) unless `model` is given; of the data, only `split` is opened, or of it
-    only the corpus `corpus` (a split that names several is scored corpus by corpus)."""
+    tokenizer first) unless `model` is given; of the data, only `split` is opened unless its
+    `source` is given, or of it only the corpus named `corpus` (a split that names several is
+    scored corpus by corpus)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, split: str = "test",
                  checkpoint: str = "latest", corpus: str | None = None,
-                 model: trained.TrainedModel | None = None):
+                 model: trained.TrainedModel | None = None, source: corpora.Split | None = None):
         self.config, self.workdir, self.split, self.corpus = config, workdir, split, corpus
-        self.source = open_split(config, split)
+        self.source = source or open_split(config, split)
         if corpus is not None:
             self.source = self.source.only(corpus)
         self.model = model or trained.load(config, workdir, checkpoint)
@@ -169,14 +170,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
     hypotheses, references and results into the workdir (`SplitDecoder.results`). A split of
     several corpora (a multilingual model's language pairs) is scored corpus by corpus: the
     results are {"split", "spec", "checkpoint", "corpora": {name: that corpus's results}}."""
-    names = [corpus.name for corpus in open_split(config, split).corpora]
-    if len(names) == 1:
-        decoder = SplitDecoder(config, workdir, split, checkpoint)
+    source = open_split(config, split)
+    if len(source.corpora) == 1:
+        decoder = SplitDecoder(config, workdir, split, checkpoint, source=source)
         return decoder.results(*decoder(progress=True), metrics)
     model = trained.load(config, workdir, checkpoint)
     per_corpus = {}
-    for name in names:
-        decoder = SplitDecoder(config, workdir, split, checkpoint, corpus=name, model=model)
-        per_corpus[name] = decoder.results(*decoder(progress=True), metrics)
+    for corpus in source.corpora:
+        decoder = SplitDecoder(config, workdir, split, checkpoint, corpus.name, model, source)
+        per_corpus[corpus.name] = decoder.results(*decoder(progress=True), metrics)
     return {"split": split, "spec": config.data[split], "checkpoint": model.label,
             "corpora": per_corpus}
