@@ -132,3 +132,22 @@ def test_a_pair_read_alone_or_in_a_batch_is_what_tfds_decodes(tmp_path):
     decoded = [{side: split.records[i][lang].decode() for side, lang in (("source", "en"), ("target", "de"))}
                for i in range(len(split))]
     assert [split[i] for i in range(len(split))] == decoded == split.read([0, 1, 2])
+
+
+def test_a_corpus_past_the_writers_memory_buffer_spills_to_disk_without_tensorflow(tmp_path, monkeypatch):
+    # TFDS spills a split bigger than its buffer (1 GB) through tf.io.gfile; TensorFlow is not
+    # installed, so without tfx's stand-in the spill fails. A 1 KB buffer forces it here.
+    from tensorflow_datasets.core import shuffle
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1 << 10)
+    english = [f"sentence number {i}" for i in range(300)]
+    write(tmp_path / "c.en", "\n".join(english).encode() + b"\n")
+    write(tmp_path / "c.de", "\n".join(f"Satz Nummer {i}" for i in range(300)).encode() + b"\n")
+    with pytest.raises(ImportError, match="tensorflow"), sources.quiet_tfds():
+        sources.ParallelTextBuilder(
+            source_path=str(tmp_path / "c.en"), target_path=str(tmp_path / "c.de"), languages=("en", "de"),
+            data_dir=str(tmp_path / "plain"), file_format="array_record").download_and_prepare(file_format="array_record")
+    lazy_tensorflow = shuffle.tf
+    source = text_split(tmp_path / "c", tmp_path / "data")
+    assert [source[i]["source"] for i in range(len(source))] == english
+    assert source[299]["target"] == "Satz Nummer 299"
+    assert shuffle.tf is lazy_tensorflow  # restored after preparing

@@ -21,14 +21,18 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import errno
 import os
+import types
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 import tensorflow_datasets as tfds
 import tensorflow_datasets.translate  # noqa: F401  (registers the WMT builders; tfds imports them lazily)
 from array_record.python import array_record_module
+from etils import epath
 from array_record.python.array_record_data_source import ArrayRecordDataSource
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 from tensorflow_datasets.core.data_sources import base as tfds_data_sources
 from tensorflow_datasets.proto import tf_example_pb2
 
@@ -254,7 +258,43 @@ def prepare_once(builder: tfds.core.DatasetBuilder, prepare: bool, what: str,
         raise FileNotFoundError(f"{what} is not prepared in {builder.data_dir}; run "
                                 "`python -m tfx.data.prepare --config ...` first.")
     tfds.disable_progress_bar()
-    builder.download_and_prepare(file_format="array_record", download_config=download_config)
+    with spill_without_tensorflow():
+        builder.download_and_prepare(file_format="array_record", download_config=download_config)
+
+
+class _NeverRaised(Exception):
+    """Stands for TensorFlow's ResourceExhaustedError, which plain file writes do not raise."""
+
+
+def _open_bucket(path: str, mode: str):
+    """Opens one of TFDS's 1,000 spill buckets, raising the open-files limit as TFDS does."""
+    try:
+        return epath.Path(path).open(mode)
+    except OSError as error:
+        if error.errno != errno.EMFILE:
+            raise
+        tfds_shuffle._increase_open_files_limit()  # TFDS's own remedy
+        return epath.Path(path).open(mode)
+
+
+@contextlib.contextmanager
+def spill_without_tensorflow():
+    """Lets TFDS's writer spill past its 1 GB in-memory buffer without TensorFlow.
+
+    The writer's shuffler keeps a split's examples in memory up to `MAX_MEM_BUFFER_SIZE`, then
+    writes them to bucket files through `tf.io.gfile`, which fails when TensorFlow is absent (a
+    corpus of ~10 million pairs). Within this block its files go through etils epath instead;
+    TFDS is restored after it."""
+    gfile = types.SimpleNamespace(GFile=_open_bucket, exists=lambda path: epath.Path(path).exists(),
+                                  remove=lambda path: epath.Path(path).unlink())
+    files_api = types.SimpleNamespace(io=types.SimpleNamespace(gfile=gfile),
+                                      errors=types.SimpleNamespace(ResourceExhaustedError=_NeverRaised))
+    saved = tfds_shuffle.tf
+    tfds_shuffle.tf = files_api
+    try:
+        yield
+    finally:
+        tfds_shuffle.tf = saved
 
 
 def check_data_dir(data_dir: str):
