@@ -2,9 +2,10 @@
 
     echo "A man is riding a bike." | python translate.py --workdir runs/multi30k
     python translate.py --workdir W [--checkpoint latest|STEP|average:N]
-        [--input FILE] [--output FILE] [--beam N] [--strategy beam|greedy|sample]
-        [--temperature T] [--top_k K] [--top_p P] [--length_penalty A] [--max_length N]
-        [--nbest K] [--target_lang LANG] [--config.KEY=VALUE ...]
+        [--input FILE] [--output FILE] [--stream] [--prefix FILE] [--beam N]
+        [--strategy beam|greedy|sample] [--temperature T] [--top_k K] [--top_p P]
+        [--length_penalty A] [--max_length N] [--nbest K] [--target_lang LANG]
+        [--config.KEY=VALUE ...]
     python translate.py --workdir W --score --source S --target T [--output FILE]
 
 The run's config is its config.json; --config FILE[:variant] and --config.KEY=VALUE may change
@@ -12,12 +13,17 @@ what may change at inference (decoding, batch sizes, mesh), not its model. The d
 are shorthands of config.decode keys (--beam of --config.decode.beam_size). --target_lang deu
 chooses a multilingual model's output language: it puts OPUS-MT's token '>>deu<<' before every
 source (config.data.target_lang_token); a language the vocabulary has no token for is an error
-listing those it has.
+listing those it has. --prefix FILE, line-aligned with the input (an empty line: none), forces
+each translation to begin with its line (CTranslate2's target_prefix): terminology, or
+interactive translation that continues what a translator typed.
 
 Translations go one per line in input order; with --nbest K, lines of
 index<TAB>rank<TAB>score<TAB>translation (index from 0, rank 1 is the best). --score writes
 sum<TAB>mean<TAB>tokens of each target's token log-probabilities. The input is read and
-checked whole before anything is written, and --output is written atomically.
+checked whole before anything is written, and --output is written atomically; but with
+--stream, translate.py reads stdin a line at a time and writes and flushes the translations
+of the lines already waiting as soon as they are done (to stdout), for pipes and interactive
+use, stopping at the first invalid line.
 """
 import sys
 
@@ -27,8 +33,9 @@ from tfx.core import cli, files, host_memory
 from tfx.core import config as config_lib
 from tfx.data.sources import decode_lines, read_lines
 from tfx.data.corpora import language_token
+from tfx.infer import stream as stream_lib
 from tfx.infer import trained
-from tfx.infer.translate import Translator
+from tfx.infer.translate import Hypothesis, Translator
 
 
 def main():
@@ -39,6 +46,8 @@ def main():
     score = flags.DEFINE_bool("score", False, "Score the pairs of --source and --target.")
     source = flags.DEFINE_string("source", None, "Score mode: source sentences, one per line.")
     target = flags.DEFINE_string("target", None, "Score mode: their translations, line-aligned.")
+    prefix = flags.DEFINE_string("prefix", None, "Forced target prefixes, one per input line (empty: none).")
+    stream = flags.DEFINE_bool("stream", False, "Translate stdin a line at a time, flushing each batch.")
     decode = {  # each overrides its config.decode key.
         "beam_size": flags.DEFINE_integer("beam", None, "Beam size (config.decode.beam_size)."),
         "strategy": flags.DEFINE_enum("strategy", None, list(config_lib.DECODE_STRATEGIES),
@@ -62,8 +71,23 @@ def main():
                 config.decode[key] = flag.value
         if target_lang.value is not None:
             config.data.target_lang_token = language_token(target_lang.value, config.data.target_lang_token)
-        run(config_lib.validate(config), shared.workdir.value, shared.checkpoint.value, inputs.value,
-            output.value, nbest.value, score.value, source.value, target.value)
+        config = config_lib.validate(config)
+        args = (shared.workdir.value, shared.checkpoint.value)
+        host_memory.keep_freed_memory_on_cpu()
+        if score.value:
+            if not (source.value and target.value) or inputs.value or prefix.value or stream.value:
+                raise ValueError("--score needs --source and --target (and no --input, --prefix or --stream).")
+            score_pairs(config, *args, source.value, target.value, output.value)
+            return
+        if source.value or target.value:
+            raise ValueError("--source and --target are for --score; translate --input FILE or stdin.")
+        prefixes = list(read_lines(prefix.value)) if prefix.value else None
+        if stream.value:
+            if inputs.value or output.value:
+                raise ValueError("--stream reads stdin and writes stdout; leave out --input and --output.")
+            translate_stream(Translator(trained.load(config, *args)), nbest.value, prefixes, prefix.value)
+        else:
+            translate_file(config, *args, inputs.value, output.value, nbest.value, prefixes, prefix.value)
 
     # ERROR: orbax warns of every read-only checkpoint directory.
     cli.run("translate.py", command, verbosity=logging.ERROR)
@@ -78,34 +102,55 @@ def write(lines: list[str], path: str | None):
     files.write_text(path, text)
 
 
-def run(config, workdir: str, checkpoint: str, inputs: str | None, output: str | None, nbest: int,
-        score: bool, source: str | None, target: str | None):
-    """Translates `inputs` (or stdin), or with `score` scores the pairs of `source` and
-    `target`, with `checkpoint` of the run in `workdir`; writes the lines to `output`."""
-    host_memory.keep_freed_memory_on_cpu()
-    if score:
-        if not (source and target) or inputs:
-            raise ValueError("--score needs --source and --target (and no --input).")
-        sources, targets = list(read_lines(source)), list(read_lines(target))
-        if len(sources) != len(targets):
-            raise ValueError(f"{source} has {len(sources)} lines but {target} has "
-                             f"{len(targets)}; sources and targets must be line-aligned.")
-        translator = Translator(trained.load(config, workdir, checkpoint))
-        scores, report = translator.score(sources, targets, progress=True)
-        lines = [f"{total:.6f}\t{total / max(tokens, 1):.6f}\t{tokens}" for total, tokens in scores]
-    else:
-        if source or target:
-            raise ValueError("--source and --target are for --score; translate --input FILE or stdin.")
-        sentences = list(read_lines(inputs) if inputs else decode_lines(sys.stdin.buffer, "<stdin>"))
-        translator = Translator(trained.load(config, workdir, checkpoint))
-        results, report = translator.translate(sentences, max(nbest, 1), progress=inputs is not None)
-        if nbest:
-            lines = [f"{index}\t{rank}\t{h.score:.6f}\t{h.text}" for index, hypotheses in enumerate(results)
-                     for rank, h in enumerate(hypotheses, start=1)]
-        else:
-            lines = [hypotheses[0].text for hypotheses in results]
-    write(lines, output)
-    print(f"{'scored' if score else 'translated'} {report}", file=sys.stderr)
+def score_pairs(config, workdir: str, checkpoint: str, source: str, target: str, output: str | None):
+    """Writes sum, mean and count of each target's token log-probabilities given its source."""
+    sources, targets = list(read_lines(source)), list(read_lines(target))
+    if len(sources) != len(targets):
+        raise ValueError(f"{source} has {len(sources)} lines but {target} has "
+                         f"{len(targets)}; sources and targets must be line-aligned.")
+    translator = Translator(trained.load(config, workdir, checkpoint))
+    scores, report = translator.score(sources, targets, progress=True)
+    write([f"{total:.6f}\t{total / max(tokens, 1):.6f}\t{tokens}" for total, tokens in scores], output)
+    print(f"scored {report}", file=sys.stderr)
+
+
+def translate_file(config, workdir: str, checkpoint: str, inputs: str | None, output: str | None,
+                   nbest: int, prefixes: list[str] | None, prefix_file: str | None):
+    """Translates all of `inputs` (or stdin), then writes the translations to `output`."""
+    sentences = list(read_lines(inputs) if inputs else decode_lines(sys.stdin.buffer, "<stdin>"))
+    if prefixes is not None and len(prefixes) != len(sentences):
+        raise ValueError(f"--prefix {prefix_file} has {len(prefixes)} lines but the input has "
+                         f"{len(sentences)}; give one prefix per input line (an empty line: none).")
+    translator = Translator(trained.load(config, workdir, checkpoint))
+    results, report = translator.translate(sentences, max(nbest, 1), progress=inputs is not None,
+                                           prefixes=prefixes)
+    write(output_lines(results, nbest), output)
+    print(f"translated {report}", file=sys.stderr)
+
+
+def translate_stream(translator: Translator, nbest: int, prefixes: list[str] | None, prefix_file: str | None):
+    """Translates stdin a batch of waiting lines at a time, flushing each batch's translations."""
+    done = 0
+    for batch in stream_lib.waiting_batches(decode_lines(sys.stdin.buffer, "<stdin>"), translator.rows):
+        forced = None
+        if prefixes is not None:
+            if done + len(batch) > len(prefixes):
+                raise ValueError(f"--prefix {prefix_file} has {len(prefixes)} lines but the input has more; "
+                                 "give one prefix per input line (an empty line: none).")
+            forced = prefixes[done:done + len(batch)]
+        results, _ = translator.translate(batch, max(nbest, 1), stream=done, prefixes=forced)
+        write(output_lines(results, nbest, first=done), None)
+        sys.stdout.flush()
+        done += len(batch)
+
+
+def output_lines(results: list[list[Hypothesis]], nbest: int, first: int = 0) -> list[str]:
+    """The best translation of each sentence; with `nbest`, index, rank, score and translation
+    of each hypothesis (indices from `first`)."""
+    if not nbest:
+        return [hypotheses[0].text for hypotheses in results]
+    return [f"{index}\t{rank}\t{h.score:.6f}\t{h.text}" for index, hypotheses in enumerate(results, start=first)
+            for rank, h in enumerate(hypotheses, start=1)]
 
 
 if __name__ == "__main__":

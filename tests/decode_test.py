@@ -100,9 +100,10 @@ def test_scanned_layers_decode_like_unrolled_layers(tiny_config, strategy):
     assert_well_formed(scanned, limit=8 + 4)
 
 
-def brute_force_best(config, model, inputs, limit, alpha):
-    """The highest-scoring output of each source among all that end in EOS within `limit` tokens,
-    scored with the model's teacher-forced log-probabilities and the GNMT length penalty."""
+def brute_force_best(config, model, inputs, limit, alpha, prefixes=None):
+    """The highest-scoring output of each source among all that end in EOS within `limit` tokens
+    (and begin with its prefix in `prefixes`), scored with the model's teacher-forced
+    log-probabilities and the GNMT length penalty."""
     vocab = config.model.vocab_size
     outputs = [list(body) + [EOS] for n in range(limit)
                for body in itertools.product(range(2, vocab), repeat=n)]
@@ -114,7 +115,11 @@ def brute_force_best(config, model, inputs, limit, alpha):
     log_probs = jax.nn.log_softmax(logits).reshape(len(inputs), len(targets), limit, -1)
     log_p = (np.take_along_axis(np.asarray(log_probs), targets[None, ..., None], -1)[..., 0]
              * (targets > 0)).sum(axis=-1)
-    return targets[np.argmax(log_p / ((5 + lengths) / 6) ** alpha, axis=1)]
+    scores = log_p / ((5 + lengths) / 6) ** alpha
+    if prefixes is not None:
+        begins = np.array([[o[:len(p)] == list(p) and len(o) > len(p) for o in outputs] for p in prefixes])
+        scores = np.where(begins, scores, -np.inf)
+    return targets[np.argmax(scores, axis=1)]
 
 
 def exhaustive_setup(tiny_config, limit=3):
@@ -212,7 +217,7 @@ def test_best_extensions_equal_a_top_k_over_the_allowed_logits(t, forced_length)
     logits_BxWxV = logits_BxWxV.at[:, :2, decode.PAD].set(50.0).at[:, 1:3, decode.EOS].set(40.0)
     log_probs_BxW = jnp.array([[0.0, -1.0, -2.0, -jnp.inf], [-0.5, -0.7, -3.0, -4.0]])
     limit = 10  # t = 9 is the last step: EOS only.
-    log_probs, parents, tokens = decode._best_extensions(log_probs_BxW, logits_BxWxV, 8, t, limit, options)
+    log_probs, parents, tokens = decode._best_extensions(log_probs_BxW, logits_BxWxV, 8, t, limit, options, None)
     allowed_BxWxV = decode._allowed(logits_BxWxV, t, limit, options)
     candidates_BxWV = (log_probs_BxW[..., None] + jax.nn.log_softmax(logits_BxWxV)
                        + jnp.where(jnp.isfinite(allowed_BxWxV), 0.0, -jnp.inf)).reshape(2, -1)
@@ -338,3 +343,79 @@ def test_shortlist_decoding_on_a_data_and_tensor_mesh_equals_one_device(tiny_con
     options = dict(shortlist=shortlist_file(tmp_path, 50), shortlist_size=16)
     np.testing.assert_array_equal(translate(config, model, inputs, "data:2,tensor:4", **options),
                                   translate(config, model, inputs, **options))
+
+
+def search(config, model, inputs, prefix=None, mesh_shape="data:1", rng=None, **overrides):
+    """(tokens [B, W, T], scores [B, W]) of `decode.search`, with forced prefixes [B, P]."""
+    graphdef, params = model
+    mesh = parallel.make_mesh(mesh_shape, jax.devices()[:1] if mesh_shape == "data:1" else None)
+    shardings = parallel.state_shardings(params, mesh, config.logical_axis_rules)
+    run = decode.make_translate(config, graphdef, mesh, shardings, nbest=True, **overrides)
+    return tuple(np.asarray(x) for x in run(params, inputs, rng, prefix))
+
+
+def prefixes_of(tokens_BxT, lengths) -> np.ndarray:
+    """The first lengths[b] tokens of each row, right-padded to [B, max(lengths)]."""
+    prefix = np.zeros((len(tokens_BxT), max(lengths)), np.int32)
+    for b, n in enumerate(lengths):
+        prefix[b, :n] = tokens_BxT[b, :n]
+    return prefix
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample"])
+def test_forcing_a_hypothesis_own_start_finds_it_again_with_its_score(tiny_config, strategy):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs, rng = build(config), sources(14, 8, 8, 50), jax.random.PRNGKey(3)
+    tokens, scores = search(config, model, inputs, rng=rng, strategy=strategy)
+    ends = [list(row).index(EOS) for row in tokens[:, 0]]
+    lengths = [min(b % 4, end) for b, end in enumerate(ends)]  # 0 to 3 tokens, none of them EOS.
+    assert max(lengths) > 0
+    forced_tokens, forced_scores = search(config, model, inputs, prefixes_of(tokens[:, 0], lengths),
+                                          rng=rng, strategy=strategy)
+    np.testing.assert_array_equal(forced_tokens, tokens)
+    np.testing.assert_allclose(forced_scores, scores, rtol=1e-5)
+
+
+def test_forced_beam_search_finds_the_best_output_with_that_prefix_by_brute_force(tiny_config):
+    config, model, inputs = exhaustive_setup(tiny_config)
+    prefixes = [[], [2], [3], [4], [2, 3], [4, 4], [3, 2], [2]]
+    prefix = np.zeros((8, 2), np.int32)
+    for b, p in enumerate(prefixes):
+        prefix[b, :len(p)] = p
+    tokens, _ = search(config, model, inputs, prefix, length_penalty=0.6)
+    expected = brute_force_best(config, model, inputs, 3, 0.6, prefixes)
+    np.testing.assert_array_equal(tokens[:, 0, :3], expected)
+    assert (expected != brute_force_best(config, model, inputs, 3, 0.6)).any()  # forcing mattered.
+
+
+def test_forced_beam_hypotheses_begin_with_the_prefix_and_score_it(tiny_config):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config), sources(15, 8, 8, 50)
+    prefix = np.random.default_rng(0).integers(2, 50, (8, 10)).astype(np.int32)
+    prefix[np.arange(10)[None, :] >= np.array([10, 0, 1, 2, 3, 5, 8, 9])[:, None]] = 0
+    tokens, scores = search(config, model, inputs, prefix, length_penalty=0.6)
+    width = config.decode.beam_size
+    for w in range(width):
+        for b, row in enumerate(prefix):
+            n = int((row > 0).sum())
+            np.testing.assert_array_equal(tokens[b, w, :n], row[:n])
+        lengths = (tokens[:, w] > 0).sum(-1)
+        expected = teacher_forced_log_probs(model, inputs, tokens[:, w]) / ((5 + lengths) / 6) ** 0.6
+        np.testing.assert_allclose(scores[:, w], expected, rtol=1e-4, atol=1e-4)
+    assert tokens.shape[2] >= 11  # a 10-token prefix and EOS fit, though the sources have 8.
+    sharded = search(config, model, inputs, prefix, "data:2,tensor:4", length_penalty=0.6)
+    np.testing.assert_array_equal(sharded[0], tokens)
+
+
+def test_a_forced_prefix_outside_the_shortlist_joins_it(tiny_config, tmp_path):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config), sources(16, 8, 8, 50)
+    path = shortlist_file(tmp_path, 50)
+    listed = set(np.asarray(shortlist.vocabulary(shortlist.load(path, 50), inputs, 16)).tolist())
+    outside = [t for t in range(2, 50) if t not in listed][:3]
+    prefix = np.tile(np.array(outside, np.int32), (8, 1))
+    for strategy in ("beam", "greedy"):
+        tokens, scores = search(config, model, inputs, prefix, strategy=strategy, shortlist=path,
+                                shortlist_size=16)
+        np.testing.assert_array_equal(tokens[:, 0, :3], prefix)
+        assert np.isfinite(scores[:, 0]).all()

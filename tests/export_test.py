@@ -25,6 +25,7 @@ from runs import ROOT
 
 DATA = os.path.join(ROOT, "data", "multi30k-en-de")
 TEST_SOURCES = os.path.join(DATA, "test_2016_flickr.en")
+TEST_TARGETS = os.path.join(DATA, "test_2016_flickr.de")
 NUM_SENTENCES = 64
 
 
@@ -40,15 +41,21 @@ def run(converged, tmp_path_factory):
     return model, workdir, output, sources
 
 
-def tfx_translate(model: rundir.TrainedModel, sources: list[list[int]], **options) -> list[list[int]]:
-    """tfx's translations (ids before EOS) of `sources`, with config.decode `options`."""
-    rows = -(-len(sources) // 8) * 8  # a multiple of the 8 data-parallel devices.
-    inputs_BxS = np.zeros((rows, max(map(len, sources))), np.int32)
-    for row, ids in enumerate(sources):
-        inputs_BxS[row, :len(ids)] = ids
+def padded(rows: list[list[int]]) -> np.ndarray:
+    """Right-padded int32, a multiple of the 8 data-parallel devices of rows."""
+    out = np.zeros((-(-len(rows) // 8) * 8, max(map(len, rows))), np.int32)
+    for row, ids in enumerate(rows):
+        out[row, :len(ids)] = ids
+    return out
+
+
+def tfx_translate(model: rundir.TrainedModel, sources: list[list[int]], prefixes=None, **options) -> list[list[int]]:
+    """tfx's translations (ids before EOS) of `sources` (forced to begin with `prefixes`), with
+    config.decode `options`."""
     translate = decode.make_translate(model.config, model.graphdef, model.mesh,
                                       model.params_shardings, **options)
-    tokens_BxT = np.asarray(translate(model.params, inputs_BxS))[:len(sources)].tolist()
+    prefix_BxP = None if prefixes is None else padded(prefixes)
+    tokens_BxT = np.asarray(translate(model.params, padded(sources), None, prefix_BxP))[:len(sources)].tolist()
     return [row[:row.index(EOS_ID)] for row in tokens_BxT]
 
 
@@ -80,6 +87,24 @@ def test_greedy_translations_are_token_identical(run):
     assert ended >= 50, f"only {ended} of {len(sources)} translations end before the limit: train more"
     identical = sum(e == g for e, g in zip(expected, got))
     assert identical == len(sources), f"{identical} of {len(sources)} greedy translations are identical"
+
+
+def test_forced_prefixes_decode_as_ctranslate2_target_prefix(run):
+    """Each test sentence forced to begin with the first 0 to 3 tokens of its reference."""
+    model, _, output, sources = run
+    translator = ctranslate2.Translator(output, device="cpu", compute_type="float32")
+    with open(TEST_TARGETS, encoding="utf-8") as f:
+        references = [line.rstrip("\n") for line in f][:NUM_SENTENCES]
+    prefixes = [model.tokenizer.encode_target(text)[:-1][:i % 4] for i, text in enumerate(references)]
+    expected = tfx_translate(model, sources, prefixes, strategy="greedy")
+    pieces = model.tokenizer.pieces()
+    got = ct2_translate(translator, model, sources, beam_size=1,
+                        target_prefix=[[pieces[i] for i in prefix] for prefix in prefixes])
+    assert all(e[:len(p)] == p for e, p in zip(expected, prefixes))
+    identical = sum(e == g for e, g in zip(expected, got))
+    assert identical == len(sources), f"{identical} of {len(sources)} forced translations are identical"
+    unforced = tfx_translate(model, sources, strategy="greedy")
+    assert sum(e != u for e, u in zip(expected, unforced)) >= 10  # the prefixes changed outputs.
 
 
 def test_beam_translations_agree(run):

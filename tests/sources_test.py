@@ -150,4 +150,4 @@ def test_a_corpus_past_the_writers_memory_buffer_spills_to_disk_without_tensorfl
     source = text_split(tmp_path / "c", tmp_path / "data")
     assert [source[i]["source"] for i in range(len(source))] == english
     assert source[299]["target"] == "Satz Nummer 299"
-    assert shuffle.tf is lazy_tensorflow  # restored after preparing
+    assert shuffle.tf is lazy_tensorflow and shuffle.MAX_MEM_BUFFER_SIZE == 1 << 10  # restored

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -109,14 +110,21 @@ def test_scores_are_the_log_probabilities_of_the_model_logits(translator):
         translator.score(["a", "b"], ["c"])
 
 
-def cli(run, *args, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+def cli_args(run, *args) -> list[str]:
     config, workdir = run
     flags = flags_for({**{f"model.{k}": v for k, v in TINY.items()}, "per_device_eval_batch_size": 4,
                        "data.data_dir": config.data.data_dir, "max_source_length": 32,
                        "max_target_length": 32})
-    return subprocess.run([sys.executable, TRANSLATE_PY, f"--config={MULTI30K}", f"--workdir={workdir}",
-                           *flags, *args], input=stdin, capture_output=True,
+    return [sys.executable, TRANSLATE_PY, f"--config={MULTI30K}", f"--workdir={workdir}", *flags, *args]
+
+
+def cli(run, *args, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_args(run, *args), input=stdin, capture_output=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+# translate.py's flags for the `translator` fixture's decoding (DECODE).
+DECODE_FLAGS = ("--strategy=beam", "--beam=3", "--max_length=8", "--config.decode.max_length_offset=50")
 
 
 def test_cli_translates_stdin_into_nbest_lines_and_scores_files(run, translator, tmp_path):
@@ -197,3 +205,58 @@ def test_cli_stops_with_one_line_on_a_diverged_checkpoint(diverged, tmp_path):
     assert re.fullmatch(r"translate\.py: line 1 of the input \('A dog\.'\): all 2 hypotheses "
                         r"scored a non-finite log-probability .*", last), last
     assert "Traceback" not in done.stderr.decode() and not out.exists()
+
+
+def test_cli_prefix_file_forces_each_line_and_must_match_the_input(run, translator, tmp_path):
+    lines = ["A man is riding a bike.", "Two dogs play in the snow.", "A woman sings."]
+    prefixes = tmp_path / "prefixes.de"
+    prefixes.write_text("Ein Mann\n\nEine Frau singt\n", encoding="utf-8")
+    done = cli(run, f"--prefix={prefixes}", *DECODE_FLAGS, stdin="".join(line + "\n" for line in lines).encode())
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    expected, _ = translator.translate(lines, prefixes=["Ein Mann", "", "Eine Frau singt"])
+    assert done.stdout.decode().splitlines() == [r[0].text for r in expected]
+    assert expected[0][0].text.startswith("Ein Mann") and expected[2][0].text.startswith("Eine Frau singt")
+    done = cli(run, f"--prefix={prefixes}", stdin=b"One line.\n")
+    assert done.returncode == 1 and not done.stdout
+    assert done.stderr.decode().splitlines()[-1] == (
+        f"translate.py: --prefix {prefixes} has 3 lines but the input has 1; give one prefix per "
+        "input line (an empty line: none).")
+
+
+def test_cli_stream_answers_each_line_before_the_next_arrives(run, translator):
+    process = subprocess.Popen(cli_args(run, "--stream", *DECODE_FLAGS), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    watchdog = threading.Timer(240, process.kill)  # a hang fails the test instead of the suite.
+    watchdog.start()
+    try:
+        answers = []
+        for line in [b"A man is riding a bike.", b"Two dogs play in the snow.", b"A \xff woman."]:
+            process.stdin.write(line + b"\n")
+            process.stdin.flush()
+            if b"\xff" not in line:
+                answers.append(process.stdout.readline().decode().rstrip("\n"))  # before stdin closes.
+        process.stdin.close()
+        rest, errors = process.stdout.read(), process.stderr.read()
+        process.wait()
+    finally:
+        watchdog.cancel()
+    expected, _ = translator.translate(["A man is riding a bike.", "Two dogs play in the snow."])
+    assert answers == [r[0].text for r in expected]
+    assert process.returncode == 1 and not rest
+    assert errors.decode().splitlines()[-1].startswith("translate.py: <stdin>:3: invalid UTF-8 (byte 0xff")
+
+
+def test_a_translation_own_start_as_prefix_gives_it_again(converged):
+    """On real outputs (the converged tiny model), greedily: forcing the first 0 to 3 words of
+    each translation reproduces it, score included."""
+    config, workdir = converged
+    config = config.copy_and_resolve_references()
+    config.decode.strategy = "greedy"
+    greedy = Translator(trained_lib.load(config, workdir))
+    lines = list(read_lines(TEST_EN))[:16]
+    unforced = [r[0] for r in greedy.translate(lines)[0]]
+    own_starts = [" ".join(h.text.split()[:i % 4]) for i, h in enumerate(unforced)]
+    again = [r[0] for r in greedy.translate(lines, prefixes=own_starts)[0]]
+    assert [h.text for h in again] == [h.text for h in unforced]
+    np.testing.assert_allclose([h.score for h in again], [h.score for h in unforced], rtol=1e-5)

@@ -40,6 +40,7 @@ from tfx.core import files
 
 SPEC_FORMS = '"tfds:NAME[/CONFIG]:SPLIT" or "text:PATH_PREFIX"'
 TEXT_SPLIT = "lines"  # the one split of a local-text dataset.
+WRITER_BUFFER_BYTES = 256 << 20  # records TFDS's writer holds in memory before spilling to disk.
 
 
 def default_data_dir(data_dir: str) -> str:
@@ -279,22 +280,24 @@ def _open_bucket(path: str, mode: str):
 
 @contextlib.contextmanager
 def spill_without_tensorflow():
-    """Lets TFDS's writer spill past its 1 GB in-memory buffer without TensorFlow.
+    """Lets TFDS's writer spill past its in-memory buffer without TensorFlow, and bounds it.
 
-    The writer's shuffler keeps a split's examples in memory up to `MAX_MEM_BUFFER_SIZE`, then
-    writes them to bucket files through `tf.io.gfile`, which fails when TensorFlow is absent (a
-    corpus of ~10 million pairs). Within this block its files go through etils epath instead;
-    TFDS is restored after it."""
+    The writer's shuffler keeps a split's examples in memory up to `MAX_MEM_BUFFER_SIZE` (1 GB
+    of records, about 3 GB of Python objects), then writes them to bucket files through
+    `tf.io.gfile`, which fails when TensorFlow is absent (a corpus of ~10 million pairs).
+    Within this block its files go through etils epath instead, and the buffer is at most
+    WRITER_BUFFER_BYTES; TFDS is restored after it."""
     gfile = types.SimpleNamespace(GFile=_open_bucket, exists=lambda path: epath.Path(path).exists(),
                                   remove=lambda path: epath.Path(path).unlink())
     files_api = types.SimpleNamespace(io=types.SimpleNamespace(gfile=gfile),
                                       errors=types.SimpleNamespace(ResourceExhaustedError=_NeverRaised))
-    saved = tfds_shuffle.tf
+    saved = tfds_shuffle.tf, tfds_shuffle.MAX_MEM_BUFFER_SIZE
     tfds_shuffle.tf = files_api
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE = min(saved[1], WRITER_BUFFER_BYTES)
     try:
         yield
     finally:
-        tfds_shuffle.tf = saved
+        tfds_shuffle.tf, tfds_shuffle.MAX_MEM_BUFFER_SIZE = saved
 
 
 def check_data_dir(data_dir: str):

@@ -6,7 +6,8 @@ are sorted by length and batched (per_device_eval_batch_size rows per data-paral
 each batch padded to a power-of-two length so that only a few shapes compile, and results come
 back in input order.
 Empty lines translate to empty lines without decoding. Sentences longer than model.max_len
-tokens are truncated (keeping EOS) and counted.
+tokens are truncated (keeping EOS) and counted. A forced target prefix per line (`prefixes`)
+makes its translations begin with it (tfx/model/decode.py); batches without one decode as before.
 
 Scores: an n-best hypothesis carries the model's log-probability over the GNMT length penalty
 (the order beam search ranks by; see tfx/model/decode.py); scoring a pair gives the sum and the
@@ -107,10 +108,12 @@ class Translator:
         return self.options.beam_size if self.options.strategy == "beam" else 1
 
     def translate(self, lines: Sequence[str], nbest: int = 1, progress: bool = False,
-                  stream: int | None = None) -> tuple[list[list[Hypothesis]], Report]:
+                  stream: int | None = None, prefixes: Sequence[str] | None = None
+                  ) -> tuple[list[list[Hypothesis]], Report]:
         """Up to `nbest` hypotheses per line, best first (one empty one for an empty line).
         Sampling draws batch b's numbers from config.seed's key folded with b, and first with
-        `stream` if given: calls with different streams draw differently.
+        `stream` if given: calls with different streams draw differently. `prefixes`, one per
+        line ("": none), force the start of each line's translations.
 
         Beam search gives its best `nbest` of beam_size finished hypotheses; sampling draws
         `nbest` samples per line; greedy decoding has one. A line none of whose hypotheses
@@ -130,6 +133,7 @@ class Translator:
             if line.strip():
                 sources[i], cut = _encode(self.model.tokenizer.encode_source, line, self.max_len)
                 report.truncated += cut
+        forced = self._prefixes(prefixes, len(lines), sources)
         found: dict[int, list[Hypothesis]] = {i: [] for i in sources}
         left = dict.fromkeys(sources, copies)  # searches still to come per sentence.
         todo = [i for i in sources for _ in range(copies)]
@@ -140,7 +144,11 @@ class Translator:
             indices = [todo[r] for r in rows]
             inputs_BxS = _padded([sources[i] for i in indices], self.rows, self.max_len)
             rng = jax.random.fold_in(key, number)
-            tokens_BxWxT, scores_BxW = jax.device_get(self._search(self.model.params, inputs_BxS, rng))
+            prefix_BxP = None
+            if any(len(forced.get(i, ())) for i in indices):
+                prefix_BxP = _padded([forced.get(i, np.zeros(0, np.int32)) for i in indices], self.rows, self.max_len)
+            tokens_BxWxT, scores_BxW = jax.device_get(
+                self._search(self.model.params, inputs_BxS, rng, prefix_BxP))
             for row, index in enumerate(indices):
                 report.tokens += _length(tokens_BxWxT[row, 0])
                 found[index] += self._finite(tokens_BxWxT[row], scores_BxW[row])
@@ -154,6 +162,16 @@ class Translator:
             results[i] = sorted(hypotheses, key=lambda h: -h.score)[:nbest]
         report.seconds = time.perf_counter() - start
         return results, report
+
+    def _prefixes(self, prefixes: Sequence[str] | None, lines: int, sources: dict) -> dict[int, np.ndarray]:
+        """The forced prefixes' target ids (no EOS, at most max_len - 1) of the lines to decode."""
+        if prefixes is None:
+            return {}
+        if len(prefixes) != lines:
+            raise ValueError(f"{len(prefixes)} prefixes for {lines} lines; give one per line (\"\": none).")
+        encode = self.model.tokenizer.encode_target
+        return {i: np.asarray(encode(prefixes[i])[:-1][:self.max_len - 1], np.int32)
+                for i in sources if prefixes[i].strip()}
 
     def _finite(self, tokens_WxT: np.ndarray, scores_W: np.ndarray) -> list[Hypothesis]:
         """The hypotheses of one search with a finite score (-inf: the beam has fewer)."""

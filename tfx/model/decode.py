@@ -12,6 +12,13 @@ instead. `Options.from_config` reads `config.decode`, and `full_recompute=True` 
 tokens) + max_length_offset tokens, and at most max_length (if set) and the model's max_len;
 the last one allowed is EOS.
 
+A forced target prefix (`prefix_BxP`: token ids, right-padded with 0, no EOS) makes each
+hypothesis of sentence b begin with its prefix's tokens (CTranslate2's `target_prefix`): at
+step t < len(prefix_b) the only token allowed is prefix_b[t]. Its log-probabilities count in
+the score, so forcing a hypothesis' own start finds it again with its score (greedy decoding
+exactly). The output may be one token longer than the longest prefix, whatever the source's
+length, within max_length and the model's max_len, which cut a prefix too long for them.
+
 Scores are the model's log-probability of a hypothesis (EOS included) divided by the GNMT
 length penalty ((5 + length) / 6) ** length_penalty, the order beam search ranks by.
 
@@ -91,24 +98,24 @@ def jit_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mes
     decode = search if nbest else translate
 
     @jax.jit
-    def run(params, inputs_BxS, rng):
+    def run(params, inputs_BxS, rng, prefix_BxP=None):
         with parallel.activation_sharding(mesh, rules), quantize.matmuls(config.quantization):
-            return decode(nnx.merge(graphdef, params), inputs_BxS, options, rng)
+            return decode(nnx.merge(graphdef, params), inputs_BxS, options, rng, prefix_BxP)
 
     return run
 
 
 def make_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
                    params_shardings: nnx.State, nbest: bool = False, **overrides) -> Callable:
-    """`translate(params, inputs_BxS, rng=None) -> tokens_BxT` on `mesh` (see `jit_translate`,
-    also for `nbest`), which places its arguments. `rng` (a PRNG key) only matters for
-    sampling; None means key 0.
+    """`translate(params, inputs_BxS, rng=None, prefix_BxP=None) -> tokens_BxT` on `mesh` (see
+    `jit_translate`, also for `nbest`), which places its arguments. `rng` (a PRNG key) only
+    matters for sampling; None means key 0. `prefix_BxP`: forced target prefixes (module doc).
     """
     run = jit_translate(config, graphdef, mesh, nbest, **overrides)
     batch_sharding = parallel.batch_sharding(mesh, config.logical_axis_rules)
     rows_per_shard = parallel.data_parallel_size(mesh, config.logical_axis_rules)
 
-    def translate_batch(params, inputs_BxS, rng=None):
+    def translate_batch(params, inputs_BxS, rng=None, prefix_BxP=None):
         if inputs_BxS.shape[0] % rows_per_shard:
             raise ValueError(
                 f"a batch of {inputs_BxS.shape[0]} sentences cannot be split over the "
@@ -116,49 +123,78 @@ def make_translate(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, me
                 f"make the decoding batch a multiple of {rows_per_shard}.")
         params = jax.device_put(params, params_shardings)
         inputs_BxS = jax.device_put(inputs_BxS, batch_sharding)
-        return run(params, inputs_BxS, jax.random.PRNGKey(0) if rng is None else rng)
+        if prefix_BxP is not None:
+            prefix_BxP = jax.device_put(prefix_BxP, batch_sharding)
+        return run(params, inputs_BxS, jax.random.PRNGKey(0) if rng is None else rng, prefix_BxP)
 
     return translate_batch
 
 
 def translate(model: EncoderDecoder, inputs_BxS: jax.Array, options: Options,
-              rng: jax.Array | None = None) -> jax.Array:
+              rng: jax.Array | None = None, prefix_BxP: jax.Array | None = None) -> jax.Array:
     """Best translations [B, T] of right-padded sources [B, S] (T: the longest output allowed)."""
-    return search(model, inputs_BxS, options, rng)[0][:, 0]
+    return search(model, inputs_BxS, options, rng, prefix_BxP)[0][:, 0]
 
 
 def search(model: EncoderDecoder, inputs_BxS: jax.Array, options: Options,
-           rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+           rng: jax.Array | None = None, prefix_BxP: jax.Array | None = None
+           ) -> tuple[jax.Array, jax.Array]:
     """Hypotheses [B, W, T] of right-padded sources [B, S], best first, and their scores [B, W]
-    (-inf: no hypothesis). W is the beam size for beam search, else 1."""
+    (-inf: no hypothesis). W is the beam size for beam search, else 1. `prefix_BxP`: forced
+    target prefixes (module doc)."""
     if options.strategy not in DECODE_STRATEGIES:
         raise choice_error("decode.strategy", options.strategy, DECODE_STRATEGIES)
     segment_BxS = (inputs_BxS > 0).astype(jnp.int32)
     encoded_BxSxD = model.encode(inputs_BxS, segment_BxS)
-    length, limit = _output_length(model.max_len, segment_BxS, options)
+    length, limit = _output_length(model.max_len, segment_BxS, options, prefix_BxP)
     width = options.beam_size if options.strategy == "beam" else 1
     vocab_S = None
     if options.shortlist:
         table = shortlist.load(options.shortlist, model.vocab_size)
-        vocab_S = shortlist.vocabulary(table, inputs_BxS, options.shortlist_size)
+        vocab_S = shortlist.vocabulary(table, inputs_BxS, options.shortlist_size, forced=prefix_BxP)
     make_decoder = _full_decoder if options.full_recompute else _cached_decoder
     decoder = make_decoder(model, encoded_BxSxD, segment_BxS, width, length, vocab_S)
+    forced = None if prefix_BxP is None else _Forced.of(prefix_BxP, vocab_S, limit)
     if options.strategy == "beam":
-        return _beam_search(decoder, inputs_BxS.shape[0], width, length, limit, options)
+        return _beam_search(decoder, inputs_BxS.shape[0], width, length, limit, options, forced)
     if options.strategy == "sample" and rng is None:
         raise ValueError("sampling needs an rng key.")
-    return _sample(decoder, inputs_BxS.shape[0], length, limit, options, rng)
+    return _sample(decoder, inputs_BxS.shape[0], length, limit, options, rng, forced)
 
 
-def _output_length(max_len: int, segment_BxS, options: Options) -> tuple[int, jax.Array]:
+def _output_length(max_len: int, segment_BxS, options: Options, prefix_BxP=None) -> tuple[int, jax.Array]:
     """(static buffer length, dynamic number of steps) of the outputs."""
     if options.forced_length:
         if options.forced_length > max_len:
             raise ValueError(f"forced_length={options.forced_length} exceeds config.model.max_len={max_len}.")
         return options.forced_length, jnp.asarray(options.forced_length)
-    length = min(segment_BxS.shape[1] + options.max_length_offset, options.max_length or max_len, max_len)
-    longest_source = jnp.max(jnp.sum(segment_BxS, axis=1))
-    return length, jnp.clip(longest_source + options.max_length_offset, 1, length)
+    wanted, steps = segment_BxS.shape[1] + options.max_length_offset, jnp.max(jnp.sum(segment_BxS, axis=1))
+    steps = steps + options.max_length_offset
+    if prefix_BxP is not None:  # room for the prefix and one token after it.
+        wanted = max(wanted, prefix_BxP.shape[1] + 1)
+        steps = jnp.maximum(steps, jnp.max(jnp.sum(prefix_BxP != PAD, axis=1)) + 1)
+    length = min(wanted, options.max_length or max_len, max_len)
+    return length, jnp.clip(steps, 1, length)
+
+
+class _Forced(NamedTuple):
+    """Forced prefixes as logit positions [B, P] (0: none), and the step limit."""
+    positions_BxP: jax.Array
+    limit: jax.Array
+
+    @classmethod
+    def of(cls, prefix_BxP, vocab_V, limit) -> _Forced:
+        if vocab_V is not None:  # the shortlist holds the prefix's tokens (shortlist.vocabulary).
+            prefix_BxP = jnp.where(prefix_BxP == PAD, PAD, jnp.argmax(prefix_BxP[..., None] == vocab_V[None, None, :], axis=-1))
+        return cls(prefix_BxP.astype(jnp.int32), limit)
+
+    def at(self, t) -> tuple[jax.Array, jax.Array]:
+        """(whether step t is forced [B], the logit position forced [B]). The last step is
+        never forced: it ends the hypothesis."""
+        last = self.positions_BxP.shape[1] - 1
+        position_B = jax.lax.dynamic_index_in_dim(self.positions_BxP, jnp.minimum(t, last), axis=1,
+                                                  keepdims=False)
+        return (t <= last) & (position_B != PAD) & (t < self.limit - 1), position_B
 
 
 class _Decoder(NamedTuple):
@@ -249,7 +285,7 @@ def _penalty(length, options: Options):
     return ((5.0 + length) / 6.0) ** options.length_penalty
 
 
-def _sample(decoder: _Decoder, batch, length, limit, options: Options, rng):
+def _sample(decoder: _Decoder, batch, length, limit, options: Options, rng, forced: _Forced | None):
     """Greedy decoding, or sampling: one hypothesis per sentence, until EOS or `limit` tokens;
     ([B, 1, T] tokens, [B, 1] scores)."""
 
@@ -261,6 +297,9 @@ def _sample(decoder: _Decoder, batch, length, limit, options: Options, rng):
             token_B = jnp.argmax(logits_BxV, axis=-1)
         else:
             token_B = jax.random.categorical(jax.random.fold_in(rng, t), _filtered(logits_BxV, options))
+        if forced is not None:
+            forcing_B, position_B = forced.at(t)
+            token_B = jnp.where(forcing_B, position_B, token_B)
         token_B = jnp.where(done_B, PAD, token_B).astype(jnp.int32)  # a position among the logits.
         token_log_prob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_Bx1xV[:, 0]), token_B[:, None],
                                                axis=1)[:, 0]
@@ -296,11 +335,11 @@ def _filtered(logits_BxV, options: Options) -> jax.Array:
     return logits_BxV
 
 
-def _best_extensions(log_probs_BxW, logits_BxWxV, k, t, limit, options: Options):
+def _best_extensions(log_probs_BxW, logits_BxWxV, k, t, limit, options: Options, forced: _Forced | None):
     """The k most likely extensions of W hypotheses to tokens `_allowed` at step t: (log p,
     parent, token), each [B, k]. Only the best k of each hypothesis can be among them: taken
-    from its top k + len(banned) logits less the banned tokens (or EOS alone at the last step),
-    which spares XLA a masked copy of the [B, W, V] logits."""
+    from its top k + len(banned) logits less the banned tokens (or EOS alone at the last step,
+    or the forced token alone), which spares XLA a masked copy of the [B, W, V] logits."""
     batch, _, vocab = logits_BxWxV.shape
     banned = _banned(options)
     per_beam = min(k, vocab - len(banned))
@@ -309,6 +348,12 @@ def _best_extensions(log_probs_BxW, logits_BxWxV, k, t, limit, options: Options)
     top_logits_BxWxK, i_BxWxK = jax.lax.top_k(jnp.where(is_banned_BxWxN, -jnp.inf, top_logits_BxWxN),
                                               per_beam)
     tokens_BxWxK = jnp.take_along_axis(tokens_BxWxN, i_BxWxK, axis=-1)
+    if forced is not None:
+        forcing_B, position_B = forced.at(t)
+        forced_logit_BxWx1 = logits_BxWxV[jnp.arange(batch), :, position_B][..., None]
+        only_BxWxK = jnp.where(jnp.arange(per_beam) == 0, forced_logit_BxWx1, -jnp.inf)
+        top_logits_BxWxK = jnp.where(forcing_B[:, None, None], only_BxWxK, top_logits_BxWxK)
+        tokens_BxWxK = jnp.where(forcing_B[:, None, None], position_B[:, None, None], tokens_BxWxK)
     if not options.forced_length:
         last = t == limit - 1
         eos_only_BxWxK = jnp.where(jnp.arange(per_beam) == 0, logits_BxWxV[..., EOS:EOS + 1], -jnp.inf)
@@ -349,12 +394,12 @@ class _Beams(NamedTuple):
     state: Any
 
 
-def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Options):
+def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Options, forced: _Forced | None):
     """([B, W, T] finished hypotheses, best first, [B, W] their scores)."""
     def body(b: _Beams) -> _Beams:
         logits_BxWxV, state = decoder.step(b.state, b.alive_BxWxL, b.t)
         top_log_probs_Bx2W, parents_Bx2W, positions_Bx2W = _best_extensions(
-            b.alive_log_probs_BxW, logits_BxWxV, 2 * width, b.t, limit, options)
+            b.alive_log_probs_BxW, logits_BxWxV, 2 * width, b.t, limit, options, forced)
         tokens_Bx2W = decoder.tokens(positions_Bx2W)
         candidates_Bx2WxL = jax.lax.dynamic_update_slice_in_dim(
             jnp.take_along_axis(b.alive_BxWxL, parents_Bx2W[..., None], axis=1),

@@ -93,12 +93,15 @@ def check_tokenizer(path: str, tokenizer_fingerprint: str, tokenizer_name: str):
                          f"than {tokenizer_name}; make it again with this run's.")
 
 
-def vocabulary(table: Shortlist, inputs_BxS: jax.Array, size: int) -> jax.Array:
+def vocabulary(table: Shortlist, inputs_BxS: jax.Array, size: int, forced: jax.Array | None = None) -> jax.Array:
     """The batch's shortlist [size]: target token ids, PAD and EOS at positions 0 and 1, the
-    rest by priority (see the module doc). Traceable."""
+    rest by priority (see the module doc), the `forced` tokens (a forced prefix's) before the
+    frequent ones. Traceable."""
     candidates_N = jnp.asarray(table.candidates_VxK)[inputs_BxS].reshape(-1)
     probs_N = jnp.asarray(table.probs_VxK)[inputs_BxS].reshape(-1)
     priority_V = jnp.asarray(table.base_priority_V).at[candidates_N].max(1.0 + 0.5 * probs_N)
+    if forced is not None:
+        priority_V = priority_V.at[forced.reshape(-1)].max(2.9)
     return jax.lax.top_k(priority_V, min(size, priority_V.shape[0]))[1]
 
 
