@@ -107,6 +107,24 @@ class Translator:
         """Hypotheses one search gives per sentence."""
         return self.options.beam_size if self.options.strategy == "beam" else 1
 
+    def check_nbest(self, nbest: int):
+        """Refuses an n-best the decoding cannot give (sampling draws as many as asked)."""
+        most = nbest if self.options.strategy == "sample" else self.width()
+        if nbest < 1 or nbest > most:
+            raise ValueError(
+                f"--nbest {nbest}: {self.options.strategy} decoding gives at most {most} "
+                f"{'hypothesis' if most == 1 else 'hypotheses'} per sentence"
+                + (f" (config.decode.beam_size={self.options.beam_size})." if self.options.strategy == "beam"
+                   else "; use --strategy beam or sample for more than one."))
+
+    def compile_all(self):
+        """Compiles the search for every padded source length, so that no translation waits for
+        a compile (forced prefixes compile on first use)."""
+        for length in sorted({bucket(n, self.max_len) for n in range(1, self.max_len + 1)}):
+            inputs_BxS = np.zeros((self.rows, length), np.int32)
+            inputs_BxS[:, 0] = EOS_ID  # one-token sources: the search stops at once.
+            jax.block_until_ready(self._search(self.model.params, inputs_BxS, self._rng))
+
     def translate(self, lines: Sequence[str], nbest: int = 1, progress: bool = False,
                   stream: int | None = None, prefixes: Sequence[str] | None = None
                   ) -> tuple[list[list[Hypothesis]], Report]:
@@ -119,14 +137,9 @@ class Translator:
         `nbest` samples per line; greedy decoding has one. A line none of whose hypotheses
         scored finite (NaN parameters) raises `NonFiniteScoresError`, naming it.
         """
+        self.check_nbest(nbest)
         copies = nbest if self.options.strategy == "sample" else 1
         most = self.width() * copies
-        if nbest < 1 or nbest > most:
-            raise ValueError(
-                f"--nbest {nbest}: {self.options.strategy} decoding gives at most {most} "
-                f"{'hypothesis' if most == 1 else 'hypotheses'} per sentence"
-                + (f" (config.decode.beam_size={self.options.beam_size})." if self.options.strategy == "beam"
-                   else "; use --strategy beam or sample for more than one."))
         report, start = Report(sentences=len(lines)), time.perf_counter()
         sources = {}
         for i, line in enumerate(lines):

@@ -1,0 +1,64 @@
+"""The server's JAX backend: a trained run's checkpoint, decoded as translate.py decodes it.
+
+Each set of decoding options a request asks for gets its own `Translator` (its own compiled
+searches), up to MOST_DECODINGS of them; the run's own config.decode is compiled for every
+padded source length at start-up (`warm_up`), others on first use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import ml_collections
+
+from tfx.core import config as config_lib
+from tfx.infer import trained
+from tfx.infer.translate import Translator
+from tfx.serve.api import BadRequest, Request
+from tfx.serve.batcher import Item
+
+MOST_DECODINGS = 8
+
+
+class JaxBackend:
+    name = "jax"
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, checkpoint: str):
+        self.model = trained.load(config, workdir, checkpoint)
+        self.source_lang, self.target_lang = config.data.source_lang, config.data.target_lang
+        self._translators: dict[tuple, Translator] = {}
+        self._batches = itertools.count()  # sampling draws differently in each batch.
+        self.rows = self._translator(()).rows
+
+    def warm_up(self):
+        self._translator(()).compile_all()
+
+    def check(self, request: Request):
+        """Refuses (BadRequest) decoding options that config.decode or the n-best would refuse."""
+        try:
+            self._translator(request.decoding).check_nbest(request.nbest)
+        except ValueError as error:
+            raise BadRequest(str(error).replace("--nbest", "nbest", 1)) from None
+
+    def _translator(self, decoding: tuple) -> Translator:
+        if decoding not in self._translators:
+            if len(self._translators) >= MOST_DECODINGS:
+                raise BadRequest(f"this server keeps {MOST_DECODINGS} sets of decoding options; "
+                                 f"use one of theirs: {[dict(d) for d in self._translators]}.")
+            config = self.model.config.copy_and_resolve_references()
+            for key, value in decoding:
+                config.decode[key] = value
+            try:
+                config = config_lib.validate(config)
+            except ValueError as error:
+                raise BadRequest(str(error)) from None
+            self._translators[decoding] = Translator(dataclasses.replace(self.model, config=config))
+        return self._translators[decoding]
+
+    def decode(self, items: list[Item]) -> list[list[tuple[str, float]]]:
+        decoding, nbest, _ = items[0].key
+        prefixes = [item.prefix for item in items]
+        results, _ = self._translator(decoding).translate(
+            [item.sentence for item in items], nbest, stream=next(self._batches),
+            prefixes=prefixes if any(prefixes) else None)
+        return [[(h.text, h.score) for h in hypotheses] for hypotheses in results]
