@@ -13,6 +13,7 @@ Sentences of concurrent requests are batched (config.per_device_eval_batch_size 
 data-parallel device). SIGTERM or Ctrl-C: the requests in flight are answered, then it exits.
 Once listening it prints "serving on http://HOST:PORT" to stderr (--port 0: a free port).
 """
+import signal
 import socket
 import sys
 
@@ -69,6 +70,10 @@ def serve(app, host: str, port: int):
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60))
     bound_host, bound_port = listener.getsockname()[:2]
     print(f"serving on http://{bound_host}:{bound_port}", file=sys.stderr, flush=True)
+    # uvicorn answers what is in flight, then raises the signal again with the handlers it
+    # found: these make that a no-op, so a requested stop exits 0.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *_: None)
     server.run(sockets=[listener])
 
 

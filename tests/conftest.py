@@ -105,6 +105,19 @@ def converged(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def serving(converged):
+    """serve.py on loopback serving the converged run (tests/servers.py) with a 20 ms batching
+    window and 32 sentences per request, for the server, page and load tests; stopped with
+    SIGTERM at the end of the session, which it must exit 0 on."""
+    from servers import Server
+
+    _, workdir = converged
+    with Server([f"--workdir={workdir}", "--max_wait_ms=20", "--max_sentences=32"]) as server:
+        yield server
+        assert server.stop() == 0
+
+
+@pytest.fixture(scope="session")
 def gcs_bucket():
     """gs://tfx-test on a Cloud Storage API server on loopback (tests/gcs_emulator.py), with this
     process's and its subprocesses' clients pointed at it. Tests use prefixes of their own."""

@@ -6,7 +6,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "tfx"
 # Lower layers first; a module may import its own subpackage and the ones before it. The tool
 # subpackages on top import the layers below, never each other.
-LAYERS = ("core", "data", "model", "train", "infer", ("compress", "convert", "export", "tpu"))
+LAYERS = ("core", "data", "model", "train", "infer", ("compress", "convert", "export", "tpu"), "serve")
 DOCUMENTED_UPWARD = set()  # (importer, imported) pairs allowed against LAYERS, with a reason.
 
 

@@ -123,7 +123,7 @@ class Translator:
         for length in sorted({bucket(n, self.max_len) for n in range(1, self.max_len + 1)}):
             inputs_BxS = np.zeros((self.rows, length), np.int32)
             inputs_BxS[:, 0] = EOS_ID  # one-token sources: the search stops at once.
-            jax.block_until_ready(self._search(self.model.params, inputs_BxS, self._rng))
+            jax.block_until_ready(self._search(self.model.params, inputs_BxS, jax.random.fold_in(self._rng, 0)))
 
     def translate(self, lines: Sequence[str], nbest: int = 1, progress: bool = False,
                   stream: int | None = None, prefixes: Sequence[str] | None = None

@@ -63,6 +63,7 @@ class _Refused(Exception):
 
 def create_app(backend: Backend, settings: Settings = Settings()) -> Starlette:
     metrics = Metrics()
+    metrics.compilations.set_function(lambda: getattr(backend, "compilations", 0))
     page = importlib.resources.files("tfx.serve").joinpath("page.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager

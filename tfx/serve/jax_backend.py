@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import jax
 import ml_collections
 
 from tfx.core import config as config_lib
@@ -18,6 +19,7 @@ from tfx.serve.api import BadRequest, Request
 from tfx.serve.batcher import Item
 
 MOST_DECODINGS = 8
+LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # each new program or shape.
 
 
 class JaxBackend:
@@ -29,6 +31,12 @@ class JaxBackend:
         self._translators: dict[tuple, Translator] = {}
         self._batches = itertools.count()  # sampling draws differently in each batch.
         self.rows = self._translator(()).rows
+        self.compilations = 0  # programs JAX has lowered (and compiled or read from its cache).
+        jax.monitoring.register_event_duration_secs_listener(self._count_compilation)
+
+    def _count_compilation(self, event: str, seconds: float, **kwargs):
+        if event == LOWERING_EVENT:
+            self.compilations += 1
 
     def warm_up(self):
         self._translator(()).compile_all()

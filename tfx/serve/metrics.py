@@ -24,6 +24,9 @@ class Metrics:
                                          buckets=BATCH_BUCKETS, registry=self.registry)
         self.queue_depth = prom.Gauge("tfx_queue_sentences", "Sentences waiting to be decoded.",
                                       registry=self.registry)
+        self.compilations = prom.Gauge("tfx_compilations", "Programs the backend has compiled since "
+                                       "it started (a request that compiles waits for it).",
+                                       registry=self.registry)
 
     def answered(self, endpoint: str, status: int, seconds: float):
         self.requests.labels(endpoint, str(status)).inc()
