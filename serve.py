@@ -66,14 +66,14 @@ def serve(app, host: str, port: int):
     """Runs `app` on HOST:PORT until SIGTERM or SIGINT (uvicorn's graceful shutdown)."""
     import uvicorn
 
+    # uvicorn answers what is in flight, then raises the signal again with the handlers it
+    # found: these make a requested stop exit 0, before uvicorn takes the signals over too.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *_: sys.exit(0))
     listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60))
     bound_host, bound_port = listener.getsockname()[:2]
     print(f"serving on http://{bound_host}:{bound_port}", file=sys.stderr, flush=True)
-    # uvicorn answers what is in flight, then raises the signal again with the handlers it
-    # found: these make that a no-op, so a requested stop exits 0.
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, lambda *_: None)
     server.run(sockets=[listener])
 
 

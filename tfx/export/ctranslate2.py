@@ -11,6 +11,9 @@ plus the run's SentencePiece model, `sentencepiece.model`, so it is all that tra
     result = translator.translate_batch([sp.encode(line, out_type=str)], beam_size=4)
     sp.decode(result[0].hypotheses[0])
 
+The run's config goes with them as `tfx_config.json`, whose languages, config.decode, batch size
+and lengths `python serve.py --backend ctranslate2 --model DIR` serves the export with.
+
 A run with a mapped tokenizer (an imported model, tfx/data/tokenizer.py) gets its two models,
 `source.spm` and `target.spm`, instead: sources are the source model's pieces, outputs decode
 with the target model's, and a piece outside the vocabulary reads as <unk>. (tfx also maps a
@@ -55,13 +58,12 @@ except ModuleNotFoundError as error:
 from tfx.core import files
 from tfx.core.config import head_dim
 from tfx.data.tokenizer import EOS_ID, JOINT_FILE, PAD_ID, UNK_ID, VOCABULARY_FILE
+from tfx.export.layout import SENTENCEPIECE_FILE, TFX_CONFIG_FILE, VOCABULARY_MAP_FILE
 from tfx.model import shortlist
 from tfx.model.layers import sinusoidal_positions
 
 FORMATS = ("ctranslate2",)
 QUANTIZATIONS = tuple(model_spec.ACCEPTED_MODEL_TYPES)  # int8, int8_float32, float32, ...
-SENTENCEPIECE_FILE = "sentencepiece.model"
-VOCABULARY_MAP_FILE = "vmap.txt"  # CTranslate2's name for it.
 NO_TOKEN_BIAS = -1e4  # output bias of token 0: never generated; still finite in float16.
 ACTIVATIONS = {"relu": common_spec.Activation.RELU,
                "gelu": common_spec.Activation.GELUTanh,  # jax.nn.gelu's default tanh form.
@@ -264,7 +266,7 @@ def write_ctranslate2(spec: model_spec.ModelSpec, output: str, quantization: str
 
 def export_ctranslate2(trained, output: str, quantization: str = "float32", force: bool = False) -> str:
     """Writes `trained` (a `tfx.infer.trained.TrainedModel`) as a CTranslate2 model directory
-    `output` with its SentencePiece model(s) (see the module doc); returns the directory."""
+    `output` with its SentencePiece model(s) and config (see the module doc); returns the directory."""
     check_output(output, quantization, force)
     params = jax.device_get(nnx.to_pure_dict(trained.params))  # whole arrays, off their shards.
     pieces = trained.tokenizer.pieces()
@@ -272,6 +274,9 @@ def export_ctranslate2(trained, output: str, quantization: str = "float32", forc
     extra = {SENTENCEPIECE_FILE if name == JOINT_FILE else name: path  # the vocabulary is the spec's.
              for name, path in trained.tokenizer.files.items() if name != VOCABULARY_FILE}
     with tempfile.TemporaryDirectory() as scratch:
+        extra[TFX_CONFIG_FILE] = os.path.join(scratch, TFX_CONFIG_FILE)
+        with open(extra[TFX_CONFIG_FILE], "w", encoding="utf-8") as f:
+            f.write(trained.config.to_json(indent=2))
         if trained.config.decode.shortlist:
             extra[VOCABULARY_MAP_FILE] = os.path.join(scratch, VOCABULARY_MAP_FILE)
             table = shortlist.load(trained.config.decode.shortlist, trained.config.model.vocab_size)

@@ -62,53 +62,40 @@ class _Refused(Exception):
 
 
 def create_app(backend: Backend, settings: Settings = Settings()) -> Starlette:
-    metrics = Metrics()
-    metrics.compilations.set_function(lambda: getattr(backend, "compilations", 0))
-    page = importlib.resources.files("tfx.serve").joinpath("page.html").read_text(encoding="utf-8")
+    service = _Service(backend, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        app.state.batcher = Batcher(backend.decode, backend.rows, settings.max_wait, settings.max_queue, metrics)
-        worker = asyncio.create_task(app.state.batcher.run())
+        service.batcher = Batcher(backend.decode, backend.rows, settings.max_wait, settings.max_queue,
+                                  service.metrics)
+        worker = asyncio.create_task(service.batcher.run())
         yield
         worker.cancel()
-        app.state.batcher.close()
+        service.batcher.close()
 
-    async def translate(request: api.Request, http: HttpRequest) -> list[list[tuple[str, float]]]:
-        backend.check(request)
-        try:
-            return await asyncio.wait_for(http.app.state.batcher.translate(request), settings.timeout)
-        except QueueFull as error:
-            raise _Refused(503, f"the server is busy: {error} Retry later.",
-                           {"Retry-After": str(settings.retry_after)}) from None
-        except TimeoutError:
-            raise _Refused(504, f"the translation took longer than {settings.timeout:g} s.") from None
+    return Starlette(routes=[
+        Route("/", service.index), Route("/health", service.health), Route("/metrics", service.metrics_text),
+        Route("/languages", service.languages),
+        Route("/translate", service.endpoint("/translate", service.libretranslate), methods=["POST"]),
+        Route("/v1/translate", service.endpoint("/v1/translate", service.v1), methods=["POST"]),
+    ], lifespan=lifespan)
 
-    async def libretranslate(http: HttpRequest, payload: dict) -> dict:
-        request, many = api.libretranslate_request(payload, backend.source_lang, [backend.target_lang],
-                                                   settings.max_sentences)
-        results = await translate(request, http)
-        texts = [hypotheses[0][0] for hypotheses in results]
-        reply = {"translatedText": texts if many else texts[0]}
-        if request.nbest > 1:
-            alternatives = [[text for text, _ in hypotheses[1:]] for hypotheses in results]
-            reply["alternatives"] = alternatives if many else alternatives[0]
-        return reply
 
-    async def v1(http: HttpRequest, payload: dict) -> dict:
-        request, _ = api.v1_request(payload, settings.max_sentences)
-        if request.target_lang not in (None, backend.target_lang):
-            raise api.BadRequest(f"target_lang: this model translates into {backend.target_lang!r} only.")
-        results = await translate(request, http)
-        return {"translations": [{"text": hypotheses[0][0], "score": hypotheses[0][1],
-                                  "hypotheses": [{"text": text, "score": score} for text, score in hypotheses]}
-                                 for hypotheses in results]}
+class _Service:
+    """The routes' handlers over one backend and its batcher (set at start-up)."""
 
-    def endpoint(name: str, handle):
+    def __init__(self, backend: Backend, settings: Settings):
+        self.backend, self.settings, self.batcher = backend, settings, None
+        self.metrics = Metrics()
+        self.metrics.compilations.set_function(lambda: getattr(backend, "compilations", 0))
+        self.page = importlib.resources.files("tfx.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    def endpoint(self, name: str, handle):
+        """A POST route: the JSON body to `handle(payload)`'s reply, errors as the module doc says."""
         async def route(http: HttpRequest) -> Response:
             start = time.perf_counter()
             try:
-                reply = JSONResponse(await handle(http, api.parse_json(await _body(http, settings.max_body))))
+                reply = JSONResponse(await handle(api.parse_json(await _body(http, self.settings.max_body))))
             except api.BadRequest as error:
                 reply = JSONResponse({"error": str(error)}, status_code=error.status)
             except _Refused as error:
@@ -116,30 +103,54 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> Starlette:
             except Exception as error:  # a failed decode: this request's reply, not the server's end.
                 log.exception("%s failed", name)
                 reply = JSONResponse({"error": f"translation failed: {error}"}, status_code=500)
-            metrics.answered(name, reply.status_code, time.perf_counter() - start)
+            self.metrics.answered(name, reply.status_code, time.perf_counter() - start)
             return reply
         return route
 
-    async def health(_):
-        return JSONResponse({"status": "ok", "backend": backend.name, "source": backend.source_lang,
-                             "target": backend.target_lang})
+    async def translate(self, request: api.Request) -> list[list[tuple[str, float]]]:
+        self.backend.check(request)
+        try:
+            return await asyncio.wait_for(self.batcher.translate(request), self.settings.timeout)
+        except QueueFull as error:
+            raise _Refused(503, f"the server is busy: {error} Retry later.",
+                           {"Retry-After": str(self.settings.retry_after)}) from None
+        except TimeoutError:
+            raise _Refused(504, f"the translation took longer than {self.settings.timeout:g} s.") from None
 
-    async def languages(_):
-        return JSONResponse([{"code": backend.source_lang, "name": backend.source_lang, "targets": [backend.target_lang]},
-                             {"code": backend.target_lang, "name": backend.target_lang, "targets": []}])
+    async def libretranslate(self, payload: dict) -> dict:
+        request, many = api.libretranslate_request(payload, self.backend.source_lang, [self.backend.target_lang],
+                                                   self.settings.max_sentences)
+        results = await self.translate(request)
+        texts = [hypotheses[0][0] for hypotheses in results]
+        reply = {"translatedText": texts if many else texts[0]}
+        if request.nbest > 1:
+            alternatives = [[text for text, _ in hypotheses[1:]] for hypotheses in results]
+            reply["alternatives"] = alternatives if many else alternatives[0]
+        return reply
 
-    async def metrics_text(_):
-        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def v1(self, payload: dict) -> dict:
+        request, _ = api.v1_request(payload, self.settings.max_sentences)
+        if request.target_lang not in (None, self.backend.target_lang):
+            raise api.BadRequest(f"target_lang: this model translates into {self.backend.target_lang!r} only.")
+        results = await self.translate(request)
+        return {"translations": [{"text": hypotheses[0][0], "score": hypotheses[0][1],
+                                  "hypotheses": [{"text": text, "score": score} for text, score in hypotheses]}
+                                 for hypotheses in results]}
 
-    async def index(_):
-        return HTMLResponse(page)
+    async def health(self, _):
+        return JSONResponse({"status": "ok", "backend": self.backend.name, "source": self.backend.source_lang,
+                             "target": self.backend.target_lang})
 
-    return Starlette(routes=[
-        Route("/", index), Route("/health", health), Route("/metrics", metrics_text),
-        Route("/languages", languages),
-        Route("/translate", endpoint("/translate", libretranslate), methods=["POST"]),
-        Route("/v1/translate", endpoint("/v1/translate", v1), methods=["POST"]),
-    ], lifespan=lifespan)
+    async def languages(self, _):
+        source, target = self.backend.source_lang, self.backend.target_lang
+        return JSONResponse([{"code": source, "name": source, "targets": [target]},
+                             {"code": target, "name": target, "targets": []}])
+
+    async def metrics_text(self, _):
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def index(self, _):
+        return HTMLResponse(self.page)
 
 
 async def _body(http: HttpRequest, most: int) -> bytes:
