@@ -60,6 +60,8 @@ def test_libretranslate_api_answers_with_the_translators_translations(served):
     nbest, _ = translator.translate(SENTENCES[:2], nbest=3)
     assert alternatives.json() == {"translatedText": expected[:2],
                                    "alternatives": [[h.text for h in hs[1:]] for hs in nbest]}
+    form = httpx.post(server.url + "/translate", data={"q": SENTENCES[0], "source": "en", "target": "de"})
+    assert form.json() == {"translatedText": expected[0]}  # as Python's requests.post(url, data=...) sends it.
     assert httpx.get(server.url + "/languages").json() == [
         {"code": "en", "name": "en", "targets": ["de"]}, {"code": "de", "name": "de", "targets": []}]
     assert httpx.get(server.url + "/health").json() == {"status": "ok", "backend": "jax", "source": "en",

@@ -3,7 +3,7 @@
 Two endpoints take text (docs/serving.md):
 
 - `POST /translate`, LibreTranslate's: {"q": str | [str], "source": LANG | "auto", "target":
-  LANG, "format": "text", "alternatives": N}; `libretranslate_request`.
+  LANG, "format": "text", "alternatives": N}, as JSON or as a form; `libretranslate_request`.
 - `POST /v1/translate`, tfx's own: {"text": str | [str], "prefix": str | [str], "nbest": K,
   and config.decode's options "strategy", "beam_size", "temperature", "top_k", "top_p",
   "length_penalty", "max_length"}; `v1_request`.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import urllib.parse
 from collections.abc import Sequence
 
 # config.decode keys a /v1/translate request may set, and the JSON types they take.
@@ -40,6 +41,22 @@ class Request:
     nbest: int = 1
     decoding: tuple[tuple[str, object], ...] = ()  # config.decode overrides, sorted by key.
     target_lang: str | None = None  # a multilingual model's output language.
+
+
+def parse_form(body: bytes) -> dict:
+    """A form-encoded body (LibreTranslate's clients send forms too) as the JSON object it
+    stands for: one value per field, a repeated field a list; `alternatives` a number."""
+    try:
+        fields = urllib.parse.parse_qs(body.decode("ascii"), keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError) as error:
+        raise BadRequest(f"body: invalid form encoding ({error}).") from None
+    payload = {key: values[0] if len(values) == 1 else values for key, values in fields.items()}
+    if isinstance(payload.get("alternatives"), str):
+        try:
+            payload["alternatives"] = int(payload["alternatives"])
+        except ValueError:
+            raise BadRequest(f"alternatives: expected an integer, got {payload['alternatives']!r}.") from None
+    return payload
 
 
 def parse_json(body: bytes) -> dict:

@@ -76,7 +76,7 @@ def create_app(backend: Backend, settings: Settings = Settings()) -> Starlette:
     return Starlette(routes=[
         Route("/", service.index), Route("/health", service.health), Route("/metrics", service.metrics_text),
         Route("/languages", service.languages),
-        Route("/translate", service.endpoint("/translate", service.libretranslate), methods=["POST"]),
+        Route("/translate", service.endpoint("/translate", service.libretranslate, forms=True), methods=["POST"]),
         Route("/v1/translate", service.endpoint("/v1/translate", service.v1), methods=["POST"]),
     ], lifespan=lifespan)
 
@@ -90,12 +90,15 @@ class _Service:
         self.metrics.compilations.set_function(lambda: getattr(backend, "compilations", 0))
         self.page = importlib.resources.files("tfx.serve").joinpath("page.html").read_text(encoding="utf-8")
 
-    def endpoint(self, name: str, handle):
-        """A POST route: the JSON body to `handle(payload)`'s reply, errors as the module doc says."""
+    def endpoint(self, name: str, handle, forms: bool = False):
+        """A POST route: the JSON body (or with `forms` a form-encoded one) to
+        `handle(payload)`'s reply, errors as the module doc says."""
         async def route(http: HttpRequest) -> Response:
             start = time.perf_counter()
+            form = forms and http.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
             try:
-                reply = JSONResponse(await handle(api.parse_json(await _body(http, self.settings.max_body))))
+                body = await _body(http, self.settings.max_body)
+                reply = JSONResponse(await handle(api.parse_form(body) if form else api.parse_json(body)))
             except api.BadRequest as error:
                 reply = JSONResponse({"error": str(error)}, status_code=error.status)
             except _Refused as error:
