@@ -1,3 +1,4 @@
+import collections
 import os
 
 import pytest
@@ -151,3 +152,12 @@ def test_a_corpus_past_the_writers_memory_buffer_spills_to_disk_without_tensorfl
     assert [source[i]["source"] for i in range(len(source))] == english
     assert source[299]["target"] == "Satz Nummer 299"
     assert shuffle.tf is lazy_tensorflow and shuffle.MAX_MEM_BUFFER_SIZE == 1 << 10  # restored
+
+
+def test_ordered_keys_keep_the_order_and_spread_over_the_writers_buckets():
+    from tensorflow_datasets.core import shuffle
+    total = 123_457
+    keys = [sources.ordered_key(i, total) for i in range(total)]
+    buckets = [shuffle.get_bucket_number(key, shuffle.BUCKETS_NUMBER) for key in keys]
+    assert keys == sorted(set(keys)) and keys[-1] < 2**128
+    assert buckets == sorted(buckets) and max(collections.Counter(buckets).values()) <= total // 1000 + 1

@@ -333,7 +333,7 @@ class CleanedBuilder(tfds.core.GeneratorBasedBuilder):
             totals += np.bincount(codes, minlength=len(totals))
             for index, pair in zip(start + np.flatnonzero(codes == 0), kept):
                 item = int(index), (pair["source"], pair["target"])
-                yield _example(item, self.cleaner.languages)
+                yield _example(item, self.cleaner.languages, len(self.pairs))
         self._record(totals)
 
     def _record(self, totals: np.ndarray):
@@ -369,9 +369,10 @@ class CleanedBuilder(tfds.core.GeneratorBasedBuilder):
                 yield start, batch_codes, read_pairs(self.pairs, kept)
 
 
-def _example(item: tuple[int, tuple[str, str]], languages: Sequence[str]) -> tuple[int, dict]:
-    """A kept (index, (source, target)) as TFDS's (key, example): the index orders the files."""
-    return item[0], dict(zip(languages, item[1]))
+def _example(item: tuple[int, tuple[str, str]], languages: Sequence[str], total: int) -> tuple[int, dict]:
+    """A kept (index, (source, target)) of `total` pairs as TFDS's (key, example): the index
+    orders the files (`sources.ordered_key`)."""
+    return sources.ordered_key(item[0], total), dict(zip(languages, item[1]))
 
 
 class MissingBeamError(ImportError):
@@ -457,7 +458,7 @@ def _beam_cleaned(pairs: sources.PairSource, cleaner: Cleaner, counts_path: str)
                     | "First" >> beam.CombinePerKey(min) | "Firsts" >> beam.Values())
             unique = beam.pvalue.AsSingleton(kept | "Unique" >> beam.combiners.Count.Globally())
         _ = totals | "WriteCounts" >> beam.Map(_write_counts, counts_path, unique)
-        return kept | "Examples" >> beam.Map(_example, cleaner.languages)
+        return kept | "Examples" >> beam.Map(_example, cleaner.languages, len(pairs))
 
     return cleaned()
 

@@ -41,6 +41,7 @@ from tfx.core import files
 SPEC_FORMS = '"tfds:NAME[/CONFIG]:SPLIT" or "text:PATH_PREFIX"'
 TEXT_SPLIT = "lines"  # the one split of a local-text dataset.
 WRITER_BUFFER_BYTES = 256 << 20  # records TFDS's writer holds in memory before spilling to disk.
+KEY_SPACE = 1 << 128  # TFDS's example keys (tensorflow_datasets/core/shuffle.py).
 
 
 def default_data_dir(data_dir: str) -> str:
@@ -68,6 +69,16 @@ def decode_lines(stream: BinaryIO, name: str) -> Iterator[str]:
                 f"{name}:{number}: invalid UTF-8 (byte {line[error.start]:#04x} at column "
                 f"{error.start + 1}); tfx reads text as UTF-8."
             ) from None
+
+
+def ordered_key(index: int, total: int) -> int:
+    """TFDS's key for example `index` of `total` of a builder that keeps its order
+    (disable_shuffling): keys sort as the indices and spread over TFDS's 128-bit key space.
+
+    TFDS's writer spills what does not fit its buffer into 1,000 buckets that divide that space,
+    and reads each back into memory to sort it; keys 0..total-1 would all fall in the first, a
+    whole corpus in memory at once. Spread, a bucket holds about total / 1,000 examples."""
+    return index * (KEY_SPACE // max(total, 1))
 
 
 def _count_lines(path: str) -> int:
@@ -113,6 +124,7 @@ class ParallelTextBuilder(tfds.core.GeneratorBasedBuilder):
         source_path, target_path = self.paths
         sources, targets = read_lines(source_path), read_lines(target_path)
         count = kept = 0
+        lines = _count_lines(source_path) + 1  # (a key per line; more lines are an error below.)
         for count, (source, target) in enumerate(itertools.zip_longest(sources, targets), start=1):
             if source is None or target is None:
                 raise ValueError(
@@ -121,7 +133,7 @@ class ParallelTextBuilder(tfds.core.GeneratorBasedBuilder):
                     "line-aligned.")
             if source.strip() and target.strip():
                 kept += 1
-                yield count, dict(zip(self.languages, (source, target)))
+                yield ordered_key(count, lines), dict(zip(self.languages, (source, target)))
         if not kept:
             raise ValueError(f"{source_path} / {target_path}: no sentence pairs with text on "
                              f"both sides ({count} lines read).")

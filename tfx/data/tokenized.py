@@ -57,8 +57,8 @@ class TokenizedBuilder(tfds.core.GeneratorBasedBuilder):
             inputs = self.tokenizer.encode_sources([pair["source"] for pair in batch], self.prefix)
             targets = self.tokenizer.encode_targets([pair["target"] for pair in batch])
             for offset, ids in enumerate(zip(inputs, targets)):
-                yield start + offset, {side: np.asarray(side_ids, np.int32).tobytes()
-                                       for side, side_ids in zip(SIDES, ids)}
+                yield sources.ordered_key(start + offset, len(self.pairs)), {
+                    side: np.asarray(side_ids, np.int32).tobytes() for side, side_ids in zip(SIDES, ids)}
 
 
 class TokenSource:
