@@ -109,7 +109,7 @@ def test_train_resume_evaluate_translate_and_export_with_the_run_in_a_bucket(gcs
     out = tool("-m", "tfx.export", "ctranslate2", f"--workdir={workdir}", f"--output={root}/ct2")
     assert f"to {root}/ct2 as CTranslate2 float32" in out
     assert names(f"{root}/ct2") == ["config.json", "model.bin", "sentencepiece.model",
-                                    "shared_vocabulary.json"]
+                                    "shared_vocabulary.json", "tfx_config.json"]
     assert (files.path(f"{root}/ct2/sentencepiece.model").read_bytes()
             == files.path(f"{workdir}/tokenizer.model").read_bytes())
 

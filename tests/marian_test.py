@@ -131,7 +131,7 @@ def test_the_export_of_the_import_reproduces_ctranslate2s_conversion(pair, tmp_p
                          ct2_token_log_probs(pair.translator, pair.sources, expected)):
         np.testing.assert_allclose(got, want, atol=1e-4)
     assert sorted(os.listdir(output)) == sorted(["config.json", "model.bin", "shared_vocabulary.json",
-                                                 "source.spm", "target.spm"])
+                                                 "source.spm", "target.spm", "tfx_config.json"])
 
 
 def _with_options(files: marian_models.MarianFiles, directory, **changes) -> str:
