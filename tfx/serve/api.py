@@ -17,6 +17,10 @@ import json
 import urllib.parse
 from collections.abc import Sequence
 
+import ml_collections
+
+from tfx.core import config as config_lib
+
 # config.decode keys a /v1/translate request may set, and the JSON types they take.
 DECODING_FIELDS = {"strategy": (str,), "beam_size": (int,), "temperature": (int, float),
                    "top_k": (int,), "top_p": (int, float), "length_penalty": (int, float),
@@ -41,6 +45,17 @@ class Request:
     nbest: int = 1
     decoding: tuple[tuple[str, object], ...] = ()  # config.decode overrides, sorted by key.
     target_lang: str | None = None  # a multilingual model's output language.
+
+
+def decoding_config(config: ml_collections.ConfigDict, decoding: tuple) -> ml_collections.ConfigDict:
+    """A copy of `config` with a request's config.decode overrides, validated (BadRequest)."""
+    config = config.copy_and_resolve_references()
+    for key, value in decoding:
+        config.decode[key] = value
+    try:
+        return config_lib.validate(config)
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
 
 
 def parse_form(body: bytes) -> dict:

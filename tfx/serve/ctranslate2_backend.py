@@ -32,7 +32,7 @@ from tfx.core import config as config_lib
 from tfx.data.corpora import source_token
 from tfx.data.tokenizer import SOURCE_FILE, TARGET_FILE
 from tfx.export.layout import SENTENCEPIECE_FILE, TFX_CONFIG_FILE
-from tfx.serve.api import BadRequest, Request
+from tfx.serve.api import BadRequest, Request, decoding_config
 from tfx.serve.batcher import Item
 
 
@@ -75,13 +75,7 @@ class CTranslate2Backend:
 
     def _options(self, decoding: tuple) -> ml_collections.ConfigDict:
         """config.decode with a request's `decoding` overrides, validated."""
-        config = self.config.copy_and_resolve_references()
-        for key, value in decoding:
-            config.decode[key] = value
-        try:
-            return config_lib.validate(config).decode
-        except ValueError as error:
-            raise BadRequest(str(error)) from None
+        return decoding_config(self.config, decoding).decode
 
     def decode(self, items: list[Item]) -> list[list[tuple[str, float]]]:
         """Each item's hypotheses, best first; an empty sentence's is ("", 0.0), undecoded."""

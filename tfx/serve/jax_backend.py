@@ -12,10 +12,9 @@ import itertools
 import jax
 import ml_collections
 
-from tfx.core import config as config_lib
 from tfx.infer import trained
 from tfx.infer.translate import Translator
-from tfx.serve.api import BadRequest, Request
+from tfx.serve.api import BadRequest, Request, decoding_config
 from tfx.serve.batcher import Item
 
 MOST_DECODINGS = 8
@@ -53,13 +52,7 @@ class JaxBackend:
             if len(self._translators) >= MOST_DECODINGS:
                 raise BadRequest(f"this server keeps {MOST_DECODINGS} sets of decoding options; "
                                  f"use one of theirs: {[dict(d) for d in self._translators]}.")
-            config = self.model.config.copy_and_resolve_references()
-            for key, value in decoding:
-                config.decode[key] = value
-            try:
-                config = config_lib.validate(config)
-            except ValueError as error:
-                raise BadRequest(str(error)) from None
+            config = decoding_config(self.model.config, decoding)
             self._translators[decoding] = Translator(dataclasses.replace(self.model, config=config))
         return self._translators[decoding]
 
