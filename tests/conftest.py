@@ -34,7 +34,7 @@ import pytest  # noqa: E402
 from tfx.core import config as config_lib  # noqa: E402
 from tfx.train import trainer  # noqa: E402
 
-from runs import tiny_multi30k  # noqa: E402
+from runs import tiny_multi30k, tiny_multilingual  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +100,16 @@ def converged(data_dir, tmp_path_factory):
                            keep_checkpoints=1, schedule="cosine", learning_rate=1e-2, warmup_steps=40,
                            label_smoothing=0.0)
     config.model.dropout_rate = 0.0
+    trainer.train(config, workdir)
+    return config, workdir
+
+
+@pytest.fixture(scope="session")
+def multilingual(data_dir, tmp_path_factory):
+    """(config, workdir): the tiny model trained en->de and de->en in one (runs.tiny_multilingual,
+    300 steps, about 30 s here), for the multilingual and serving tests."""
+    config = tiny_multilingual(data_dir, tmp_path_factory.mktemp("test2016"))
+    workdir = str(tmp_path_factory.mktemp("multilingual"))
     trainer.train(config, workdir)
     return config, workdir
 

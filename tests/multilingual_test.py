@@ -4,59 +4,29 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from tfx.core import config as config_lib
 from tfx.data.corpora import language_token
 from tfx.data.sources import read_lines
 from tfx.infer import evaluate, trained
 from tfx.infer.translate import Translator
-from tfx.train import trainer
 
-from runs import ROOT, TINY
-
-TEST = os.path.join(ROOT, "data", "multi30k-en-de", "test_2016_flickr")
-SENTENCES = 64
+from runs import MULTILINGUAL_SENTENCES as SENTENCES
+from runs import MULTILINGUAL_TEST as TEST
+from runs import ROOT
 
 
-@pytest.fixture(scope="module")
-def run(data_dir, tmp_path_factory):
-    """(config, workdir): the tiny model trained both ways (300 steps, about 60 s here), its test
-    corpora the first 64 test2016 pairs."""
-    small = tmp_path_factory.mktemp("test2016")
-    for lang in ("en", "de"):
-        lines = list(read_lines(f"{TEST}.{lang}"))[:SENTENCES]
-        (small / f"test.{lang}").write_text("".join(line + "\n" for line in lines))
-    config = config_lib.load(os.path.join(ROOT, "configs", "multi30k.py:multilingual"))
-    config.model.update(TINY)
-    config.model.dropout_rate = 0.0
-    for direction in ("en-de", "de-en"):
-        config.data.corpora[f"test-{direction}"].spec = f"text:{small}/test"
-    config.data.data_dir = data_dir
-    config.update(dict(per_device_batch_size=4, per_device_eval_batch_size=8, num_train_steps=300,
-                       train_minutes=0.0, warmup_steps=30, learning_rate=1e-2, log_every_steps=300,
-                       checkpoint_every_steps=300, eval_every_steps=0, max_source_length=32,
-                       max_target_length=32, label_smoothing=0.0))
-    config.decode.update(strategy="greedy", max_length_offset=10)
-    config = config_lib.validate(config)
-    workdir = str(tmp_path_factory.mktemp("multilingual"))
-    trainer.train(config, workdir)
-    return config, workdir
-
-
-def test_the_vocabulary_holds_each_language_token_whole(run):
-    config, workdir = run
+def test_the_vocabulary_holds_each_language_token_whole(multilingual):
+    config, workdir = multilingual
     tokenizer = trained.tokenizer_for(config, workdir)
     assert tokenizer.piece_id("<2de>") is not None and tokenizer.piece_id("<2en>") is not None
     assert tokenizer.encode_source("A man.", ["<2en>"])[0] == tokenizer.piece_id("<2en>")
 
 
-def test_the_language_token_chooses_the_output_language(run):
+def test_the_language_token_chooses_the_output_language(multilingual):
     """The same sources asked for German or for English give different outputs, which start
     like sentences of the language asked for: with a first word that starts only sentences of
     that language in test2016 ("Ein", "Zwei" against "A", "Two"). Translations (English asked
     for German, German for English) nearly all do; copies, never trained, mostly."""
-    config, workdir = run
+    config, workdir = multilingual
     sentences = {lang: list(read_lines(f"{TEST}.{lang}")) for lang in ("en", "de")}
     first_words = {lang: {line.split()[0] for line in lines} for lang, lines in sentences.items()}
     only = {"en": first_words["en"] - first_words["de"], "de": first_words["de"] - first_words["en"]}
@@ -82,8 +52,8 @@ def other(lang: str) -> str:
     return {"en": "de", "de": "en"}[lang]
 
 
-def test_eval_py_scores_each_language_pair_on_its_own(run):
-    config, workdir = run
+def test_eval_py_scores_each_language_pair_on_its_own(multilingual):
+    config, workdir = multilingual
     command = [sys.executable, os.path.join(ROOT, "eval.py"), f"--workdir={workdir}",
                "--config.per_device_eval_batch_size=8"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300)

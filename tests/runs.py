@@ -33,6 +33,31 @@ def tiny_multi30k(data_dir: str, **overrides) -> config_lib.ml_collections.Confi
     return config_lib.validate(config)
 
 
+MULTILINGUAL_TEST = os.path.join(ROOT, "data", "multi30k-en-de", "test_2016_flickr")
+MULTILINGUAL_SENTENCES = 64
+
+
+def tiny_multilingual(data_dir: str, test_dir) -> config_lib.ml_collections.ConfigDict:
+    """configs/multi30k.py:multilingual (en->de and de->en) with the tiny model, 300 steps of
+    greedy-decoding training, its test corpora the first MULTILINGUAL_SENTENCES test2016 pairs
+    (written to `test_dir`)."""
+    for lang in ("en", "de"):
+        lines = list(read_lines(f"{MULTILINGUAL_TEST}.{lang}"))[:MULTILINGUAL_SENTENCES]
+        (test_dir / f"test.{lang}").write_text("".join(line + "\n" for line in lines))
+    config = config_lib.load(f"{MULTI30K}:multilingual")
+    config.model.update(TINY)
+    config.model.dropout_rate = 0.0
+    for direction in ("en-de", "de-en"):
+        config.data.corpora[f"test-{direction}"].spec = f"text:{test_dir}/test"
+    config.data.data_dir = data_dir
+    config.update(dict(per_device_batch_size=4, per_device_eval_batch_size=8, num_train_steps=300,
+                       train_minutes=0.0, warmup_steps=30, learning_rate=1e-2, log_every_steps=300,
+                       checkpoint_every_steps=300, eval_every_steps=0, max_source_length=32,
+                       max_target_length=32, label_smoothing=0.0))
+    config.decode.update(strategy="greedy", max_length_offset=10)
+    return config_lib.validate(config)
+
+
 def validation_batch(tokenizer, count: int = 64) -> dict[str, np.ndarray]:
     """The first `count` pairs of the bundled Multi30k validation split, tokenized and
     right-padded with 0 into one unpacked batch."""

@@ -126,12 +126,14 @@ class Translator:
             jax.block_until_ready(self._search(self.model.params, inputs_BxS, jax.random.fold_in(self._rng, 0)))
 
     def translate(self, lines: Sequence[str], nbest: int = 1, progress: bool = False,
-                  stream: int | None = None, prefixes: Sequence[str] | None = None
-                  ) -> tuple[list[list[Hypothesis]], Report]:
+                  stream: int | None = None, prefixes: Sequence[str] | None = None,
+                  source_prefix: Sequence[str] | None = None) -> tuple[list[list[Hypothesis]], Report]:
         """Up to `nbest` hypotheses per line, best first (one empty one for an empty line).
         Sampling draws batch b's numbers from config.seed's key folded with b, and first with
         `stream` if given: calls with different streams draw differently. `prefixes`, one per
-        line ("": none), force the start of each line's translations.
+        line ("": none), force the start of each line's translations. `source_prefix`, pieces
+        (a multilingual model's output-language token), starts every source instead of the
+        tokenizer's own `source_prefix`.
 
         Beam search gives its best `nbest` of beam_size finished hypotheses; sampling draws
         `nbest` samples per line; greedy decoding has one. A line none of whose hypotheses
@@ -142,9 +144,10 @@ class Translator:
         most = self.width() * copies
         report, start = Report(sentences=len(lines)), time.perf_counter()
         sources = {}
+        encode = lambda text: self.model.tokenizer.encode_source(text, source_prefix)
         for i, line in enumerate(lines):
             if line.strip():
-                sources[i], cut = _encode(self.model.tokenizer.encode_source, line, self.max_len)
+                sources[i], cut = _encode(encode, line, self.max_len)
                 report.truncated += cut
         forced = self._prefixes(prefixes, len(lines), sources)
         found: dict[int, list[Hypothesis]] = {i: [] for i in sources}

@@ -5,8 +5,10 @@ Two endpoints take text (docs/serving.md):
 - `POST /translate`, LibreTranslate's: {"q": str | [str], "source": LANG | "auto", "target":
   LANG, "format": "text", "alternatives": N}, as JSON or as a form; `libretranslate_request`.
 - `POST /v1/translate`, tfx's own: {"text": str | [str], "prefix": str | [str], "nbest": K,
-  and config.decode's options "strategy", "beam_size", "temperature", "top_k", "top_p",
-  "length_penalty", "max_length"}; `v1_request`.
+  "target_lang": LANG, and config.decode's options "strategy", "beam_size", "temperature",
+  "top_k", "top_p", "length_penalty", "max_length"}; `v1_request`.
+
+A language the model does not translate (tfx.serve.languages) is a `BadRequest` too.
 
 Anything else is a `BadRequest` whose message names the field and what was expected.
 """
@@ -15,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import urllib.parse
-from collections.abc import Sequence
 
 import ml_collections
 
 from tfx.core import config as config_lib
+from tfx.serve.languages import Languages
 
 # config.decode keys a /v1/translate request may set, and the JSON types they take.
 DECODING_FIELDS = {"strategy": (str,), "beam_size": (int,), "temperature": (int, float),
@@ -44,7 +46,7 @@ class Request:
     prefixes: list[str] | None = None  # forced target prefixes, one per sentence ("": none).
     nbest: int = 1
     decoding: tuple[tuple[str, object], ...] = ()  # config.decode overrides, sorted by key.
-    target_lang: str | None = None  # a multilingual model's output language.
+    target_lang: str | None = None  # the output language (tfx.serve.languages); None: the model's own.
 
 
 def decoding_config(config: ml_collections.ConfigDict, decoding: tuple) -> ml_collections.ConfigDict:
@@ -89,27 +91,25 @@ def parse_json(body: bytes) -> dict:
     return payload
 
 
-def libretranslate_request(payload: dict, source_lang: str, targets: Sequence[str],
-                           most: int) -> tuple[Request, bool]:
+def libretranslate_request(payload: dict, languages: Languages, most: int) -> tuple[Request, bool]:
     """(the request, whether `q` was a list) of LibreTranslate's /translate body; a language
     pair the model does not translate is LibreTranslate's 400 naming the language."""
     sentences, many = _texts(payload, "q", most)
     source = _optional(payload, "source", str, "auto")
     target = _required(payload, "target", str)
-    if source not in ("auto", source_lang):
+    if source != "auto" and not languages.targets(source):
         raise BadRequest(f"{source} is not supported")
-    if target not in targets:
+    if target not in languages.targets(source):
         raise BadRequest(f"{target} is not supported")
     if _optional(payload, "format", str, "text") != "text":
         raise BadRequest('format: only "text" is supported.')
     alternatives = _optional(payload, "alternatives", int, 0)
     if not 0 <= alternatives <= MOST_ALTERNATIVES:
         raise BadRequest(f"alternatives: expected 0 to {MOST_ALTERNATIVES}, got {alternatives}.")
-    multilingual = len(targets) > 1
-    return Request(sentences, nbest=1 + alternatives, target_lang=target if multilingual else None), many
+    return Request(sentences, nbest=1 + alternatives, target_lang=target), many
 
 
-def v1_request(payload: dict, most: int) -> tuple[Request, bool]:
+def v1_request(payload: dict, languages: Languages, most: int) -> tuple[Request, bool]:
     """(the request, whether `text` was a list) of a /v1/translate body."""
     known = {"text", "prefix", "nbest", "target_lang", *DECODING_FIELDS}
     unknown = sorted(set(payload) - known)
@@ -127,7 +127,9 @@ def v1_request(payload: dict, most: int) -> tuple[Request, bool]:
         raise BadRequest(f"nbest: expected 1 to {MOST_ALTERNATIVES}, got {nbest}.")
     decoding = tuple(sorted((key, _required(payload, key, types)) for key, types in DECODING_FIELDS.items()
                             if key in payload))
-    target_lang = _optional(payload, "target_lang", str, None)
+    target_lang = _optional(payload, "target_lang", str, languages.target)
+    if target_lang not in languages.targets():
+        raise BadRequest(f"target_lang: expected one of {languages.targets()}, got {target_lang!r}.")
     return Request(sentences, prefixes, nbest, decoding, target_lang), many
 
 

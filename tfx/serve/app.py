@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from tfx.serve import api
 from tfx.serve.batcher import Batcher, Item, QueueFull
+from tfx.serve.languages import Languages
 from tfx.serve.metrics import Metrics
 
 log = logging.getLogger("tfx.serve")
@@ -36,8 +37,7 @@ log = logging.getLogger("tfx.serve")
 
 class Backend(Protocol):
     name: str
-    source_lang: str
-    target_lang: str
+    languages: Languages
     rows: int  # sentences per decoded batch.
 
     def check(self, request: api.Request): ...  # raises api.BadRequest
@@ -121,8 +121,7 @@ class _Service:
             raise _Refused(504, f"the translation took longer than {self.settings.timeout:g} s.") from None
 
     async def libretranslate(self, payload: dict) -> dict:
-        request, many = api.libretranslate_request(payload, self.backend.source_lang, [self.backend.target_lang],
-                                                   self.settings.max_sentences)
+        request, many = api.libretranslate_request(payload, self.backend.languages, self.settings.max_sentences)
         results = await self.translate(request)
         texts = [hypotheses[0][0] for hypotheses in results]
         reply = {"translatedText": texts if many else texts[0]}
@@ -132,22 +131,21 @@ class _Service:
         return reply
 
     async def v1(self, payload: dict) -> dict:
-        request, _ = api.v1_request(payload, self.settings.max_sentences)
-        if request.target_lang not in (None, self.backend.target_lang):
-            raise api.BadRequest(f"target_lang: this model translates into {self.backend.target_lang!r} only.")
+        request, _ = api.v1_request(payload, self.backend.languages, self.settings.max_sentences)
         results = await self.translate(request)
         return {"translations": [{"text": hypotheses[0][0], "score": hypotheses[0][1],
                                   "hypotheses": [{"text": text, "score": score} for text, score in hypotheses]}
                                  for hypotheses in results]}
 
     async def health(self, _):
-        return JSONResponse({"status": "ok", "backend": self.backend.name, "source": self.backend.source_lang,
-                             "target": self.backend.target_lang})
+        languages = self.backend.languages
+        return JSONResponse({"status": "ok", "backend": self.backend.name, "source": languages.source,
+                             "target": languages.target})
 
     async def languages(self, _):
-        source, target = self.backend.source_lang, self.backend.target_lang
-        return JSONResponse([{"code": source, "name": source, "targets": [target]},
-                             {"code": target, "name": target, "targets": []}])
+        languages = self.backend.languages
+        return JSONResponse([{"code": code, "name": code, "targets": languages.targets(code)}
+                             for code in languages.codes()])
 
     async def metrics_text(self, _):
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")

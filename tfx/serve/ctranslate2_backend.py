@@ -1,7 +1,7 @@
 """The server's CTranslate2 backend: a `python -m tfx.export ctranslate2` directory decoded by
 CTranslate2 on the CPU, without JAX.
 
-The export's tfx_config.json gives the languages, config.decode (a request's options on top,
+The export's tfx_config.json gives the languages (tfx.serve.languages), config.decode (a request's options on top,
 validated as tfx validates them), the rows of a batch (per_device_eval_batch_size) and the
 lengths; its SentencePiece model(s) turn text into CTranslate2's pieces and back. Decoding
 follows tfx's (tfx/model/decode.py: beam search, greedy decoding or sampling, forced prefixes,
@@ -29,11 +29,11 @@ import ml_collections
 import sentencepiece as spm
 
 from tfx.core import config as config_lib
-from tfx.data.corpora import source_token
 from tfx.data.tokenizer import SOURCE_FILE, TARGET_FILE
 from tfx.export.layout import SENTENCEPIECE_FILE, TFX_CONFIG_FILE
 from tfx.serve.api import BadRequest, Request, decoding_config
 from tfx.serve.batcher import Item
+from tfx.serve.languages import Languages
 
 
 class CTranslate2Backend:
@@ -46,7 +46,7 @@ class CTranslate2Backend:
                                     "`python -m tfx.export ctranslate2` wrote.")
         with open(path, encoding="utf-8") as f:
             self.config = config_lib.from_json(f.read(), path)
-        self.source_lang, self.target_lang = self.config.data.source_lang, self.config.data.target_lang
+        self.languages = Languages.of(self.config)
         self.rows = self.config.per_device_eval_batch_size
         joint = os.path.join(model_dir, SENTENCEPIECE_FILE)
         if os.path.isfile(joint):
@@ -54,8 +54,6 @@ class CTranslate2Backend:
         else:  # a mapped tokenizer's export.
             self._source = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, SOURCE_FILE))
             self._target = spm.SentencePieceProcessor(model_file=os.path.join(model_dir, TARGET_FILE))
-        token = source_token(self.config)
-        self._first = [token] if token else []
         self.translator = ctranslate2.Translator(model_dir, device="cpu", compute_type="default",
                                                  inter_threads=1, intra_threads=len(os.sched_getaffinity(0)))
 
@@ -79,14 +77,15 @@ class CTranslate2Backend:
 
     def decode(self, items: list[Item]) -> list[list[tuple[str, float]]]:
         """Each item's hypotheses, best first; an empty sentence's is ("", 0.0), undecoded."""
-        decoding, nbest, _ = items[0].key
+        decoding, nbest, target_lang = items[0].key
         options = self._options(decoding)
         results = [[("", 0.0)] for _ in items]
         todo = [i for i, item in enumerate(items) if item.sentence.strip()]
         if not todo:
             return results
         max_len = self.config.model.max_len
-        sources = [self._first + pieces for pieces in
+        first = self.languages.source_pieces(target_lang)
+        sources = [first + pieces for pieces in
                    self._source.encode([items[i].sentence for i in todo], out_type=str)]
         prefixes = [self._target.encode(items[i].prefix, out_type=str)[:max_len - 1]
                     if items[i].prefix.strip() else [] for i in todo]

@@ -2,7 +2,8 @@
 
 Each set of decoding options a request asks for gets its own `Translator` (its own compiled
 searches), up to MOST_DECODINGS of them; the run's own config.decode is compiled for every
-padded source length at start-up (`warm_up`), others on first use.
+padded source length at start-up (`warm_up`), others on first use. A multilingual model's
+output languages share them: a request's language is only the token before its sources.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tfx.infer import trained
 from tfx.infer.translate import Translator
 from tfx.serve.api import BadRequest, Request, decoding_config
 from tfx.serve.batcher import Item
+from tfx.serve.languages import Languages
 
 MOST_DECODINGS = 8
 LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # each new program or shape.
@@ -26,7 +28,7 @@ class JaxBackend:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, checkpoint: str):
         self.model = trained.load(config, workdir, checkpoint)
-        self.source_lang, self.target_lang = config.data.source_lang, config.data.target_lang
+        self.languages = Languages.of(config)
         self._translators: dict[tuple, Translator] = {}
         self._batches = itertools.count()  # sampling draws differently in each batch.
         self.rows = self._translator(()).rows
@@ -57,9 +59,10 @@ class JaxBackend:
         return self._translators[decoding]
 
     def decode(self, items: list[Item]) -> list[list[tuple[str, float]]]:
-        decoding, nbest, _ = items[0].key
+        decoding, nbest, target_lang = items[0].key
         prefixes = [item.prefix for item in items]
         results, _ = self._translator(decoding).translate(
             [item.sentence for item in items], nbest, stream=next(self._batches),
-            prefixes=prefixes if any(prefixes) else None)
+            prefixes=prefixes if any(prefixes) else None,
+            source_prefix=self.languages.source_pieces(target_lang))
         return [[(h.text, h.score) for h in hypotheses] for hypotheses in results]
