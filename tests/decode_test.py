@@ -122,16 +122,16 @@ def brute_force_best(config, model, inputs, limit, alpha, prefixes=None):
     return targets[np.argmax(scores, axis=1)]
 
 
-def exhaustive_setup(tiny_config, limit=3):
-    """Vocabulary {pad, EOS, 2, 3, 4}, a beam wide enough to keep every hypothesis, and a
-    random untied output projection scaled up: peaked next-token distributions, so the best
-    output is not always the shortest."""
-    beam = sum(3**n for n in range(limit))
+def exhaustive_setup(tiny_config, limit=3, beam=0, batch=8):
+    """Vocabulary {pad, EOS, 2, 3, 4}, sources of up to `limit` tokens (outputs too), a beam
+    wide enough to keep every hypothesis (or `beam`), and a random untied output projection
+    scaled up: peaked next-token distributions, so the best output is not always the shortest."""
+    beam = beam or sum(3**n for n in range(limit))
     config = tiny_config(model=dict(MODEL, vocab_size=5, share_embeddings=False, logits_via_embedding=False),
                          decode=dict(beam_size=beam, max_length_offset=0))
     graphdef, params = build(config, seed=2, eos_boost=1.0)
     params["logits_projection"][...] = params["logits_projection"][...] * 4.0
-    return config, (graphdef, params), sources(2, 8, limit, 5)
+    return config, (graphdef, params), sources(2, batch, limit, 5)
 
 
 def test_beam_search_finds_the_best_output_by_brute_force(tiny_config):
@@ -149,6 +149,60 @@ def test_length_penalty_prefers_longer_outputs_as_the_formula_says(tiny_config):
         np.testing.assert_array_equal(got[:, :3], brute_force_best(config, model, inputs, 3, alpha))
         lengths[alpha] = (got > 0).sum(axis=1)
     assert (lengths[0.6] >= lengths[0.0]).all() and (lengths[0.6] > lengths[0.0]).any()
+
+
+def beam_search_to_the_limit(model, inputs, width, limit, alpha):
+    """An independent beam search (numpy, a full forward pass per step) that never stops
+    early: every step to `limit` takes the 2W most likely extensions (EOS alone at the last
+    step), those ending in EOS among the first W finish, and the W best others go on. Its W
+    best finished (tokens [B, W, limit], scores [B, W]), best first."""
+    graphdef, params = model
+    forward = jax.jit(lambda inputs, targets: jax.nn.log_softmax(nnx.merge(graphdef, params)(inputs, targets)))
+    tokens, scores = np.zeros((len(inputs), width, limit), np.int32), np.full((len(inputs), width), -np.inf)
+    for b, source in enumerate(inputs):
+        alive, finished = [((), 0.0)], []
+        for t in range(limit):
+            targets = np.array([list(p) + [2] + [0] * (limit - t - 1) for p, _ in alive], np.int32)
+            log_probs = np.asarray(forward(np.repeat(source[None], len(alive), 0), targets))[:, t]
+            allowed = [EOS] if t == limit - 1 else range(1, log_probs.shape[-1])
+            extensions = sorted(((lp + log_probs[i, token], p + (token,)) for i, (p, lp) in enumerate(alive)
+                                 for token in allowed), reverse=True)[:2 * width]
+            finished += [(lp / ((5 + t + 1) / 6) ** alpha, p) for rank, (lp, p) in enumerate(extensions)
+                         if p[-1] == EOS and rank < width]
+            alive = [(p, lp) for lp, p in extensions if p[-1] != EOS][:width]
+        for w, (score, p) in enumerate(sorted(finished, reverse=True)[:width]):
+            tokens[b, w, :len(p)], scores[b, w] = p, score
+    return tokens, scores
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+def test_the_bound_stops_a_beam_only_where_running_on_would_change_nothing(tiny_config, alpha):
+    """A narrow beam: beam_stop="bound" gives the n-best (and scores) of a beam search run to
+    the length limit; fairseq's stop after W finished misses better hypotheses of some sentences."""
+    config, model, inputs = exhaustive_setup(tiny_config, limit=6, beam=2, batch=16)
+    graphdef, params = model
+    mesh = parallel.make_mesh("data:1", jax.devices()[:1])
+    shardings = parallel.state_shardings(params, mesh, config.logical_axis_rules)
+    expected_tokens, expected_scores = beam_search_to_the_limit(model, inputs, 2, 6, alpha)
+    got = {}
+    for stop in ("bound", "fairseq"):
+        run = decode.make_translate(config, graphdef, mesh, shardings, nbest=True, length_penalty=alpha,
+                                    beam_stop=stop)
+        got[stop] = [np.asarray(x) for x in run(params, inputs)]
+    np.testing.assert_array_equal(got["bound"][0][..., :6], expected_tokens)
+    np.testing.assert_allclose(got["bound"][1], expected_scores, rtol=1e-5)
+    assert (got["fairseq"][1][:, 0] < expected_scores[:, 0] - 1e-6).any()
+
+
+@pytest.mark.parametrize("alpha, reachable", [(1.0, -1 / 2.5), (0.0, -1.0), (-1.0, -1 * 7 / 6)])
+def test_the_bound_is_the_best_score_the_best_unfinished_hypothesis_could_reach(alpha, reachable):
+    """Step 0 of outputs of up to 10 tokens: a hypothesis at log p -1 could finish with 2 to 10
+    tokens; its best score is -1 over the largest GNMT penalty among those lengths."""
+    options = decode.Options("beam", 2, alpha, "bound", 0, 1.0, 0, 1.0)
+    alive = jnp.array([[-1.0, -3.0]] * 2)
+    finished = jnp.array([[-0.1, reachable + 1e-3], [-0.1, reachable - 1e-3]])
+    done = decode._done(0, 10, alive, finished, jnp.array([2, 2]), options)
+    assert done.tolist() == [True, False]
 
 
 def test_sampling_only_the_most_likely_token_equals_greedy(tiny_config):

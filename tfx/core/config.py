@@ -24,6 +24,7 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned")
 DTYPES = ("auto", "float32", "bfloat16")
 DECODE_STRATEGIES = ("beam", "greedy", "sample")
+BEAM_STOPS = ("bound", "fairseq")
 TOO_LONG_POLICIES = ("drop", "truncate")
 NONFINITE_POLICIES = ("stop", "skip")
 TOKENIZER_MODEL_TYPES = ("unigram", "bpe")
@@ -161,6 +162,7 @@ def decode_config() -> dict:
         strategy="beam",  # beam, greedy or sample.
         beam_size=4,  # hypotheses kept per sentence.
         length_penalty=0.6,  # GNMT alpha: ((5 + length) / 6) ** alpha.
+        beam_stop="bound",  # a sentence's beam stops when no unfinished hypothesis can beat its finished n-best (bound), or when beam_size have finished (fairseq).
         max_length_offset=50,  # outputs stop at source length + this many tokens.
         max_length=0,  # outputs stop at this many tokens too (EOS included); 0: model.max_len.
         temperature=1.0,  # sampling only.
@@ -414,7 +416,8 @@ def _check_values(config: ml_collections.ConfigDict):
                          ("model.norm_position", NORM_POSITIONS), ("model.positions", POSITIONS),
                          ("model.dtype", DTYPES), ("model.remat", REMAT_POLICIES),
                          ("tokenizer.model_type", TOKENIZER_MODEL_TYPES),
-                         ("decode.strategy", DECODE_STRATEGIES), ("data.too_long", TOO_LONG_POLICIES),
+                         ("decode.strategy", DECODE_STRATEGIES), ("decode.beam_stop", BEAM_STOPS),
+                         ("data.too_long", TOO_LONG_POLICIES),
                          ("nonfinite_loss", NONFINITE_POLICIES), ("optimizer", OPTIMIZERS),
                          ("schedule", SCHEDULES), ("quantization", QUANTIZATIONS),
                          ("prune.pattern", PRUNE_PATTERNS)):

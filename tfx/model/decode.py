@@ -38,7 +38,12 @@ softmax and top-k shrink from the vocabulary to those tokens.
 Beam search (as fairseq): each step takes the 2W most likely extensions of the W beams; those
 ending in EOS among the first W finish, scored with the GNMT length penalty
 log p / ((5 + length) / 6) ** length_penalty (length counts EOS), and the best W others go on.
-A sentence is done when W hypotheses have finished; the loop stops when every sentence is done.
+A sentence is done (its finished n-best kept as they are) with `beam_stop="bound"` when no
+hypothesis going on can still beat the W-th best finished one (the bound of T5X and the Flax
+example: the best going on's log p, which can only fall, over the largest length penalty it
+could still reach), so stopping changes nothing against running to the length limit; with
+`beam_stop="fairseq"`, as soon as W hypotheses have finished, which can miss a better one.
+The loop stops when every sentence is done.
 Sampling draws from softmax(logits / temperature) within the top_k tokens and the top_p mass.
 """
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Options:
     strategy: str  # beam, greedy or sample.
     beam_size: int
     length_penalty: float
+    beam_stop: str  # bound or fairseq (the module doc).
     max_length_offset: int
     temperature: float
     top_k: int
@@ -391,6 +397,7 @@ class _Beams(NamedTuple):
     finished_BxWxL: jax.Array  # the best finished hypotheses, best first.
     finished_scores_BxW: jax.Array  # length-penalised log p; -inf: empty.
     num_finished_B: jax.Array
+    done_B: jax.Array  # sentences whose finished hypotheses are final (`_done`).
     state: Any
 
 
@@ -420,19 +427,33 @@ def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Option
         alive_BxWxL = jnp.take_along_axis(candidates_Bx2WxL, keep_BxW[..., None], axis=1)
         state = decoder.reorder(state, jnp.take_along_axis(parents_Bx2W, keep_BxW, axis=1))
 
-        done_B = b.num_finished_B >= width  # done sentences keep their hypotheses.
+        done_B = b.done_B  # done sentences keep their hypotheses.
+        finished_scores_BxW = jnp.where(done_B[:, None], b.finished_scores_BxW, finished_scores_BxW)
+        num_finished_B = jnp.where(done_B, b.num_finished_B, num_finished_B)
         return _Beams(
             b.t + 1, alive_BxWxL, alive_log_probs_BxW,
-            jnp.where(done_B[:, None, None], b.finished_BxWxL, finished_BxWxL),
-            jnp.where(done_B[:, None], b.finished_scores_BxW, finished_scores_BxW),
-            jnp.where(done_B, b.num_finished_B, num_finished_B), state)
+            jnp.where(done_B[:, None, None], b.finished_BxWxL, finished_BxWxL), finished_scores_BxW,
+            num_finished_B, done_B | _done(b.t, limit, alive_log_probs_BxW, finished_scores_BxW,
+                                             num_finished_B, options), state)
 
     def cond(b: _Beams):
-        return (b.t < limit) & jnp.any(b.num_finished_B < width)
+        return (b.t < limit) & ~jnp.all(b.done_B)
 
     first_W = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)  # one start hypothesis.
     empty_BxWxL = jnp.zeros((batch, width, length), jnp.int32)
     init = _Beams(jnp.asarray(0), empty_BxWxL, jnp.broadcast_to(first_W, (batch, width)), empty_BxWxL,
-                  jnp.full((batch, width), -jnp.inf), jnp.zeros((batch,), jnp.int32), decoder.state)
+                  jnp.full((batch, width), -jnp.inf), jnp.zeros((batch,), jnp.int32),
+                  jnp.zeros((batch,), bool), decoder.state)
     beams = jax.lax.while_loop(cond, body, init)
     return beams.finished_BxWxL, beams.finished_scores_BxW
+
+
+def _done(t, limit, alive_log_probs_BxW, finished_scores_BxW, num_finished_B, options: Options):
+    """Whether each sentence's finished hypotheses are final after step t (`beam_stop`, module
+    doc). The hypotheses going on have t + 1 tokens and would finish with t + 2 to `limit`."""
+    width = finished_scores_BxW.shape[1]
+    if options.beam_stop == "fairseq":
+        return num_finished_B >= width
+    largest_penalty = jnp.maximum(_penalty(t + 2, options), _penalty(limit, options))
+    best_possible_B = alive_log_probs_BxW[:, 0] / largest_penalty  # log p <= 0 only falls.
+    return best_possible_B <= finished_scores_BxW[:, -1]

@@ -13,8 +13,8 @@ sources cut to model.max_len tokens, outputs as long as tfx allows) with these d
   probabilities are tfx's renormalised without token 0 (see tfx/export/ctranslate2.py). A
   forced prefix's tokens add nothing to the score (tfx adds their log-probabilities), though
   they count in its length.
-- Beam search stops when its best hypothesis and the n-best have finished (tfx's when
-  beam_size hypotheses have).
+- Beam search stops when its best hypothesis and the n-best have finished (tfx's as
+  config.decode.beam_stop says).
 - Samples are drawn by CTranslate2's random generator, not from config.seed; sampling with
   top_k=1 is greedy decoding and gives one hypothesis.
 - A hypothesis that reaches the length limit ends without EOS, and its score without EOS's
