@@ -4,7 +4,8 @@
     python translate.py --workdir W [--checkpoint latest|STEP|average:N]
         [--input FILE] [--output FILE] [--stream] [--prefix FILE] [--beam N]
         [--strategy beam|greedy|sample] [--temperature T] [--top_k K] [--top_p P]
-        [--length_penalty A] [--max_length N] [--nbest K] [--target_lang LANG]
+        [--length_penalty A] [--max_length N] [--max_len_a A --max_len_b B]
+        [--no_repeat_ngram_size N] [--repetition_penalty P] [--nbest K] [--target_lang LANG]
         [--config.KEY=VALUE ...]
     python translate.py --workdir W --score --source S --target T [--output FILE]
 
@@ -57,11 +58,18 @@ def main():
         "top_p": flags.DEFINE_float("top_p", None, "Sample within the top-p probability mass."),
         "length_penalty": flags.DEFINE_float("length_penalty", None, "GNMT length penalty alpha."),
         "max_length": flags.DEFINE_integer("max_length", None, "Longest output in tokens, EOS included."),
+        "max_len_a": flags.DEFINE_float("max_len_a", None, "Outputs stop at A * source length + B tokens."),
+        "max_len_b": flags.DEFINE_integer("max_len_b", None, "See --max_len_a."),
+        "no_repeat_ngram_size": flags.DEFINE_integer("no_repeat_ngram_size", None,
+                                                     "No n-gram of N tokens twice in an output (0: off)."),
+        "repetition_penalty": flags.DEFINE_float("repetition_penalty", None,
+                                                 "> 1 penalises the tokens an output already holds."),
     }
     target_lang = flags.DEFINE_string(
         "target_lang", None, "A multilingual model's output language: OPUS-MT's '>>LANG<<' token "
         "starts every source (config.data.target_lang_token).")
-    for old in ("top-k", "top-p", "length-penalty", "max-length", "target-lang"):
+    for old in ("top-k", "top-p", "length-penalty", "max-length", "target-lang", "max-len-a", "max-len-b",
+                "no-repeat-ngram-size", "repetition-penalty"):
         cli.alias(old, old.replace("-", "_"))
 
     def command():

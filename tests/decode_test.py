@@ -270,9 +270,9 @@ def test_best_extensions_equal_a_top_k_over_the_allowed_logits(t, forced_length)
     logits_BxWxV = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 3000)) * 4
     logits_BxWxV = logits_BxWxV.at[:, :2, decode.PAD].set(50.0).at[:, 1:3, decode.EOS].set(40.0)
     log_probs_BxW = jnp.array([[0.0, -1.0, -2.0, -jnp.inf], [-0.5, -0.7, -3.0, -4.0]])
-    limit = 10  # t = 9 is the last step: EOS only.
-    log_probs, parents, tokens = decode._best_extensions(log_probs_BxW, logits_BxWxV, 8, t, limit, options, None)
-    allowed_BxWxV = decode._allowed(logits_BxWxV, t, limit, options)
+    limit_B = jnp.array([10, 4])  # each sentence's last step (9, 3): EOS only.
+    log_probs, parents, tokens = decode._best_extensions(log_probs_BxW, logits_BxWxV, 8, t, limit_B, options, None)
+    allowed_BxWxV = decode._allowed(logits_BxWxV, t, limit_B, options)
     candidates_BxWV = (log_probs_BxW[..., None] + jax.nn.log_softmax(logits_BxWxV)
                        + jnp.where(jnp.isfinite(allowed_BxWxV), 0.0, -jnp.inf)).reshape(2, -1)
     expected_log_probs, expected = jax.lax.top_k(candidates_BxWV, 8)
@@ -281,8 +281,10 @@ def test_best_extensions_equal_a_top_k_over_the_allowed_logits(t, forced_length)
     np.testing.assert_array_equal(np.asarray(parents)[finite], (expected // 3000)[finite])
     np.testing.assert_array_equal(np.asarray(tokens)[finite], (expected % 3000)[finite])
     assert not np.isin(np.asarray(tokens)[finite], decode._banned(options)).any()
-    if t == limit - 1 and not forced_length:
-        assert (np.asarray(tokens)[finite] == decode.EOS).all()
+    last = (t == np.asarray(limit_B) - 1) & (not forced_length)
+    assert last.any() != bool(forced_length)
+    assert (np.asarray(tokens)[last][finite[last]] == decode.EOS).all()
+    assert (np.asarray(tokens)[~last][finite[~last]] != decode.EOS).any()
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])

@@ -165,6 +165,10 @@ def decode_config() -> dict:
         beam_stop="bound",  # a sentence's beam stops when no unfinished hypothesis can beat its finished n-best (bound), or when beam_size have finished (fairseq).
         max_length_offset=50,  # outputs stop at source length + this many tokens.
         max_length=0,  # outputs stop at this many tokens too (EOS included); 0: model.max_len.
+        max_len_a=0.0,  # with max_len_b (both 0: off): each sentence's output stops at max_len_a * its source length + max_len_b tokens (EOS included; fairseq's --max-len-a/b).
+        max_len_b=0,
+        no_repeat_ngram_size=0,  # > 0: no n-gram of this many tokens twice in an output (fairseq, CTranslate2).
+        repetition_penalty=1.0,  # > 1: the logits of tokens an output already holds are penalised (CTRL's, as in CTranslate2 and Hugging Face).
         temperature=1.0,  # sampling only.
         top_k=0,  # sampling only; 0: no top-k cut.
         top_p=1.0,  # sampling only; 1.0: no nucleus cut.
@@ -426,6 +430,7 @@ def _check_values(config: ml_collections.ConfigDict):
                 "model.mlp_dim", "model.max_len", "per_device_batch_size", "max_source_length",
                 "max_target_length", "grad_accum_steps", "learning_rate", "num_train_steps",
                 "per_device_eval_batch_size", "decode.beam_size", "decode.temperature",
+                "decode.repetition_penalty",
                 "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "lock_timeout_s",
                 "distributed.heartbeat_timeout_s", "distributed.initialization_timeout_s",
                 "distill.temperature", "prune.every_steps"):
@@ -434,6 +439,7 @@ def _check_values(config: ml_collections.ConfigDict):
                 "warmup_steps", "train_minutes", "divergence_factor", "weight_decay",
                 "grad_clip_norm", "z_loss", "decode.length_penalty", "decode.max_length_offset",
                 "decode.max_length", "decode.top_k", "data.worker_count", "eval_every_steps",
+                "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram_size",
                 "eval_bleu_examples", "data.shards", "distributed.num_processes",
                 "prune.begin_step", "prune.end_step"):
         _check_positive(config, key, allow_zero=True)

@@ -10,7 +10,12 @@ instead. `Options.from_config` reads `config.decode`, and `full_recompute=True` 
 `forced_length=n` (benchmarks) may be added. Token 0 is padding and the decoder's start token,
 1 is EOS; 0 is never generated. Outputs have at most (longest source of the batch, in non-pad
 tokens) + max_length_offset tokens, and at most max_length (if set) and the model's max_len;
-the last one allowed is EOS.
+with max_len_a or max_len_b, each sentence's at most max_len_a * its source length +
+max_len_b; the last one allowed is EOS.
+
+Guards against runaway outputs (`_Guard`, off by default): no_repeat_ngram_size bans a token
+that would repeat an n-gram of its hypothesis, and repetition_penalty penalises the logits of
+the tokens a hypothesis holds. Scores are then the log-probabilities of the guarded logits.
 
 A forced target prefix (`prefix_BxP`: token ids, right-padded with 0, no EOS) makes each
 hypothesis of sentence b begin with its prefix's tokens (CTranslate2's `target_prefix`): at
@@ -81,6 +86,10 @@ class Options:
     top_k: int
     top_p: float
     max_length: int = 0
+    max_len_a: float = 0.0  # with max_len_b: each sentence's own output cap (`_sentence_limits`).
+    max_len_b: int = 0
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size twice in a hypothesis.
+    repetition_penalty: float = 1.0  # > 1: the logits of tokens a hypothesis holds, penalised.
     shortlist: str = ""  # a lexical shortlist's file (tfx/data/shortlist.py); "": the whole vocabulary.
     shortlist_size: int = 1024  # target tokens a batch decodes over, with `shortlist`.
     forced_length: int = 0  # > 0: exactly this many tokens per hypothesis, EOS forbidden.
@@ -153,6 +162,7 @@ def search(model: EncoderDecoder, inputs_BxS: jax.Array, options: Options,
     segment_BxS = (inputs_BxS > 0).astype(jnp.int32)
     encoded_BxSxD = model.encode(inputs_BxS, segment_BxS)
     length, limit = _output_length(model.max_len, segment_BxS, options, prefix_BxP)
+    limit_B = _sentence_limits(segment_BxS, options, limit, prefix_BxP)
     width = options.beam_size if options.strategy == "beam" else 1
     vocab_S = None
     if options.shortlist:
@@ -160,12 +170,13 @@ def search(model: EncoderDecoder, inputs_BxS: jax.Array, options: Options,
         vocab_S = shortlist.vocabulary(table, inputs_BxS, options.shortlist_size, forced=prefix_BxP)
     make_decoder = _full_decoder if options.full_recompute else _cached_decoder
     decoder = make_decoder(model, encoded_BxSxD, segment_BxS, width, length, vocab_S)
-    forced = None if prefix_BxP is None else _Forced.of(prefix_BxP, vocab_S, limit)
+    forced = None if prefix_BxP is None else _Forced.of(prefix_BxP, vocab_S, limit_B)
+    guard = _Guard.of(options, model.vocab_size, vocab_S, forced)
     if options.strategy == "beam":
-        return _beam_search(decoder, inputs_BxS.shape[0], width, length, limit, options, forced)
+        return _beam_search(decoder, inputs_BxS.shape[0], width, length, limit_B, options, forced, guard)
     if options.strategy == "sample" and rng is None:
         raise ValueError("sampling needs an rng key.")
-    return _sample(decoder, inputs_BxS.shape[0], length, limit, options, rng, forced)
+    return _sample(decoder, inputs_BxS.shape[0], length, limit_B, options, rng, forced, guard)
 
 
 def _output_length(max_len: int, segment_BxS, options: Options, prefix_BxP=None) -> tuple[int, jax.Array]:
@@ -183,8 +194,21 @@ def _output_length(max_len: int, segment_BxS, options: Options, prefix_BxP=None)
     return length, jnp.clip(steps, 1, length)
 
 
+def _sentence_limits(segment_BxS, options: Options, limit, prefix_BxP=None) -> jax.Array:
+    """Each sentence's number of steps [B]: the batch's `limit`, and with max_len_a or
+    max_len_b at most max_len_a * its source length + max_len_b (lengths with EOS; fairseq's
+    --max-len-a/b, per sentence), with room for its forced prefix and one token."""
+    limit_B = jnp.full(segment_BxS.shape[:1], limit)
+    if options.forced_length or not (options.max_len_a or options.max_len_b):
+        return limit_B
+    cap_B = jnp.floor(options.max_len_a * jnp.sum(segment_BxS, axis=1) + options.max_len_b).astype(jnp.int32)
+    if prefix_BxP is not None:
+        cap_B = jnp.maximum(cap_B, jnp.sum(prefix_BxP != PAD, axis=1) + 1)
+    return jnp.clip(cap_B, 1, limit_B)
+
+
 class _Forced(NamedTuple):
-    """Forced prefixes as logit positions [B, P] (0: none), and the step limit."""
+    """Forced prefixes as logit positions [B, P] (0: none), and each sentence's step limit [B]."""
     positions_BxP: jax.Array
     limit: jax.Array
 
@@ -276,14 +300,69 @@ def _banned(options: Options) -> tuple[int, ...]:
     return (PAD, EOS) if options.forced_length else (PAD,)
 
 
-def _allowed(logits_BxWxV, t, limit, options: Options) -> jax.Array:
+def _allowed(logits_BxWxV, t, limit_B, options: Options) -> jax.Array:
     """Logits, -inf where a token is not allowed: the `_banned` ones always, and every one but
-    EOS at the last step (without `forced_length`)."""
+    EOS at a sentence's last step (without `forced_length`)."""
     vocab_V = jnp.arange(logits_BxWxV.shape[-1])
-    banned_V = functools.reduce(operator.or_, (vocab_V == token for token in _banned(options)))
+    banned_1x1xV = functools.reduce(operator.or_, (vocab_V == token for token in _banned(options)))[None, None, :]
     if not options.forced_length:
-        banned_V = banned_V | ((t == limit - 1) & (vocab_V != EOS))
-    return jnp.where(banned_V[None, None, :], -jnp.inf, logits_BxWxV)
+        banned_1x1xV = banned_1x1xV | ((t == limit_B - 1)[:, None, None] & (vocab_V != EOS)[None, None, :])
+    return jnp.where(banned_1x1xV, -jnp.inf, logits_BxWxV)
+
+
+class _Guard(NamedTuple):
+    """The repetition guards on a step's logits (`__call__`): no_repeat_ngram_size's repeats
+    banned, and repetition_penalty's (CTRL's, Keskar et al., 2019) on the
+    tokens a hypothesis holds: a positive logit divided by it, a negative one multiplied. Not
+    on a forced step. Token ids map to logit positions through a shortlist's `vocab_V`."""
+    options: Options
+    vocab_size: int
+    vocab_V: jax.Array | None
+    forced: _Forced | None
+
+    @classmethod
+    def of(cls, options: Options, vocab_size: int, vocab_V, forced) -> _Guard | None:
+        if not options.no_repeat_ngram_size and options.repetition_penalty == 1.0:
+            return None
+        return cls(options, vocab_size, vocab_V, forced)
+
+    def __call__(self, logits_BxWxV, tokens_BxWxL, t) -> jax.Array:
+        """Guarded logits at step t of hypotheses whose tokens before t are `tokens_BxWxL`."""
+        guarded_BxWxV = logits_BxWxV
+        if self.options.repetition_penalty != 1.0:
+            penalty = self.options.repetition_penalty
+            penalised_BxWxV = jnp.where(logits_BxWxV > 0, logits_BxWxV / penalty, logits_BxWxV * penalty)
+            held_BxWxL = jnp.where(jnp.arange(tokens_BxWxL.shape[-1]) < t, tokens_BxWxL, PAD)
+            guarded_BxWxV = jnp.where(self._marked(held_BxWxL), penalised_BxWxV, guarded_BxWxV)
+        if self.options.no_repeat_ngram_size:
+            repeats_BxWxL = _ngram_repeats(tokens_BxWxL, t, self.options.no_repeat_ngram_size)
+            guarded_BxWxV = jnp.where(self._marked(repeats_BxWxL), -jnp.inf, guarded_BxWxV)
+        if self.forced is not None:
+            guarded_BxWxV = jnp.where(self.forced.at(t)[0][:, None, None], logits_BxWxV, guarded_BxWxV)
+        return guarded_BxWxV
+
+    def _marked(self, tokens_BxWxL) -> jax.Array:
+        """[B, W, logits] whether each logit's token is among the hypothesis' `tokens_BxWxL`
+        (PAD: none)."""
+        batch, width, _ = tokens_BxWxL.shape
+        marked_BxWxV = jnp.zeros((batch, width, self.vocab_size), bool).at[
+            jnp.arange(batch)[:, None, None], jnp.arange(width)[None, :, None], tokens_BxWxL].set(True)
+        marked_BxWxV = marked_BxWxV.at[..., PAD].set(False)
+        return marked_BxWxV if self.vocab_V is None else marked_BxWxV[..., self.vocab_V]
+
+
+def _ngram_repeats(tokens_BxWxL, t, n: int) -> jax.Array:
+    """[B, W, L] the tokens that would repeat an n-gram of a hypothesis at step t (PAD: none):
+    each token that followed an earlier occurrence of its last n - 1 tokens."""
+    length = tokens_BxWxL.shape[-1]
+    starts_L = jnp.arange(length)
+    match_BxWxL = jnp.broadcast_to(starts_L + n - 1 < t, tokens_BxWxL.shape)  # n-grams before t.
+    for k in range(n - 1):
+        window_BxWxL = jnp.pad(tokens_BxWxL[..., k:], ((0, 0), (0, 0), (0, k)))
+        last_BxWx1 = jax.lax.dynamic_slice_in_dim(tokens_BxWxL, jnp.maximum(t - n + 1 + k, 0), 1, axis=2)
+        match_BxWxL = match_BxWxL & (window_BxWxL == last_BxWx1)
+    following_BxWxL = jnp.pad(tokens_BxWxL[..., n - 1:], ((0, 0), (0, 0), (0, n - 1)))
+    return jnp.where(match_BxWxL, following_BxWxL, PAD)
 
 
 def _penalty(length, options: Options):
@@ -291,14 +370,17 @@ def _penalty(length, options: Options):
     return ((5.0 + length) / 6.0) ** options.length_penalty
 
 
-def _sample(decoder: _Decoder, batch, length, limit, options: Options, rng, forced: _Forced | None):
-    """Greedy decoding, or sampling: one hypothesis per sentence, until EOS or `limit` tokens;
-    ([B, 1, T] tokens, [B, 1] scores)."""
+def _sample(decoder: _Decoder, batch, length, limit_B, options: Options, rng, forced: _Forced | None,
+            guard: _Guard | None):
+    """Greedy decoding, or sampling: one hypothesis per sentence, until EOS or its `limit_B`
+    tokens; ([B, 1, T] tokens, [B, 1] scores)."""
 
     def body(carry):
         t, tokens_BxL, log_prob_B, done_B, state = carry
         logits_Bx1xV, state = decoder.step(state, tokens_BxL[:, None, :], t)
-        logits_BxV = _allowed(logits_Bx1xV, t, limit, options)[:, 0]
+        if guard is not None:
+            logits_Bx1xV = guard(logits_Bx1xV, tokens_BxL[:, None, :], t)
+        logits_BxV = _allowed(logits_Bx1xV, t, limit_B, options)[:, 0]
         if options.strategy == "greedy":
             token_B = jnp.argmax(logits_BxV, axis=-1)
         else:
@@ -316,7 +398,7 @@ def _sample(decoder: _Decoder, batch, length, limit, options: Options, rng, forc
 
     def cond(carry):
         t, _, _, done_B, _ = carry
-        return (t < limit) & ~jnp.all(done_B)
+        return (t < jnp.max(limit_B)) & ~jnp.all(done_B)
 
     init = (jnp.asarray(0), jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch,), jnp.float32),
             jnp.zeros((batch,), bool), decoder.state)
@@ -341,7 +423,7 @@ def _filtered(logits_BxV, options: Options) -> jax.Array:
     return logits_BxV
 
 
-def _best_extensions(log_probs_BxW, logits_BxWxV, k, t, limit, options: Options, forced: _Forced | None):
+def _best_extensions(log_probs_BxW, logits_BxWxV, k, t, limit_B, options: Options, forced: _Forced | None):
     """The k most likely extensions of W hypotheses to tokens `_allowed` at step t: (log p,
     parent, token), each [B, k]. Only the best k of each hypothesis can be among them: taken
     from its top k + len(banned) logits less the banned tokens (or EOS alone at the last step,
@@ -361,7 +443,7 @@ def _best_extensions(log_probs_BxW, logits_BxWxV, k, t, limit, options: Options,
         top_logits_BxWxK = jnp.where(forcing_B[:, None, None], only_BxWxK, top_logits_BxWxK)
         tokens_BxWxK = jnp.where(forcing_B[:, None, None], position_B[:, None, None], tokens_BxWxK)
     if not options.forced_length:
-        last = t == limit - 1
+        last = (t == limit_B - 1)[:, None, None]
         eos_only_BxWxK = jnp.where(jnp.arange(per_beam) == 0, logits_BxWxV[..., EOS:EOS + 1], -jnp.inf)
         top_logits_BxWxK = jnp.where(last, eos_only_BxWxK, top_logits_BxWxK)
         tokens_BxWxK = jnp.where(last, EOS, tokens_BxWxK)
@@ -401,17 +483,20 @@ class _Beams(NamedTuple):
     state: Any
 
 
-def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Options, forced: _Forced | None):
+def _beam_search(decoder: _Decoder, batch, width, length, limit_B, options: Options, forced: _Forced | None,
+                 guard: _Guard | None):
     """([B, W, T] finished hypotheses, best first, [B, W] their scores)."""
     def body(b: _Beams) -> _Beams:
         logits_BxWxV, state = decoder.step(b.state, b.alive_BxWxL, b.t)
+        if guard is not None:
+            logits_BxWxV = guard(logits_BxWxV, b.alive_BxWxL, b.t)
         top_log_probs_Bx2W, parents_Bx2W, positions_Bx2W = _best_extensions(
-            b.alive_log_probs_BxW, logits_BxWxV, 2 * width, b.t, limit, options, forced)
+            b.alive_log_probs_BxW, logits_BxWxV, 2 * width, b.t, limit_B, options, forced)
         tokens_Bx2W = decoder.tokens(positions_Bx2W)
         candidates_Bx2WxL = jax.lax.dynamic_update_slice_in_dim(
             jnp.take_along_axis(b.alive_BxWxL, parents_Bx2W[..., None], axis=1),
             tokens_Bx2W[..., None], b.t, axis=2)
-        ends_Bx2W = (tokens_Bx2W == EOS) | (b.t == limit - 1)
+        ends_Bx2W = (tokens_Bx2W == EOS) | (b.t == limit_B - 1)[:, None]
 
         ranked_in_top_W_1x2W = (jnp.arange(2 * width) < width)[None, :]
         finishing_Bx2W = ends_Bx2W & ranked_in_top_W_1x2W & jnp.isfinite(top_log_probs_Bx2W)
@@ -433,11 +518,11 @@ def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Option
         return _Beams(
             b.t + 1, alive_BxWxL, alive_log_probs_BxW,
             jnp.where(done_B[:, None, None], b.finished_BxWxL, finished_BxWxL), finished_scores_BxW,
-            num_finished_B, done_B | _done(b.t, limit, alive_log_probs_BxW, finished_scores_BxW,
+            num_finished_B, done_B | _done(b.t, limit_B, alive_log_probs_BxW, finished_scores_BxW,
                                              num_finished_B, options), state)
 
     def cond(b: _Beams):
-        return (b.t < limit) & ~jnp.all(b.done_B)
+        return (b.t < jnp.max(limit_B)) & ~jnp.all(b.done_B)
 
     first_W = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)  # one start hypothesis.
     empty_BxWxL = jnp.zeros((batch, width, length), jnp.int32)
@@ -448,12 +533,13 @@ def _beam_search(decoder: _Decoder, batch, width, length, limit, options: Option
     return beams.finished_BxWxL, beams.finished_scores_BxW
 
 
-def _done(t, limit, alive_log_probs_BxW, finished_scores_BxW, num_finished_B, options: Options):
+def _done(t, limit_B, alive_log_probs_BxW, finished_scores_BxW, num_finished_B, options: Options):
     """Whether each sentence's finished hypotheses are final after step t (`beam_stop`, module
-    doc). The hypotheses going on have t + 1 tokens and would finish with t + 2 to `limit`."""
+    doc): past its last step, or by the rule. The hypotheses going on have t + 1 tokens and
+    would finish with t + 2 to `limit_B` tokens."""
     width = finished_scores_BxW.shape[1]
     if options.beam_stop == "fairseq":
-        return num_finished_B >= width
-    largest_penalty = jnp.maximum(_penalty(t + 2, options), _penalty(limit, options))
+        return (num_finished_B >= width) | (t + 1 >= limit_B)
+    largest_penalty = jnp.maximum(_penalty(t + 2, options), _penalty(limit_B, options))
     best_possible_B = alive_log_probs_BxW[:, 0] / largest_penalty  # log p <= 0 only falls.
     return best_possible_B <= finished_scores_BxW[:, -1]

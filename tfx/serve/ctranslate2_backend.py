@@ -17,6 +17,8 @@ sources cut to model.max_len tokens, outputs as long as tfx allows) with these d
   config.decode.beam_stop says).
 - Samples are drawn by CTranslate2's random generator, not from config.seed; sampling with
   top_k=1 is greedy decoding and gives one hypothesis.
+- max_len_a/b caps a batch's outputs at the largest of its sentences' caps (CTranslate2 has
+  one cap per batch), where tfx caps each sentence at its own.
 - A hypothesis that reaches the length limit ends without EOS, and its score without EOS's
   log-probability, where tfx forces EOS as its last token: the texts are the same.
 """
@@ -93,7 +95,8 @@ class CTranslate2Backend:
             sources, prefixes if any(prefixes) else None, num_hypotheses=nbest, return_scores=True,
             length_penalty=options.length_penalty, max_input_length=max_len, min_decoding_length=0,
             max_decoding_length=self._output_limit(options, sources, prefixes),
-            use_vmap=bool(options.shortlist), **self._search(options))
+            use_vmap=bool(options.shortlist), no_repeat_ngram_size=options.no_repeat_ngram_size,
+            repetition_penalty=options.repetition_penalty, **self._search(options))
         for i, result in zip(todo, found):
             results[i] = [(" ".join(self._target.decode(pieces).splitlines()), score)  # one line, as tfx.
                           for pieces, score in zip(result.hypotheses, result.scores)]
@@ -113,9 +116,13 @@ class CTranslate2Backend:
     def _output_limit(self, options: ml_collections.ConfigDict, sources: list[list[str]],
                       prefixes: list[list[str]]) -> int:
         """max_decoding_length: tfx's output length (the longest source, EOS included, plus
-        max_length_offset; room for the longest prefix and a token; within max_length and
-        model.max_len) less its last token, which tfx keeps for EOS."""
+        max_length_offset, and with max_len_a/b the largest of the sentences' caps; room for
+        the longest prefix and a token; within max_length and model.max_len) less its last
+        token, which tfx keeps for EOS."""
         max_len = self.config.model.max_len
-        wanted = max(min(len(pieces) + 1, max_len) for pieces in sources) + options.max_length_offset
+        lengths = [min(len(pieces) + 1, max_len) for pieces in sources]
+        wanted = max(lengths) + options.max_length_offset
+        if options.max_len_a or options.max_len_b:
+            wanted = min(wanted, max(int(options.max_len_a * n + options.max_len_b) for n in lengths))
         wanted = max(wanted, *(len(prefix) + 1 for prefix in prefixes))
         return max(min(wanted, options.max_length or max_len, max_len) - 1, 1)
