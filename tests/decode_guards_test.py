@@ -53,11 +53,13 @@ def setup(tiny_config):
                                     dict(no_repeat_ngram_size=3, repetition_penalty=1.3)])
 def test_greedy_guards_equal_an_independent_greedy_decoder(setup, guards):
     config, model, inputs = setup
+    guards = dict(guards, max_len_a=0.0, max_len_b=0)  # the batch's cap alone, as the reference's.
     got = translate(config, model, inputs, strategy="greedy", **guards)
     expected = reference_greedy(model, inputs, 16, guards.get("no_repeat_ngram_size", 0),
                                 guards.get("repetition_penalty", 1.0))
     np.testing.assert_array_equal(got, expected)
-    assert (got != translate(config, model, inputs, strategy="greedy")).any()  # the guard mattered.
+    unguarded = translate(config, model, inputs, strategy="greedy", max_len_a=0.0, max_len_b=0)
+    assert (got != unguarded).any()  # the guard mattered.
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

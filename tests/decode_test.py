@@ -449,7 +449,8 @@ def test_forced_beam_hypotheses_begin_with_the_prefix_and_score_it(tiny_config):
     model, inputs = build(config), sources(15, 8, 8, 50)
     prefix = np.random.default_rng(0).integers(2, 50, (8, 10)).astype(np.int32)
     prefix[np.arange(10)[None, :] >= np.array([10, 0, 1, 2, 3, 5, 8, 9])[:, None]] = 0
-    tokens, scores = search(config, model, inputs, prefix, length_penalty=0.6)
+    # Without the sentences' own caps, which would leave room for one hypothesis only.
+    tokens, scores = search(config, model, inputs, prefix, length_penalty=0.6, max_len_a=0.0, max_len_b=0)
     width = config.decode.beam_size
     for w in range(width):
         for b, row in enumerate(prefix):
@@ -459,7 +460,8 @@ def test_forced_beam_hypotheses_begin_with_the_prefix_and_score_it(tiny_config):
         expected = teacher_forced_log_probs(model, inputs, tokens[:, w]) / ((5 + lengths) / 6) ** 0.6
         np.testing.assert_allclose(scores[:, w], expected, rtol=1e-4, atol=1e-4)
     assert tokens.shape[2] >= 11  # a 10-token prefix and EOS fit, though the sources have 8.
-    sharded = search(config, model, inputs, prefix, "data:2,tensor:4", length_penalty=0.6)
+    sharded = search(config, model, inputs, prefix, "data:2,tensor:4", length_penalty=0.6, max_len_a=0.0,
+                     max_len_b=0)
     np.testing.assert_array_equal(sharded[0], tokens)
 
 

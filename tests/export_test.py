@@ -51,9 +51,10 @@ def padded(rows: list[list[int]]) -> np.ndarray:
 
 def tfx_translate(model: rundir.TrainedModel, sources: list[list[int]], prefixes=None, **options) -> list[list[int]]:
     """tfx's translations (ids before EOS) of `sources` (forced to begin with `prefixes`), with
-    config.decode `options`."""
-    translate = decode.make_translate(model.config, model.graphdef, model.mesh,
-                                      model.params_shardings, **options)
+    config.decode `options`, capped for the batch alone (`output_limit`; CTranslate2 has no
+    per-sentence cap: max_len_a/b off)."""
+    translate = decode.make_translate(model.config, model.graphdef, model.mesh, model.params_shardings,
+                                      **{"max_len_a": 0.0, "max_len_b": 0, **options})
     prefix_BxP = None if prefixes is None else padded(prefixes)
     tokens_BxT = np.asarray(translate(model.params, padded(sources), None, prefix_BxP))[:len(sources)].tolist()
     return [row[:row.index(EOS_ID)] for row in tokens_BxT]
@@ -109,9 +110,9 @@ def test_forced_prefixes_decode_as_ctranslate2_target_prefix(run):
 
 def test_beam_translations_agree(run):
     """Beam 4 without length penalty (the two penalties differ). The searches differ in when
-    they stop (tfx's, as fairseq, when 4 hypotheses have finished; CTranslate2's when the best
-    one has, which without a penalty cannot be beaten) and in CTranslate2's renormalisation
-    without token 0, which can reorder close hypotheses."""
+    they stop (tfx's when no unfinished hypothesis can beat its 4 finished ones; CTranslate2's
+    when the best one has finished, which without a penalty cannot be beaten) and in
+    CTranslate2's renormalisation without token 0, which can reorder close hypotheses."""
     model, _, output, sources = run
     translator = ctranslate2.Translator(output, device="cpu", compute_type="float32")
     expected = tfx_translate(model, sources, strategy="beam", beam_size=4, length_penalty=0.0)

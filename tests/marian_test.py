@@ -58,14 +58,15 @@ def pair(request, tmp_path_factory) -> Pair:
 
 
 def tfx_translate(pair: Pair, **options) -> list[list[str]]:
-    """tfx's translations (pieces before EOS) of the pair's sources, with config.decode `options`."""
+    """tfx's translations (pieces before EOS) of the pair's sources, with config.decode `options`,
+    at most MAX_DECODING_LENGTH tokens before EOS, as CTranslate2's (no per-sentence cap)."""
     sources = [pair.ids(pieces) for pieces in pair.sources]
     inputs_BxS = np.zeros((len(sources), max(map(len, sources))), np.int32)
     for row, ids in enumerate(sources):
         inputs_BxS[row, :len(ids)] = ids
     translate = decode.make_translate(pair.model.config, pair.model.graphdef, pair.model.mesh,
                                       pair.model.params_shardings, max_length=MAX_DECODING_LENGTH + 1,
-                                      **options)
+                                      max_len_a=0.0, max_len_b=0, **options)
     rows = np.asarray(translate(pair.model.params, inputs_BxS)).tolist()
     return [pair.pieces(row[:row.index(EOS_ID)] if EOS_ID in row else row) for row in rows]
 

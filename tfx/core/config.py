@@ -165,8 +165,8 @@ def decode_config() -> dict:
         beam_stop="bound",  # a sentence's beam stops when no unfinished hypothesis can beat its finished n-best (bound), or when beam_size have finished (fairseq).
         max_length_offset=50,  # outputs stop at source length + this many tokens.
         max_length=0,  # outputs stop at this many tokens too (EOS included); 0: model.max_len.
-        max_len_a=0.0,  # with max_len_b (both 0: off): each sentence's output stops at max_len_a * its source length + max_len_b tokens (EOS included; fairseq's --max-len-a/b).
-        max_len_b=0,
+        max_len_a=1.5,  # with max_len_b (both 0: off): each sentence's output stops at max_len_a * its source length + max_len_b tokens (EOS included; fairseq's --max-len-a/b).
+        max_len_b=5,
         no_repeat_ngram_size=0,  # > 0: no n-gram of this many tokens twice in an output (fairseq, CTranslate2).
         repetition_penalty=1.0,  # > 1: the logits of tokens an output already holds are penalised (CTRL's, as in CTranslate2 and Hugging Face).
         temperature=1.0,  # sampling only.
