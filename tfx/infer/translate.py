@@ -3,8 +3,9 @@
 Text goes through the run's tokenizer: sources by its source side (`encode_source`, with
 config.data.target_lang_token first), targets and translations by its target side. Sentences
 are sorted by length and batched (per_device_eval_batch_size rows per data-parallel device),
-each batch padded to a power-of-two length so that only a few shapes compile, and results come
-back in input order.
+each batch padded to a power-of-two length, and a batch with fewer sentences to the fewest rows
+of a power-of-two number per device that hold them, so that only a few shapes compile and a
+lone sentence (a server's request) decodes as one row; results come back in input order.
 Empty lines translate to empty lines without decoding. Sentences longer than model.max_len
 tokens are truncated (keeping EOS) and counted. A forced target prefix per line (`prefixes`)
 makes its translations begin with it (tfx/model/decode.py); batches without one decode as before.
@@ -94,8 +95,9 @@ class Translator:
             raise ValueError("translate.py runs in one process; use eval.py for multi-host decoding.")
         config = model.config
         self.model, self.max_len = model, config.model.max_len
-        self.rows = config.per_device_eval_batch_size * parallel.data_parallel_size(
-            model.mesh, config.logical_axis_rules)
+        devices = parallel.data_parallel_size(model.mesh, config.logical_axis_rules)
+        self.rows = config.per_device_eval_batch_size * devices
+        self.row_buckets = sorted({min(devices << k, self.rows) for k in range(self.rows.bit_length())})
         self.options = decode.Options.from_config(config)
         self._search = decode.make_translate(config, model.graphdef, model.mesh,
                                              model.params_shardings, nbest=True)
@@ -118,12 +120,17 @@ class Translator:
                    else "; use --strategy beam or sample for more than one."))
 
     def compile_all(self):
-        """Compiles the search for every padded source length, so that no translation waits for
-        a compile (forced prefixes compile on first use)."""
-        for length in sorted({bucket(n, self.max_len) for n in range(1, self.max_len + 1)}):
-            inputs_BxS = np.zeros((self.rows, length), np.int32)
-            inputs_BxS[:, 0] = EOS_ID  # one-token sources: the search stops at once.
-            jax.block_until_ready(self._search(self.model.params, inputs_BxS, jax.random.fold_in(self._rng, 0)))
+        """Compiles the search for every padded batch shape (rows, source length), so that no
+        translation waits for a compile (forced prefixes compile on first use)."""
+        for rows in self.row_buckets:
+            for length in sorted({bucket(n, self.max_len) for n in range(1, self.max_len + 1)}):
+                inputs_BxS = np.zeros((rows, length), np.int32)
+                inputs_BxS[:, 0] = EOS_ID  # one-token sources: the search stops at once.
+                jax.block_until_ready(self._search(self.model.params, inputs_BxS, jax.random.fold_in(self._rng, 0)))
+
+    def _rows_for(self, sentences: int) -> int:
+        """The fewest rows of `row_buckets` that hold a batch of `sentences`."""
+        return next(rows for rows in self.row_buckets if rows >= sentences)
 
     def translate(self, lines: Sequence[str], nbest: int = 1, progress: bool = False,
                   stream: int | None = None, prefixes: Sequence[str] | None = None,
@@ -158,11 +165,12 @@ class Translator:
         for number, rows in enumerate(tqdm.tqdm(batches, desc="translating", unit="batch",
                                                 disable=not progress)):
             indices = [todo[r] for r in rows]
-            inputs_BxS = _padded([sources[i] for i in indices], self.rows, self.max_len)
+            rows = self._rows_for(len(indices))
+            inputs_BxS = _padded([sources[i] for i in indices], rows, self.max_len)
             rng = jax.random.fold_in(key, number)
             prefix_BxP = None
             if any(len(forced.get(i, ())) for i in indices):
-                prefix_BxP = _padded([forced.get(i, np.zeros(0, np.int32)) for i in indices], self.rows, self.max_len)
+                prefix_BxP = _padded([forced.get(i, np.zeros(0, np.int32)) for i in indices], rows, self.max_len)
             tokens_BxWxT, scores_BxW = jax.device_get(
                 self._search(self.model.params, inputs_BxS, rng, prefix_BxP))
             for row, index in enumerate(indices):
@@ -210,7 +218,7 @@ class Translator:
         results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
         batches = longest_first([max(len(a), len(b)) for a, b in pairs], self.rows)
         for rows in tqdm.tqdm(batches, desc="scoring", unit="batch", disable=not progress):
-            batch = {key: _padded([pairs[r][side] for r in rows], self.rows, self.max_len)
+            batch = {key: _padded([pairs[r][side] for r in rows], self._rows_for(len(rows)), self.max_len)
                      for side, key in enumerate(("inputs", "targets"))}
             log_prob_B, tokens_B = jax.device_get(self._score_step(self.model.params, batch))
             for row, index in enumerate(rows):
