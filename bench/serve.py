@@ -3,13 +3,14 @@
     python bench/serve.py --workdir runs/multi30k --checkpoint average:5 \\
         [--input data/multi30k-en-de/test_2016_flickr.en] [--clients 1,8,32,128] [--rounds 3]
     python bench/serve.py --workdir runs/multi30k --checkpoint average:5 --soak 300
+    [--max_wait_ms MS]  (serve.py's batching window; its default otherwise)
 
 First translate.py's library translates the file (one untimed run, then --rounds timed ones):
 its sentences/s. Then serve.py starts on loopback and, for each number of clients, LibreTranslate
 requests of one sentence each go through the whole file --rounds times (one untimed round
 first): sentences/s (median, min, max of the rounds), latency p50 and p99 over the timed
-rounds, and the share of translate.py's throughput. Every reply must be translate.py's
-translation of its sentence.
+rounds, the mean sentences per decoded batch (the server's /metrics), and the share of
+translate.py's throughput. Every reply must be translate.py's translation of its sentence.
 
 --soak S instead: 32 clients for S seconds, every 10th request a bad one, the server's RSS
 read every 10 s: the replies by status, the unexpected ones, and the RSS's first, last, min
@@ -49,7 +50,10 @@ def load_rounds(url: str, sentences: list[str], expected: list[str], clients: in
     from tfx.serve.load import run_load
 
     rates, latencies = [], []
+    batches = {}
     for round_number in range(rounds + 1):
+        if round_number == 1:
+            batches = batch_sizes(url)
         load = asyncio.run(run_load(url, sentences, clients, len(sentences), seconds=3600))
         wrong = [i for i, status, text in load.good if (status, text) != (200, expected[i])]
         if wrong:
@@ -58,8 +62,19 @@ def load_rounds(url: str, sentences: list[str], expected: list[str], clients: in
             rates.append(len(load.good) / load.seconds)
             latencies += load.latencies
     p50, p99 = np.percentile(latencies, [50, 99])
+    after = batch_sizes(url)
+    mean_batch = (after["sum"] - batches["sum"]) / max(after["count"] - batches["count"], 1)
     return {"sentences_per_sec": summary(rates), "latency_p50_ms": round(1000 * p50, 1),
-            "latency_p99_ms": round(1000 * p99, 1)}
+            "latency_p99_ms": round(1000 * p99, 1), "mean_batch_sentences": round(mean_batch, 1)}
+
+
+def batch_sizes(url: str) -> dict:
+    """The server's tfx_batch_sentences histogram's sum and count so far (/metrics)."""
+    import httpx
+
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return {part: float(next(line.split()[1] for line in lines if line.startswith(f"tfx_batch_sentences_{part} ")))
+            for part in ("sum", "count")}
 
 
 def soak(server, sentences: list[str], expected: list[str], seconds: float) -> dict:
@@ -90,6 +105,7 @@ def main():
     parser.add_argument("--clients", default="1,8,32,128")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--soak", type=float, default=0, help="Seconds of soak instead of the load rounds.")
+    parser.add_argument("--max_wait_ms", type=float, default=None, help="serve.py's, if given.")
     args = parser.parse_args()
     from servers import Server
 
@@ -99,7 +115,11 @@ def main():
     expected, reference = translate_py(args.workdir, args.checkpoint, sentences, args.rounds)
     result = {"input": os.path.basename(args.input), "sentences": len(sentences), "cpus": os.cpu_count(),
               "translate_py_sentences_per_sec": reference}
-    with Server([f"--workdir={args.workdir}", f"--checkpoint={args.checkpoint}"]) as server:
+    flags = [f"--workdir={args.workdir}", f"--checkpoint={args.checkpoint}"]
+    if args.max_wait_ms is not None:
+        flags.append(f"--max_wait_ms={args.max_wait_ms}")
+        result["max_wait_ms"] = args.max_wait_ms
+    with Server(flags) as server:
         if args.soak:
             result["soak"] = soak(server, sentences, expected, args.soak)
         else:
