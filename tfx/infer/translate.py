@@ -122,8 +122,9 @@ class Translator:
     def compile_all(self):
         """Compiles the search for every padded batch shape (rows, source length), so that no
         translation waits for a compile (forced prefixes compile on first use)."""
+        lengths = sorted({bucket(n, self.max_len) for n in range(1, self.max_len + 1)})
         for rows in self.row_buckets:
-            for length in sorted({bucket(n, self.max_len) for n in range(1, self.max_len + 1)}):
+            for length in lengths:
                 inputs_BxS = np.zeros((rows, length), np.int32)
                 inputs_BxS[:, 0] = EOS_ID  # one-token sources: the search stops at once.
                 jax.block_until_ready(self._search(self.model.params, inputs_BxS, jax.random.fold_in(self._rng, 0)))
@@ -165,12 +166,13 @@ class Translator:
         for number, rows in enumerate(tqdm.tqdm(batches, desc="translating", unit="batch",
                                                 disable=not progress)):
             indices = [todo[r] for r in rows]
-            rows = self._rows_for(len(indices))
-            inputs_BxS = _padded([sources[i] for i in indices], rows, self.max_len)
+            padded_rows = self._rows_for(len(indices))
+            inputs_BxS = _padded([sources[i] for i in indices], padded_rows, self.max_len)
             rng = jax.random.fold_in(key, number)
             prefix_BxP = None
             if any(len(forced.get(i, ())) for i in indices):
-                prefix_BxP = _padded([forced.get(i, np.zeros(0, np.int32)) for i in indices], rows, self.max_len)
+                prefix_BxP = _padded([forced.get(i, np.zeros(0, np.int32)) for i in indices], padded_rows,
+                                     self.max_len)
             tokens_BxWxT, scores_BxW = jax.device_get(
                 self._search(self.model.params, inputs_BxS, rng, prefix_BxP))
             for row, index in enumerate(indices):

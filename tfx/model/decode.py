@@ -312,9 +312,9 @@ def _allowed(logits_BxWxV, t, limit_B, options: Options) -> jax.Array:
 
 class _Guard(NamedTuple):
     """The repetition guards on a step's logits (`__call__`): no_repeat_ngram_size's repeats
-    banned, and repetition_penalty's (CTRL's, Keskar et al., 2019) on the
-    tokens a hypothesis holds: a positive logit divided by it, a negative one multiplied. Not
-    on a forced step. Token ids map to logit positions through a shortlist's `vocab_V`."""
+    banned, and repetition_penalty's (CTRL's, Keskar et al., 2019) on the tokens a hypothesis
+    holds: a positive logit divided by it, a negative one multiplied. Not on a forced step.
+    Token ids map to logit positions through a shortlist's `vocab_V`."""
     options: Options
     vocab_size: int
     vocab_V: jax.Array | None

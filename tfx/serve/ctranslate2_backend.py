@@ -1,11 +1,12 @@
 """The server's CTranslate2 backend: a `python -m tfx.export ctranslate2` directory decoded by
 CTranslate2 on the CPU, without JAX.
 
-The export's tfx_config.json gives the languages (tfx.serve.languages), config.decode (a request's options on top,
-validated as tfx validates them), the rows of a batch (per_device_eval_batch_size) and the
-lengths; its SentencePiece model(s) turn text into CTranslate2's pieces and back. Decoding
-follows tfx's (tfx/model/decode.py: beam search, greedy decoding or sampling, forced prefixes,
-sources cut to model.max_len tokens, outputs as long as tfx allows) with these differences:
+The export's tfx_config.json gives the languages (tfx.serve.languages), config.decode (a
+request's options on top, validated as tfx validates them), the rows of a batch
+(per_device_eval_batch_size) and the lengths; its SentencePiece model(s) turn text into
+CTranslate2's pieces and back. Decoding follows tfx's (tfx/model/decode.py: beam search,
+greedy decoding or sampling, forced prefixes, sources cut to model.max_len tokens, outputs as
+long as tfx allows) with these differences:
 
 - Scores divide a hypothesis' log-probability (EOS included) by CTranslate2's length penalty,
   length ** length_penalty, not by GNMT's ((5 + length) / 6) ** length_penalty, so they differ
