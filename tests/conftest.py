@@ -17,6 +17,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tfx-test-jit-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# model.dtype='auto' measures this machine once (tfx/core/precision.py); under the tests' XLA
+# flags, into the session's own cache rather than the user's.
+if "TFX_CACHE_DIR" not in os.environ:
+    os.environ["TFX_CACHE_DIR"] = tempfile.mkdtemp(prefix="tfx-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TFX_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 

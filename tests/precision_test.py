@@ -4,38 +4,95 @@ import pytest
 
 from tfx.core import precision
 
-SAPPHIRE_RAPIDS = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"})
-ZEN4 = frozenset({"avx2", "avx512f", "avx512_bf16"})
-ZEN2 = frozenset({"avx2", "fma"})
 
-
-@pytest.mark.parametrize("platform, capability, flags, expected", [
-    ("tpu", None, frozenset(), "bfloat16"),
-    ("gpu", "9.0", frozenset(), "bfloat16"),
-    ("cuda", "8.0", frozenset(), "bfloat16"),
-    ("gpu", "7.5", frozenset(), "float32"),  # Turing: float16 tensor cores, no bfloat16.
-    ("gpu", None, frozenset(), "float32"),
-    ("cpu", None, SAPPHIRE_RAPIDS, "bfloat16"),
-    ("cpu", None, ZEN4, "float32"),  # AVX512-BF16 without AMX.
-    ("cpu", None, ZEN2, "float32"),
-    ("cpu", None, frozenset(), "float32"),  # no /proc/cpuinfo (macOS).
+@pytest.mark.parametrize("platform, capability, expected", [
+    ("tpu", None, "bfloat16"),
+    ("gpu", "9.0", "bfloat16"),
+    ("cuda", "8.0", "bfloat16"),
+    ("gpu", "7.5", "float32"),  # Turing: float16 tensor cores, no bfloat16.
+    ("gpu", None, "float32"),
 ])
-def test_auto_chooses_bfloat16_only_with_bfloat16_matrix_units(platform, capability, flags, expected):
-    dtype, why = precision.choose(platform, capability, flags)
+def test_auto_chooses_bfloat16_on_accelerators_with_bfloat16_matrix_units(platform, capability, expected):
+    dtype, why = precision.choose(platform, capability)
     assert dtype == expected and why
 
 
-def test_cpu_flags_are_read_from_the_first_flags_line(tmp_path):
+def test_a_cpu_is_left_to_the_measurement():
+    assert precision.choose("cpu") is None
+
+
+def test_cpu_info_is_the_first_processor(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\n"
-                       "flags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n\nprocessor\t: 1\nflags\t\t: fpu\n")
-    assert precision.cpu_flags(str(cpuinfo)) == {"fpu", "avx512_bf16", "amx_bf16", "amx_tile"}
-    assert precision.cpu_flags(str(tmp_path / "missing")) == frozenset()
+                       "flags\t\t: fpu amx_bf16\n\nprocessor\t: 1\nmodel name\t: other\n")
+    assert precision.cpu_info(str(cpuinfo)) == {"processor": "0", "model name": "Intel(R) Xeon(R)",
+                                                "flags": "fpu amx_bf16"}
+    assert precision.cpu_info(str(tmp_path / "missing")) == {}
+
+
+@pytest.fixture
+def timings(monkeypatch, tmp_path):
+    """mlp_step_seconds replaced by set figures, counting its calls; a fresh cache."""
+    monkeypatch.setenv("TFX_CACHE_DIR", str(tmp_path))
+    figures = {"float32": 1.0, "bfloat16": 1.0}
+    calls = []
+
+    def fake(dtype):
+        calls.append(dtype)
+        return figures[dtype]
+    monkeypatch.setattr(precision, "mlp_step_seconds", fake)
+    return figures, calls
+
+
+@pytest.mark.parametrize("float32_s, bfloat16_s, expected", [
+    (0.20, 0.10, "bfloat16"),
+    (0.115, 0.10, "bfloat16"),  # just over the margin
+    (0.105, 0.10, "float32"),  # faster, but within the margin: float32's precision wins
+    (0.10, 0.15, "float32"),
+])
+def test_the_cpu_measurement_decides_with_a_margin(timings, float32_s, bfloat16_s, expected):
+    figures, _ = timings
+    figures.update(float32=float32_s, bfloat16=bfloat16_s)
+    dtype, why = precision.measure()
+    assert dtype == expected and precision.cache_path() in why
+
+
+def test_the_measurement_is_cached_per_machine(timings, monkeypatch):
+    figures, calls = timings
+    figures.update(float32=0.3, bfloat16=0.1)
+    assert precision.measure()[0] == "bfloat16" and len(calls) == 2
+    figures.update(float32=0.1, bfloat16=0.3)  # a second measurement would say float32
+    assert precision.measure()[0] == "bfloat16" and len(calls) == 2
+    this_machine = precision.machine_key()
+    monkeypatch.setattr(precision, "machine_key", lambda: "another CPU")
+    assert precision.measure()[0] == "float32" and len(calls) == 4
+    assert set(precision._read_cache(precision.cache_path())) == {this_machine, "another CPU"}
+
+
+def test_a_corrupt_cache_is_measured_again(timings):
+    figures, calls = timings
+    with open(precision.cache_path(), "w") as f:
+        f.write("{not json")
+    figures.update(float32=0.3, bfloat16=0.1)
+    assert precision.measure()[0] == "bfloat16" and len(calls) == 2
+    assert precision.measure()[0] == "bfloat16" and len(calls) == 2
+
+
+def test_the_measured_block_runs_in_both_dtypes_even_inside_a_trace():
+    for dtype in ("float32", "bfloat16"):
+        assert 0 < precision.mlp_step_seconds(dtype, tokens=64, width=32, runs=2) < 60
+    # 'auto' is often first met while a model is traced under jit: the block must still run
+    # (traced, it would "take" a fraction of a millisecond).
+    outside = precision.mlp_step_seconds("float32", tokens=1024, width=256, runs=3)
+    inside = []
+    jax.jit(lambda x: inside.append(precision.mlp_step_seconds("float32", tokens=1024, width=256,
+                                                               runs=3)) or x)(1.0)
+    assert inside[0] > outside / 4
 
 
 def test_auto_resolves_by_this_machine_and_explicit_dtypes_pass_through():
     assert jax.default_backend() == "cpu"
-    expected, _ = precision.choose("cpu", None, precision.cpu_flags())
+    expected, _ = precision.measure()
     assert precision.resolve("auto") == expected
     assert precision.compute_dtype("auto") == jnp.dtype(expected)
     assert precision.resolve("auto", "tpu") == "bfloat16"

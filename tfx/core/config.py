@@ -80,7 +80,7 @@ def model_config() -> ml_collections.ConfigDict:
             dropout_rate=0.1,  # embeddings and residual branches, as in Vaswani et al.
             attention_dropout_rate=0.0,  # attention weights; > 0 leaves the fused kernel.
             activation_dropout_rate=0.0,  # MLP hidden activations (fairseq's default is 0).
-            dtype="auto",  # computation dtype: auto (bfloat16 where matmuls in it are fast, see tfx/core/precision.py), float32 or bfloat16; parameters stay float32.
+            dtype="auto",  # computation dtype: auto (bfloat16 on TPUs, Ampere+ GPUs and CPUs where it measures faster: tfx/core/precision.py), float32 or bfloat16; parameters stay float32.
             float32_logits=True,  # the output projection in float32 whatever dtype is (MaxText's logits_dot_in_fp32).
             remat="none",  # recompute activations in the backward pass: none, full, or dots (keep matmul outputs).
             scan_layers=False,  # one lax.scan over stacked layers: compile time flat in depth.

@@ -1,39 +1,51 @@
-"""`model.dtype='auto'`: bfloat16 where the backend multiplies bfloat16 fast, float32 elsewhere.
+"""`model.dtype='auto'`: bfloat16 where the backend multiplies bfloat16 faster, float32 elsewhere.
 
 TPUs and NVIDIA GPUs from Ampere on (compute capability 8.0) multiply bfloat16 at several times
-their float32 rate. On CPUs XLA gets that rate only from AMX tiles (the `amx_bf16` flag, Intel
-Xeon from Sapphire Rapids on): with AVX512-BF16 alone (AMD Zen 4) its bfloat16 matmuls run no
-faster than float32 and the converts around them make a train step slower (docs/model.md,
-"Precision"), so such CPUs get float32.
+their float32 rate. On a CPU it depends on the chip and on XLA's kernels for it, so flags do
+not decide: the first `auto` on a machine times a small Transformer MLP block (forward and
+backward, float32 parameters cast to the compute dtype, as the model does) in both dtypes, and
+picks bfloat16 only if it is at least `MARGIN` times as fast. The choice is cached per machine
+(CPU model, core count, jax and jaxlib versions, XLA_FLAGS) in `cache_path()`, so every run and every
+process of a host choose alike; multi-process runs take process 0's choice.
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 AUTO = "auto"
 CPUINFO = "/proc/cpuinfo"
+MARGIN = 1.1  # bfloat16 must be this much faster: ties go to float32's precision.
+CACHE_FILE = "dtype_auto.json"
+DTYPE_NAMES = ("float32", "bfloat16")
 
 
-def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
-    """The CPU feature flags Linux reports (empty where there is no /proc/cpuinfo)."""
+def cpu_info(path: str = CPUINFO) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ('model name', 'flags', ...); empty where
+    there is none."""
+    info: dict[str, str] = {}
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return frozenset()
+    return info
 
 
-def choose(platform: str, compute_capability: str | None = None,
-           flags: frozenset[str] = frozenset()) -> tuple[str, str]:
-    """(dtype, why) for a backend: `platform` as jax names it ('cpu', 'gpu', 'tpu'), the GPU's
-    compute capability ('8.0'), the CPU's flags."""
+def choose(platform: str, compute_capability: str | None = None) -> tuple[str, str] | None:
+    """(dtype, why) for an accelerator platform as jax names it ('tpu', 'gpu'), with the GPU's
+    compute capability ('8.0'); None for a CPU, which `measure` decides."""
     if platform == "tpu":
         return "bfloat16", "TPU matrix units"
     if platform in ("gpu", "cuda", "rocm"):
@@ -44,12 +56,117 @@ def choose(platform: str, compute_capability: str | None = None,
             return "bfloat16", f"GPU of compute capability {compute_capability} (bfloat16 tensor cores)"
         return "float32", f"GPU of compute capability {compute_capability} (no bfloat16 tensor cores)"
     if platform == "cpu":
-        if "amx_bf16" in flags:
-            return "bfloat16", "CPU with AMX-BF16 matrix units"
-        if "avx512_bf16" in flags:
-            return "float32", "CPU with AVX512-BF16 but no AMX: XLA's bfloat16 matmuls are no faster there"
-        return "float32", "CPU without bfloat16 matrix units"
+        return None
     return "float32", f"platform {platform!r}"
+
+
+@jax.custom_vjp
+def _projection(x, w_f32):
+    """x @ w in x's dtype with float32 accumulation, as the model's projections compute."""
+    return jnp.dot(x, w_f32.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _projection_forward(x, w_f32):
+    return _projection(x, w_f32), (x, w_f32.astype(x.dtype))
+
+
+def _projection_backward(saved, grad_out):
+    x, w = saved
+    grad_out = grad_out.astype(x.dtype)
+    grad_x = jnp.dot(grad_out, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    return grad_x, jnp.dot(x.T, grad_out, preferred_element_type=jnp.float32)
+
+
+_projection.defvjp(_projection_forward, _projection_backward)
+
+
+def mlp_step_seconds(dtype: str, tokens: int = 2048, width: int = 256, runs: int = 7) -> float:
+    """Median seconds of one forward and backward pass through a width x 4*width MLP block on
+    `tokens` tokens, computing in `dtype` from float32 parameters, on the first device."""
+    with jax.ensure_compile_time_eval():  # real timings even when 'auto' is first met in a trace
+        return _timed_mlp_step(jnp.dtype(dtype), tokens, width, runs)
+
+
+def _timed_mlp_step(compute: jnp.dtype, tokens: int, width: int, runs: int) -> float:
+    def loss(params, x):
+        hidden = jax.nn.relu(_projection(x.astype(compute), params[0]))
+        return jnp.sum(_projection(hidden, params[1]).astype(jnp.float32) ** 2)
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = (jax.random.normal(keys[0], (width, 4 * width)) / width**0.5,
+              jax.random.normal(keys[1], (4 * width, width)) / (2 * width))
+    x = jax.random.normal(keys[2], (tokens, width))
+    step = jax.jit(jax.grad(loss))
+    jax.block_until_ready(step(params, x))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(step(params, x))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def cache_path() -> str:
+    """Where measured choices are kept: $TFX_CACHE_DIR, else $XDG_CACHE_HOME/tfx or ~/.cache/tfx."""
+    root = os.environ.get("TFX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tfx")
+    return os.path.join(root, CACHE_FILE)
+
+
+def machine_key() -> str:
+    """This machine as far as XLA's CPU speed goes: CPU model, cores, jax and jaxlib versions,
+    and XLA_FLAGS (which can change the kernels)."""
+    import jaxlib
+    name = cpu_info().get("model name", "unknown CPU")
+    return (f"{name} | {os.cpu_count()} cores | jax {jax.__version__} | jaxlib {jaxlib.__version__}"
+            f" | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: str, entries: dict) -> None:
+    """Atomically; a cache that cannot be written only costs a measurement next time."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.tmp"
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump(entries, f, indent=1, sort_keys=True)
+        os.replace(partial, path)
+    except OSError as error:
+        logging.warning("could not cache the dtype choice in %s: %s", path, error)
+
+
+def measure() -> tuple[str, str]:
+    """(dtype, why) on this CPU: cached, or timed now and cached."""
+    path, key = cache_path(), machine_key()
+    entries = _read_cache(path)
+    entry = entries.get(key)
+    if not (isinstance(entry, dict) and {"float32_s", "bfloat16_s"} <= entry.keys()):
+        entry = {name: mlp_step_seconds(dtype) for name, dtype in
+                 (("float32_s", "float32"), ("bfloat16_s", "bfloat16"))}
+        entries[key] = entry
+        _write_cache(path, entries)
+    speedup = entry["float32_s"] / entry["bfloat16_s"]
+    dtype = "bfloat16" if speedup >= MARGIN else "float32"
+    why = (f"measured on this CPU, an MLP block's train step is {speedup:.2f}x as fast in bfloat16 "
+           f"({entry['bfloat16_s'] * 1e3:.1f} ms against {entry['float32_s'] * 1e3:.1f} ms; "
+           f"bfloat16 needs {MARGIN}x; cached in {path})")
+    return dtype, why
+
+
+def _agreed(dtype: str) -> str:
+    """Process 0's choice on every process, so that all compile the same program."""
+    if jax.process_count() == 1:
+        return dtype
+    from jax.experimental import multihost_utils
+    index = multihost_utils.broadcast_one_to_all(np.int32(DTYPE_NAMES.index(dtype)))
+    return DTYPE_NAMES[int(index)]
 
 
 @functools.cache
@@ -59,7 +176,11 @@ def auto_dtype(platform: str | None = None) -> tuple[str, str]:
     capability = None
     if platform != "cpu" and platform == jax.default_backend():
         capability = getattr(jax.devices()[0], "compute_capability", None)
-    dtype, why = choose(platform, capability, cpu_flags() if platform == "cpu" else frozenset())
+    dtype, why = choose(platform, capability) or measure()
+    if platform == jax.default_backend():
+        agreed = _agreed(dtype)
+        if agreed != dtype:
+            dtype, why = agreed, f"process 0's choice ({why} here)"
     logging.info("config.model.dtype='auto' computes in %s: %s", dtype, why)
     return dtype, why
 
