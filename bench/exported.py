@@ -12,13 +12,17 @@ score / length ** --ct2_length_penalty, and at most model.max_len tokens. Each e
 whole set once to warm up (tfx compiles its shapes then), then --runs timed times: `seconds` is
 their median, min and max, and the rates are at the median (bench/stats.py).
 CTranslate2 gets intra_threads = the CPU cores. BLEU is sacreBLEU on the detokenized output;
-`tfx_speed_ratio` is tfx's sentences/s over the export's (at the medians). With --shortlist (a
+`tfx_speed_ratio` is tfx's sentences/s over the export's (at the medians). `--ct2_rules` also
+times tfx decoding by CTranslate2's rules (`tfx_ct2_rules`: a sentence stops once beam_size
+hypotheses have finished, outputs stop at model.max_len tokens, no cap per sentence), with its
+ratio `tfx_ct2_rules_speed_ratio`. With --shortlist (a
 lexical shortlist, `python -m tfx.compress.shortlist`) tfx decodes over each batch's shortlist
 and CTranslate2 over the export's vocabulary map of it (`use_vmap`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -54,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shortlist_size", "--shortlist-size", type=int, default=None,
                         help="tfx's tokens per batch (default: config.decode.shortlist_size)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of the whole set per engine")
+    parser.add_argument("--ct2_rules", "--ct2-rules", action="store_true",
+                        help="also time tfx with CTranslate2's stop and length limit (tfx_ct2_rules)")
     return parser.parse_args()
 
 
@@ -66,6 +72,24 @@ def load_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     if args.shortlist_size:
         config.decode.shortlist_size = args.shortlist_size
     return config_lib.validate(config)
+
+
+def ct2_rules(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` decoding with CTranslate2's stop and length limit: a sentence ends once beam_size
+    hypotheses have finished (its rule with a length penalty), and outputs end at model.max_len
+    tokens for the whole batch, with no cap per sentence."""
+    config = config.copy_and_resolve_references()
+    config.decode.update(beam_stop="fairseq", max_len_a=0.0, max_len_b=0,
+                         max_length_offset=config.model.max_len, max_length=config.model.max_len)
+    return config
+
+
+def tfx_engine(translator: Translator):
+    """A function of source lines -> (translations, generated tokens with EOS) in tfx."""
+    def translate(lines):
+        results, report = translator.translate(lines)
+        return [h[0].text for h in results], report.tokens
+    return translate
 
 
 def ctranslate2_engine(model: trained.TrainedModel, directory: str, quantization: str,
@@ -104,9 +128,10 @@ def measure(engines: dict, sentences: list[str], references: list[str], runs: in
                              sentences_per_sec=round(len(sentences) / median, 1),
                              tokens_per_sec=round(tokens / median, 1))
     for name in engines:
-        if name != "tfx":
-            results[name]["tfx_speed_ratio"] = round(
-                results[name]["seconds"]["median"] / results["tfx"]["seconds"]["median"], 3)
+        if name.startswith("ctranslate2"):
+            for tfx in (n for n in engines if n.startswith("tfx")):
+                results[name][f"{tfx}_speed_ratio"] = round(
+                    results[name]["seconds"]["median"] / results[tfx]["seconds"]["median"], 3)
     return results, signature
 
 
@@ -121,12 +146,10 @@ def main():
     pairs = [split[i] for i in range(len(split))]
     sentences, references = [p["source"] for p in pairs], [p["target"] for p in pairs]
     translator = Translator(model)
-
-    def tfx_translate(lines):
-        results, report = translator.translate(lines)
-        return [h[0].text for h in results], report.tokens
-
-    engines = {"tfx": tfx_translate}
+    engines = {"tfx": tfx_engine(translator)}
+    if args.ct2_rules:
+        engines["tfx_ct2_rules"] = tfx_engine(Translator(dataclasses.replace(
+            model, config=ct2_rules(config))))
     with tempfile.TemporaryDirectory() as scratch:
         for quantization in ("float32", "int8"):
             engines[f"ctranslate2_{quantization}"] = ctranslate2_engine(

@@ -44,6 +44,8 @@ def test_inference_may_change_decoding_but_not_the_model():
     run.model.emb_dim = 32
     config = config_lib.for_inference(run, "r/config.json", overrides={"decode.beam_size": 2})
     assert config.decode.beam_size == 2 and config.model.emb_dim == 32 and run.decode.beam_size != 2
+    assert config_lib.for_inference(run, "r/config.json", overrides={"model.dtype": "float32"}
+                                    ).model.dtype == "float32"  # computing, not the model
     with pytest.raises(ValueError, match=r"^--config: model.emb_dim=64 differs from the run's 32 "
                                          r"\(r/config.json\); a run's model cannot change at inference.$"):
         config_lib.for_inference(run, "r/config.json", overrides={"model.emb_dim": 64})

@@ -477,3 +477,32 @@ def test_a_forced_prefix_outside_the_shortlist_joins_it(tiny_config, tmp_path):
                                 shortlist_size=16)
         np.testing.assert_array_equal(tokens[:, 0, :3], prefix)
         assert np.isfinite(scores[:, 0]).all()
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(no_repeat_ngram_size=2, with_prefix=True)])
+def test_halving_the_batch_as_sentences_finish_changes_no_hypothesis(tiny_config, extra):
+    """Rows of very different lengths finish at different steps, so the halved phases run."""
+    extra = dict(extra)
+    with_prefix = extra.pop("with_prefix", False)
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config, eos_boost=4.0), sources(11, 16, 12, 50)
+    forced = np.random.default_rng(3).integers(2, 50, (16, 2)).astype(np.int32)
+    prefix = prefixes_of(forced, np.arange(16) % 3) if with_prefix else None
+    halved = search(config, model, inputs, prefix, batch_halvings=3, **extra)
+    whole = search(config, model, inputs, prefix, batch_halvings=0, **extra)
+    np.testing.assert_array_equal(halved[0], whole[0])
+    np.testing.assert_allclose(halved[1], whole[1], rtol=1e-5)
+    graphdef, params = model
+    searches = jax.make_jaxpr(lambda p, x: decode.search(nnx.merge(graphdef, p), x, decode.Options.from_config(
+        config, batch_halvings=3)))(params, inputs)
+    assert str(searches).count("while[") == 4  # one loop per phase: 16, 8, 4 and 2 rows.
+
+
+def test_halving_a_batch_sharded_over_a_data_mesh_equals_one_device(tiny_config):
+    """32 rows over 8 devices halve to 16 and 8 (then stop: 4 would not split evenly)."""
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config, eos_boost=4.0), sources(12, 32, 12, 50)
+    sharded = search(config, model, inputs, mesh_shape="data:8", batch_halvings=3)
+    whole = search(config, model, inputs, batch_halvings=0)
+    np.testing.assert_array_equal(sharded[0], whole[0])
+    np.testing.assert_allclose(sharded[1], whole[1], rtol=1e-5)

@@ -163,6 +163,7 @@ def decode_config() -> dict:
         beam_size=4,  # hypotheses kept per sentence.
         length_penalty=0.6,  # GNMT alpha: ((5 + length) / 6) ** alpha.
         beam_stop="bound",  # a sentence's beam stops when no unfinished hypothesis can beat its finished n-best (bound), or when beam_size have finished (fairseq).
+        batch_halvings=3,  # beam search: up to this many times a batch halves once half its sentences are done, going on with the others only (CTranslate2 drops finished ones); 0: never.
         max_length_offset=50,  # outputs stop at source length + this many tokens.
         max_length=0,  # outputs stop at this many tokens too (EOS included); 0: model.max_len.
         max_len_a=1.5,  # with max_len_b (both 0: off): each sentence's output stops at max_len_a * its source length + max_len_b tokens (EOS included; fairseq's --max-len-a/b).
@@ -302,6 +303,7 @@ OPEN_KEYS = ("data.corpora",)  # whose keys a config names itself: set whole fro
 RUN_CONFIG_FILE = "config.json"  # the config a training run saves in its workdir.
 # What a trained run fixes: its parameters' shapes and meaning, and the vocabulary they index.
 FIXED_BY_TRAINING = ("model", "tokenizer")
+CHOSEN_AT_INFERENCE = ("model.dtype",)  # the compute dtype, as CTranslate2's compute_type.
 
 
 def from_json(text: str, source: str) -> ml_collections.ConfigDict:
@@ -359,9 +361,9 @@ def for_inference(run: ml_collections.ConfigDict | None, source: str,
     """The validated config to run a trained model with: the run's own (`run`, read from
     `source`), or `given` (a config file the user named, its overrides applied) instead, else
     the run's with `overrides` (flattened `--config.KEY=VALUE`) on top. Only what may change at
-    inference changes (decoding, batch sizes, mesh, quantization, data splits): a model or
-    tokenizer key that differs from the run's is refused, naming it. `run` None (a workdir
-    without config.json) accepts `given` as it is."""
+    inference changes (decoding, batch sizes, mesh, quantization, data splits, the compute
+    dtype model.dtype): a model or tokenizer key that differs from the run's is refused, naming
+    it. `run` None (a workdir without config.json) accepts `given` as it is."""
     if given is None:
         if run is None:
             raise FileNotFoundError(f"{source} does not exist: give the run's --config "
@@ -372,7 +374,8 @@ def for_inference(run: ml_collections.ConfigDict | None, source: str,
         config = given
     if run is not None:
         for key, trained in _flatten(run):
-            if key.split(".")[0] in FIXED_BY_TRAINING and _lookup(config, key) != trained:
+            if (key.split(".")[0] in FIXED_BY_TRAINING and key not in CHOSEN_AT_INFERENCE
+                    and _lookup(config, key) != trained):
                 raise ValueError(f"--config: {key}={_lookup(config, key)!r} differs from the "
                                  f"run's {trained!r} ({source}); a run's model cannot change at "
                                  "inference.")
@@ -440,6 +443,7 @@ def _check_values(config: ml_collections.ConfigDict):
                 "grad_clip_norm", "z_loss", "decode.length_penalty", "decode.max_length_offset",
                 "decode.max_length", "decode.top_k", "data.worker_count", "eval_every_steps",
                 "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram_size",
+                "decode.batch_halvings",
                 "eval_bleu_examples", "data.shards", "distributed.num_processes",
                 "prune.begin_step", "prune.end_step"):
         _check_positive(config, key, allow_zero=True)

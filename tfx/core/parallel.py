@@ -148,6 +148,12 @@ def target_platform() -> str:
     return jax.default_backend() if active is None else active[0].devices.flat[0].platform
 
 
+def active_data_parallel_size() -> int:
+    """`data_parallel_size` of the mesh and rules of the step being traced (1 outside one)."""
+    active = _ACTIVE.get()
+    return 1 if active is None else data_parallel_size(*active)
+
+
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     """Constrains an activation to the sharding its logical axes map to (no-op outside a mesh)."""
     active = _ACTIVE.get()

@@ -48,7 +48,10 @@ hypothesis going on can still beat the W-th best finished one (the bound of T5X 
 example: the best going on's log p, which can only fall, over the largest length penalty it
 could still reach), so stopping changes nothing against running to the length limit; with
 `beam_stop="fairseq"`, as soon as W hypotheses have finished, which can miss a better one.
-The loop stops when every sentence is done.
+The loop stops when every sentence is done. With `batch_halvings` (beam search) it runs in
+phases: once no more than half of a phase's rows are still searching, the next phase goes on
+with those rows only, gathered into a batch of half the rows (finished rows keep their
+results), so a batch decodes at the cost of its live sentences, as CTranslate2's does.
 Sampling draws from softmax(logits / temperature) within the top_k tokens and the top_p mass.
 """
 from __future__ import annotations
@@ -62,6 +65,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -90,6 +94,7 @@ class Options:
     max_len_b: int = 0
     no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size twice in a hypothesis.
     repetition_penalty: float = 1.0  # > 1: the logits of tokens a hypothesis holds, penalised.
+    batch_halvings: int = 0  # beam search: how many times a batch may halve (`_beam_search`).
     shortlist: str = ""  # a lexical shortlist's file (tfx/data/shortlist.py); "": the whole vocabulary.
     shortlist_size: int = 1024  # target tokens a batch decodes over, with `shortlist`.
     forced_length: int = 0  # > 0: exactly this many tokens per hypothesis, EOS forbidden.
@@ -180,13 +185,18 @@ def search(model: EncoderDecoder, inputs_BxS: jax.Array, options: Options,
 
 
 def _output_length(max_len: int, segment_BxS, options: Options, prefix_BxP=None) -> tuple[int, jax.Array]:
-    """(static buffer length, dynamic number of steps) of the outputs."""
+    """(static buffer length, dynamic number of steps) of the outputs. The buffer is as short as
+    the longest output allowed from the padded source: with max_len_a or max_len_b, that cap;
+    the self-attention cache and every step's attention are as long."""
     if options.forced_length:
         if options.forced_length > max_len:
             raise ValueError(f"forced_length={options.forced_length} exceeds config.model.max_len={max_len}.")
         return options.forced_length, jnp.asarray(options.forced_length)
     wanted, steps = segment_BxS.shape[1] + options.max_length_offset, jnp.max(jnp.sum(segment_BxS, axis=1))
     steps = steps + options.max_length_offset
+    if options.max_len_a or options.max_len_b:  # no sentence outgrows the padded source's cap.
+        cap = np.floor(np.float32(options.max_len_a) * np.float32(segment_BxS.shape[1]) + np.float32(options.max_len_b))
+        wanted = min(wanted, max(1, int(cap)))  # float32, as `_sentence_limits`
     if prefix_BxP is not None:  # room for the prefix and one token after it.
         wanted = max(wanted, prefix_BxP.shape[1] + 1)
         steps = jnp.maximum(steps, jnp.max(jnp.sum(prefix_BxP != PAD, axis=1)) + 1)
@@ -232,48 +242,64 @@ class _Decoder(NamedTuple):
 
     `step(state, tokens_BxWxL, t) -> (logits_BxWxV, state)` scores position t of hypotheses
     whose tokens before t are given; `reorder(state, parents_BxW)` makes beam w continue beam
-    parents[:, w]. With a shortlist `vocab_V` [V], logit i is token vocab_V[i]'s (PAD and EOS
-    keep their ids as positions); None: logit i is token i's.
+    parents[:, w]; `select(state, rows_R)` keeps the state of those rows (batch entries) only,
+    None where the state cannot shrink. With a shortlist `vocab_V` [V], logit i is token
+    vocab_V[i]'s (PAD and EOS keep their ids as positions); None: logit i is token i's.
     """
     state: Any
     step: Callable
     reorder: Callable
     vocab_V: jax.Array | None
+    select: Callable | None = None
 
     def tokens(self, positions):
         """Token ids of logit positions."""
         return positions if self.vocab_V is None else self.vocab_V[positions]
 
 
+class _CachedState(NamedTuple):
+    caches: Any  # each decoder layer's self-attention cache (batch on axis `layer_batch_axis`).
+    ancestors_BxWxL: jax.Array
+    cross_kv: Any  # each decoder layer's cross-attention keys and values, likewise.
+    cross_mask_Bx1xWxS: jax.Array
+
+
 def _cached_decoder(model, encoded_BxSxD, source_segment_BxS, width, length, vocab_S) -> _Decoder:
     """Incremental decoding: W beams per row, a self-attention cache of length * W slots."""
     batch = encoded_BxSxD.shape[0]
-    cross_kv = model.cross_kv(encoded_BxSxD, for_decoding=True)
-    cross_mask_Bx1xWxS = attention_mask(jnp.ones((batch, width), jnp.int32), source_segment_BxS, causal=False)
-    caches = model.empty_cache(batch, length * width)
     beams_W = jnp.arange(width)
-    ancestors_BxWxL = jnp.broadcast_to(beams_W[None, :, None], (batch, width, length))
+    layer_batch_axis = 1 if model.scan_layers else 0  # scanned layers stack on a leading axis.
+    state = _CachedState(
+        model.empty_cache(batch, length * width),
+        jnp.broadcast_to(beams_W[None, :, None], (batch, width, length)),
+        model.cross_kv(encoded_BxSxD, for_decoding=True),
+        attention_mask(jnp.ones((batch, width), jnp.int32), source_segment_BxS, causal=False))
 
-    def step(state, tokens_BxWxL, t):
-        caches, ancestors_BxWxL = state
+    def step(state: _CachedState, tokens_BxWxL, t):
+        rows = tokens_BxWxL.shape[0]
         ancestors_BxWxL = jax.lax.dynamic_update_slice_in_dim(
-            ancestors_BxWxL, jnp.broadcast_to(beams_W[None, :, None], (batch, width, 1)), t, axis=2)
+            state.ancestors_BxWxL, jnp.broadcast_to(beams_W[None, :, None], (rows, width, 1)), t, axis=2)
         # Beam w sees slot (j, u) if j <= t and u is its ancestor at step j.
         visible_BxWxLxW = ((ancestors_BxWxL[..., None] == beams_W[None, None, None, :])
                            & (jnp.arange(length) <= t)[None, None, :, None])
-        self_mask = visible_BxWxLxW.reshape(batch, 1, width, length * width)
+        self_mask = visible_BxWxLxW.reshape(rows, 1, width, length * width)
         previous_BxWx1 = jax.lax.dynamic_slice_in_dim(tokens_BxWxL, jnp.maximum(t - 1, 0), 1, axis=2)
         inputs_BxW = jnp.where(t == 0, PAD, previous_BxWx1[..., 0])
-        y_BxWxD, caches = model.decoder_states(inputs_BxW, jnp.full((batch, width), t), cross_kv,
-                                               self_mask, cross_mask_Bx1xWxS, caches=caches,
+        y_BxWxD, caches = model.decoder_states(inputs_BxW, jnp.full((rows, width), t), state.cross_kv,
+                                               self_mask, state.cross_mask_Bx1xWxS, caches=state.caches,
                                                index=t * width)
-        return model.logits(y_BxWxD, vocab_S), (caches, ancestors_BxWxL)
+        return model.logits(y_BxWxD, vocab_S), state._replace(caches=caches, ancestors_BxWxL=ancestors_BxWxL)
 
-    def reorder(state, parents_BxW):
-        caches, ancestors_BxWxL = state
-        return caches, jnp.take_along_axis(ancestors_BxWxL, parents_BxW[..., None], axis=1)
+    def reorder(state: _CachedState, parents_BxW):
+        return state._replace(ancestors_BxWxL=jnp.take_along_axis(
+            state.ancestors_BxWxL, parents_BxW[..., None], axis=1))
 
-    return _Decoder((caches, ancestors_BxWxL), step, reorder, vocab_S)
+    def select(state: _CachedState, rows_R):
+        per_layer = functools.partial(jax.tree.map, lambda x: jnp.take(x, rows_R, axis=layer_batch_axis))
+        return _CachedState(per_layer(state.caches), state.ancestors_BxWxL[rows_R],
+                            per_layer(state.cross_kv), state.cross_mask_Bx1xWxS[rows_R])
+
+    return _Decoder(state, step, reorder, vocab_S, select)
 
 
 def _full_decoder(model, encoded_BxSxD, source_segment_BxS, width, length, vocab_S) -> _Decoder:
@@ -485,7 +511,42 @@ class _Beams(NamedTuple):
 
 def _beam_search(decoder: _Decoder, batch, width, length, limit_B, options: Options, forced: _Forced | None,
                  guard: _Guard | None):
-    """([B, W, T] finished hypotheses, best first, [B, W] their scores)."""
+    """([B, W, T] finished hypotheses, best first, [B, W] their scores).
+
+    With `options.batch_halvings` the search runs in phases: a phase ends when no more than
+    half of its rows are still searching, and the next one goes on with those rows only (the
+    finished ones keep their results), as CTranslate2 drops finished batch entries. The halved
+    row counts stay multiples of the data-parallel size, so the shards stay even."""
+    first_W = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)  # one start hypothesis.
+    empty_BxWxL = jnp.zeros((batch, width, length), jnp.int32)
+    beams = _Beams(jnp.asarray(0), empty_BxWxL, jnp.broadcast_to(first_W, (batch, width)), empty_BxWxL,
+                   jnp.full((batch, width), -jnp.inf), jnp.zeros((batch,), jnp.int32),
+                   jnp.zeros((batch,), bool), decoder.state)
+    finished_BxWxL, scores_BxW = empty_BxWxL, jnp.full((batch, width), -jnp.inf)
+    rows_R = jnp.arange(batch)  # the batch row of each row searching.
+    for phase in range(options.batch_halvings + 1):
+        half = beams.done_B.shape[0] // 2
+        last = (phase == options.batch_halvings or decoder.select is None or half == 0
+                or half % parallel.active_data_parallel_size())
+        beams = _beam_phase(beams, decoder, width, limit_B, options, forced, guard, 0 if last else half)
+        finished_BxWxL = finished_BxWxL.at[rows_R].set(beams.finished_BxWxL)
+        scores_BxW = scores_BxW.at[rows_R].set(beams.finished_scores_BxW)
+        if last:
+            break
+        keep_H = jnp.argsort(beams.done_B, stable=True)[:half]  # the rows still searching first.
+        rows_R, limit_B = rows_R[keep_H], limit_B[keep_H]
+        beams = jax.tree.map(lambda x: x[keep_H], beams._replace(t=None, state=None))._replace(
+            t=beams.t, state=decoder.select(beams.state, keep_H))
+        if forced is not None:
+            forced = _Forced(forced.positions_BxP[keep_H], forced.limit[keep_H])
+            guard = None if guard is None else guard._replace(forced=forced)
+    return finished_BxWxL, scores_BxW
+
+
+def _beam_phase(beams: _Beams, decoder: _Decoder, width, limit_B, options: Options, forced: _Forced | None,
+                guard: _Guard | None, until_rows: int) -> _Beams:
+    """Beam search steps until every row is done or at its limit, or (`until_rows` > 0) until
+    no more than `until_rows` rows are still searching."""
     def body(b: _Beams) -> _Beams:
         logits_BxWxV, state = decoder.step(b.state, b.alive_BxWxL, b.t)
         if guard is not None:
@@ -522,15 +583,10 @@ def _beam_search(decoder: _Decoder, batch, width, length, limit_B, options: Opti
                                              num_finished_B, options), state)
 
     def cond(b: _Beams):
-        return (b.t < jnp.max(limit_B)) & ~jnp.all(b.done_B)
+        going = (b.t < jnp.max(limit_B)) & ~jnp.all(b.done_B)
+        return going & (jnp.sum(~b.done_B) > until_rows) if until_rows else going
 
-    first_W = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)  # one start hypothesis.
-    empty_BxWxL = jnp.zeros((batch, width, length), jnp.int32)
-    init = _Beams(jnp.asarray(0), empty_BxWxL, jnp.broadcast_to(first_W, (batch, width)), empty_BxWxL,
-                  jnp.full((batch, width), -jnp.inf), jnp.zeros((batch,), jnp.int32),
-                  jnp.zeros((batch,), bool), decoder.state)
-    beams = jax.lax.while_loop(cond, body, init)
-    return beams.finished_BxWxL, beams.finished_scores_BxW
+    return jax.lax.while_loop(cond, body, beams)
 
 
 def _done(t, limit_B, alive_log_probs_BxW, finished_scores_BxW, num_finished_B, options: Options):
