@@ -2,7 +2,7 @@
 int8): prints one JSON line (its last line).
 
     python bench/exported.py --config configs/multi30k.py --workdir runs/multi30k \
-        --checkpoint average:5 [--split test] [--beam 4] [--runs 3] [--length_penalty A] \
+        --checkpoint average:5 [--split test] [--beam 4] [--runs 3] [--dtype float32] [--length_penalty A] \
         [--ct2_length_penalty 1.0] [--shortlist runs/multi30k/shortlist.npz [--shortlist_size 1024]]
 
 All engines translate the same sentences (config.data[split]) with the same beam and batch size
@@ -58,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shortlist_size", "--shortlist-size", type=int, default=None,
                         help="tfx's tokens per batch (default: config.decode.shortlist_size)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of the whole set per engine")
+    parser.add_argument("--dtype", default="float32", choices=config_lib.DTYPES,
+                        help="tfx's compute dtype (model.dtype; float32 compares with CTranslate2 float32)")
     parser.add_argument("--ct2_rules", "--ct2-rules", action="store_true",
                         help="also time tfx with CTranslate2's stop and length limit (tfx_ct2_rules)")
     return parser.parse_args()
@@ -66,6 +68,7 @@ def parse_args() -> argparse.Namespace:
 def load_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     config = config_lib.load(args.config)
     config.decode.update(strategy="beam", beam_size=args.beam)
+    config.model.dtype = args.dtype
     if args.length_penalty is not None:
         config.decode.length_penalty = args.length_penalty
     config.decode.shortlist = args.shortlist

@@ -18,7 +18,7 @@ TINY = dict(vocab_size=1000, emb_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2
 TINY_FLAGS = dict(**{f"model.{k}": v for k, v in TINY.items()}, per_device_batch_size=2,
                   per_device_eval_batch_size=4, num_train_steps=12, train_minutes=0.0, log_every_steps=1,
                   checkpoint_every_steps=4, eval_every_steps=0, warmup_steps=4,
-                  max_source_length=32, max_target_length=32)
+                  max_source_length=32, max_target_length=32, **{"decode.beam_size": 4})
 
 
 def tiny_multi30k(data_dir: str, **overrides) -> config_lib.ml_collections.ConfigDict:
@@ -29,6 +29,7 @@ def tiny_multi30k(data_dir: str, **overrides) -> config_lib.ml_collections.Confi
     config.update(dict(per_device_batch_size=2, per_device_eval_batch_size=4, num_train_steps=8,
                        train_minutes=0.0, log_every_steps=1, checkpoint_every_steps=4,
                        eval_every_steps=0, warmup_steps=4, max_source_length=32, max_target_length=32))
+    config.decode.beam_size = 4  # the library's default: the tests' decoding stays as cheap.
     config.update(overrides)
     return config_lib.validate(config)
 
