@@ -98,3 +98,17 @@ def test_auto_resolves_by_this_machine_and_explicit_dtypes_pass_through():
     assert precision.resolve("auto", "tpu") == "bfloat16"
     assert precision.resolve("float32", "tpu") == "float32"
     assert precision.compute_dtype("bfloat16") == jnp.bfloat16
+
+
+def test_a_multi_process_cpu_run_computes_in_float32_without_measuring(timings, monkeypatch):
+    """Hosts could measure differently, and every process must compile the same program."""
+    figures, calls = timings
+    figures.update(float32=0.3, bfloat16=0.1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    precision.auto_dtype.cache_clear()
+    try:
+        dtype, why = precision.auto_dtype("cpu")
+        assert dtype == "float32" and "multi-process" in why and calls == []
+        assert precision.auto_dtype("tpu")[0] == "bfloat16"
+    finally:
+        precision.auto_dtype.cache_clear()

@@ -5,8 +5,10 @@ their float32 rate. On a CPU it depends on the chip and on XLA's kernels for it,
 not decide: the first `auto` on a machine times a small Transformer MLP block (forward and
 backward, float32 parameters cast to the compute dtype, as the model does) in both dtypes, and
 picks bfloat16 only if it is at least `MARGIN` times as fast. The choice is cached per machine
-(CPU model, core count, jax and jaxlib versions, XLA_FLAGS) in `cache_path()`, so every run and every
-process of a host choose alike; multi-process runs take process 0's choice.
+(CPU model, core count, jax and jaxlib versions, XLA_FLAGS) in `cache_path()`, so every run
+and every process of a host choose alike. A multi-process CPU run computes in float32: its
+hosts could measure differently, and all must compile the same program (accelerators decide
+the same everywhere, by platform).
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from tfx.core import files
+
 AUTO = "auto"
 CPUINFO = "/proc/cpuinfo"
 MARGIN = 1.1  # bfloat16 must be this much faster: ties go to float32's precision.
 CACHE_FILE = "dtype_auto.json"
-DTYPE_NAMES = ("float32", "bfloat16")
 
 
 def cpu_info(path: str = CPUINFO) -> dict[str, str]:
@@ -134,10 +137,7 @@ def _write_cache(path: str, entries: dict) -> None:
     """Atomically; a cache that cannot be written only costs a measurement next time."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.{os.getpid()}.tmp"
-        with open(partial, "w", encoding="utf-8") as f:
-            json.dump(entries, f, indent=1, sort_keys=True)
-        os.replace(partial, path)
+        files.write_text(path, json.dumps(entries, indent=1, sort_keys=True))
     except OSError as error:
         logging.warning("could not cache the dtype choice in %s: %s", path, error)
 
@@ -160,15 +160,6 @@ def measure() -> tuple[str, str]:
     return dtype, why
 
 
-def _agreed(dtype: str) -> str:
-    """Process 0's choice on every process, so that all compile the same program."""
-    if jax.process_count() == 1:
-        return dtype
-    from jax.experimental import multihost_utils
-    index = multihost_utils.broadcast_one_to_all(np.int32(DTYPE_NAMES.index(dtype)))
-    return DTYPE_NAMES[int(index)]
-
-
 @functools.cache
 def auto_dtype(platform: str | None = None) -> tuple[str, str]:
     """(dtype, why) that 'auto' means on `platform` (default: this process's JAX backend)."""
@@ -176,11 +167,10 @@ def auto_dtype(platform: str | None = None) -> tuple[str, str]:
     capability = None
     if platform != "cpu" and platform == jax.default_backend():
         capability = getattr(jax.devices()[0], "compute_capability", None)
-    dtype, why = choose(platform, capability) or measure()
-    if platform == jax.default_backend():
-        agreed = _agreed(dtype)
-        if agreed != dtype:
-            dtype, why = agreed, f"process 0's choice ({why} here)"
+    chosen = choose(platform, capability)
+    if chosen is None and jax.process_count() > 1:
+        chosen = "float32", "a multi-process CPU run (hosts could measure differently)"
+    dtype, why = chosen or measure()
     logging.info("config.model.dtype='auto' computes in %s: %s", dtype, why)
     return dtype, why
 
