@@ -195,8 +195,7 @@ def _output_length(max_len: int, segment_BxS, options: Options, prefix_BxP=None)
     wanted, steps = segment_BxS.shape[1] + options.max_length_offset, jnp.max(jnp.sum(segment_BxS, axis=1))
     steps = steps + options.max_length_offset
     if options.max_len_a or options.max_len_b:  # no sentence outgrows the padded source's cap.
-        cap = np.floor(np.float32(options.max_len_a) * np.float32(segment_BxS.shape[1]) + np.float32(options.max_len_b))
-        wanted = min(wanted, max(1, int(cap)))  # float32, as `_sentence_limits`
+        wanted = min(wanted, max(1, int(_length_cap(options, np.float32(segment_BxS.shape[1]), np))))
     if prefix_BxP is not None:  # room for the prefix and one token after it.
         wanted = max(wanted, prefix_BxP.shape[1] + 1)
         steps = jnp.maximum(steps, jnp.max(jnp.sum(prefix_BxP != PAD, axis=1)) + 1)
@@ -211,10 +210,16 @@ def _sentence_limits(segment_BxS, options: Options, limit, prefix_BxP=None) -> j
     limit_B = jnp.full(segment_BxS.shape[:1], limit)
     if options.forced_length or not (options.max_len_a or options.max_len_b):
         return limit_B
-    cap_B = jnp.floor(options.max_len_a * jnp.sum(segment_BxS, axis=1) + options.max_len_b).astype(jnp.int32)
+    cap_B = _length_cap(options, jnp.sum(segment_BxS, axis=1)).astype(jnp.int32)
     if prefix_BxP is not None:
         cap_B = jnp.maximum(cap_B, jnp.sum(prefix_BxP != PAD, axis=1) + 1)
     return jnp.clip(cap_B, 1, limit_B)
+
+
+def _length_cap(options: Options, source_length, xp=jnp):
+    """floor(max_len_a * source_length + max_len_b) in float32, with `xp` jnp (traced lengths)
+    or np (a static one), so that the buffer and each sentence's limit agree."""
+    return xp.floor(xp.float32(options.max_len_a) * source_length + xp.float32(options.max_len_b))
 
 
 class _Forced(NamedTuple):
