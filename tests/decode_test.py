@@ -14,9 +14,10 @@ from tfx.model.decode import EOS
 from tfx.model.transformer import EncoderDecoder
 
 # Compiling is most of this file's time: one encoder layer (the decoder is what matters here)
-# and one compiled `translate` per configuration, shared by the tests.
+# and one compiled `translate` per configuration, shared by the tests. Self-attention windows of
+# 2, 4 and 8 steps, so that the cached decoding of outputs of up to 12 tokens changes window.
 MODEL = dict(num_encoder_layers=1)
-DECODE = dict(max_length_offset=4, top_k=10, top_p=0.9, temperature=0.8)
+DECODE = dict(max_length_offset=4, top_k=10, top_p=0.9, temperature=0.8, cache_window=2)
 _compiled = {}
 
 
@@ -301,6 +302,44 @@ def test_attention_in_the_decoding_layout_equals_attend(num_kv_heads):
 
     expected, got = both(attention, x, source, mask)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_cached_attention_reads_only_the_window_that_holds_the_new_slots():
+    """Slots past the window are NaN: read, they would poison the output even where masked."""
+    attention = layers.Attention(32, 4, 2, 8, 0.0, np.float32, nnx.Rngs(params=0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 32))
+    keys, values = (jax.random.normal(jax.random.PRNGKey(seed), shape) for seed, shape in
+                    ((2, (2, 2, 8, 16)), (3, (2, 2, 16, 8))))
+    mask = jax.random.bernoulli(jax.random.PRNGKey(4), 0.6, (2, 1, 3, 16)).at[..., 0].set(True)
+
+    @nnx.jit
+    def attend(attention, x, keys, values, mask, index):
+        return attention.attend_cached(x, (keys, values), index, mask, windows=(4, 8, 16))[0]
+
+    for index, window in ((0, 4), (1, 4), (2, 8), (5, 8), (6, 16)):  # slots index..index+2 written.
+        mask_w = mask & (jnp.arange(16) < window)[None, None, None, :]
+        poisoned = (keys.at[..., window:].set(jnp.nan), values.at[:, :, window:].set(jnp.nan))
+        got = attend(attention, x, *poisoned, mask_w, index)
+        expected = attend(attention, x, keys, values, mask_w, index)
+        assert np.isfinite(got).all(), (index, window)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_cache_windows_double_up_to_the_cache():
+    assert decode._cache_windows(128, 16) == (16, 32, 64, 128)
+    assert decode._cache_windows(53, 16) == (16, 32, 53)
+    assert decode._cache_windows(12, 16) == decode._cache_windows(128, 0) == ()
+
+
+@pytest.mark.parametrize("strategy", ["beam", "greedy"])
+def test_attention_windows_change_no_hypothesis(tiny_config, strategy):
+    config = tiny_config(model=MODEL, decode=DECODE)
+    model, inputs = build(config, eos_boost=2.0), sources(5, 8, 8, 50)
+    windowed = search(config, model, inputs, strategy=strategy)
+    whole = search(config, model, inputs, strategy=strategy, cache_window=0)
+    np.testing.assert_array_equal(windowed[0], whole[0])
+    np.testing.assert_allclose(windowed[1], whole[1], rtol=1e-5)
+    assert (windowed[0][:, 0] > 0).sum(axis=1).max() > 8  # past the windows of 2, 4 and 8 steps.
 
 
 def teacher_forced_log_probs(model, inputs, hypotheses):

@@ -164,6 +164,7 @@ def decode_config() -> dict:
         length_penalty=0.6,  # GNMT alpha: ((5 + length) / 6) ** alpha.
         beam_stop="bound",  # a sentence's beam stops when no unfinished hypothesis can beat its finished n-best (bound), or when beam_size have finished (fairseq).
         batch_halvings=3,  # beam search: up to this many times a batch halves once half its sentences are done, going on with the others only (CTranslate2 drops finished ones); 0: never.
+        cache_window=16,  # cached decoding: each step's self-attention reads the first window of its cache that holds it, of this many steps, doubling up to the whole cache (attention grows with the output, as CTranslate2's cache does); 0: always the whole cache.
         max_length_offset=50,  # outputs stop at source length + this many tokens.
         max_length=0,  # outputs stop at this many tokens too (EOS included); 0: model.max_len.
         max_len_a=1.5,  # with max_len_b (both 0: off): each sentence's output stops at max_len_a * its source length + max_len_b tokens (EOS included; fairseq's --max-len-a/b).
@@ -443,7 +444,7 @@ def _check_values(config: ml_collections.ConfigDict):
                 "grad_clip_norm", "z_loss", "decode.length_penalty", "decode.max_length_offset",
                 "decode.max_length", "decode.top_k", "data.worker_count", "eval_every_steps",
                 "decode.max_len_a", "decode.max_len_b", "decode.no_repeat_ngram_size",
-                "decode.batch_halvings",
+                "decode.batch_halvings", "decode.cache_window",
                 "eval_bleu_examples", "data.shards", "distributed.num_processes",
                 "prune.begin_step", "prune.end_step"):
         _check_positive(config, key, allow_zero=True)

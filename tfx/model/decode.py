@@ -34,7 +34,9 @@ decoded as W query positions of one row, so cross-attention reads the sentence's
 without copying them per beam. The self-attention cache of a row has a slot for each (step j,
 beam w), at j * W + w, written once: a beam attends to the slots of its ancestors, which a
 [B, W, L] table names, so reordering beams gathers that table, never the cache (scoring W-fold
-the slots costs less than gathering the cache every step).
+the slots costs less than gathering the cache every step). With `cache_window`, step t reads
+only the first slots of the cache, the smallest window of cache_window * 2^i steps above t
+(`lax.switch`), so that self-attention costs grow with the output, as CTranslate2's cache does.
 
 With `config.decode.shortlist` (a lexical table, tfx/data/shortlist.py) each batch scores only
 its shortlist of `shortlist_size` target tokens, chosen from its sources: the output projection,
@@ -95,6 +97,7 @@ class Options:
     no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size twice in a hypothesis.
     repetition_penalty: float = 1.0  # > 1: the logits of tokens a hypothesis holds, penalised.
     batch_halvings: int = 0  # beam search: how many times a batch may halve (`_beam_search`).
+    cache_window: int = 0  # > 0: the smallest self-attention window, in steps (`_cache_windows`).
     shortlist: str = ""  # a lexical shortlist's file (tfx/data/shortlist.py); "": the whole vocabulary.
     shortlist_size: int = 1024  # target tokens a batch decodes over, with `shortlist`.
     forced_length: int = 0  # > 0: exactly this many tokens per hypothesis, EOS forbidden.
@@ -173,8 +176,11 @@ def search(model: EncoderDecoder, inputs_BxS: jax.Array, options: Options,
     if options.shortlist:
         table = shortlist.load(options.shortlist, model.vocab_size)
         vocab_S = shortlist.vocabulary(table, inputs_BxS, options.shortlist_size, forced=prefix_BxP)
-    make_decoder = _full_decoder if options.full_recompute else _cached_decoder
-    decoder = make_decoder(model, encoded_BxSxD, segment_BxS, width, length, vocab_S)
+    if options.full_recompute:
+        decoder = _full_decoder(model, encoded_BxSxD, segment_BxS, width, length, vocab_S)
+    else:
+        decoder = _cached_decoder(model, encoded_BxSxD, segment_BxS, width, length, vocab_S,
+                                  _cache_windows(length, options.cache_window))
     forced = None if prefix_BxP is None else _Forced.of(prefix_BxP, vocab_S, limit_B)
     guard = _Guard.of(options, model.vocab_size, vocab_S, forced)
     if options.strategy == "beam":
@@ -269,8 +275,20 @@ class _CachedState(NamedTuple):
     cross_mask_Bx1xWxS: jax.Array
 
 
-def _cached_decoder(model, encoded_BxSxD, source_segment_BxS, width, length, vocab_S) -> _Decoder:
-    """Incremental decoding: W beams per row, a self-attention cache of length * W slots."""
+def _cache_windows(length: int, first: int) -> tuple[int, ...]:
+    """The step counts the self-attention of cached decoding may read: `first`, doubling while
+    below `length`, then `length`; () for `first` 0 (the whole cache at every step)."""
+    windows = []
+    while 0 < first < length:
+        windows.append(first)
+        first *= 2
+    return (*windows, length) if windows else ()
+
+
+def _cached_decoder(model, encoded_BxSxD, source_segment_BxS, width, length, vocab_S,
+                    windows: tuple[int, ...] = ()) -> _Decoder:
+    """Incremental decoding: W beams per row, a self-attention cache of length * W slots, of
+    which step t reads the first `windows[i]` * W, the smallest window above t (none: all)."""
     batch = encoded_BxSxD.shape[0]
     beams_W = jnp.arange(width)
     layer_batch_axis = 1 if model.scan_layers else 0  # scanned layers stack on a leading axis.
@@ -292,7 +310,7 @@ def _cached_decoder(model, encoded_BxSxD, source_segment_BxS, width, length, voc
         inputs_BxW = jnp.where(t == 0, PAD, previous_BxWx1[..., 0])
         y_BxWxD, caches = model.decoder_states(inputs_BxW, jnp.full((rows, width), t), state.cross_kv,
                                                self_mask, state.cross_mask_Bx1xWxS, caches=state.caches,
-                                               index=t * width)
+                                               index=t * width, windows=tuple(w * width for w in windows))
         return model.logits(y_BxWxD, vocab_S), state._replace(caches=caches, ancestors_BxWxL=ancestors_BxWxL)
 
     def reorder(state: _CachedState, parents_BxW):

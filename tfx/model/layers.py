@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -388,13 +388,28 @@ class Attention(nnx.Module):
                 constrain(values, ("batch", "kv_heads", "length", "head_dim")))
 
     def attend_cached(self, x_BxTxD: jax.Array, cache: tuple[jax.Array, jax.Array], index,
-                      mask_Bx1xTxL: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                      mask_Bx1xTxL: jax.Array, windows: tuple[int, ...] = ()
+                      ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Self-attention of T new positions over a cache of L slots (see `empty_cache`), once their
-        keys/values are written at slots index..index+T-1; returns the output and the cache."""
+        keys/values are written at slots index..index+T-1; returns the output and the cache.
+
+        `windows`: increasing slot counts, the last L. The positions attend over the first
+        `windows[i]` slots only, the smallest window holding slot index+T-1 (chosen at run time,
+        `lax.switch`), so that attention costs grow with the output written, not with the cache;
+        the mask must hide the slots beyond it."""
         k_new, v_new = self.project_kv(x_BxTxD, for_decoding=True)
         k_BxKxHxL = jax.lax.dynamic_update_slice_in_dim(cache[0], k_new, index, axis=3)
         v_BxKxLxH = jax.lax.dynamic_update_slice_in_dim(cache[1], v_new, index, axis=2)
-        return self.attend_few(x_BxTxD, k_BxKxHxL, v_BxKxLxH, mask_Bx1xTxL), (k_BxKxHxL, v_BxKxLxH)
+        if len(windows) < 2:
+            return self.attend_few(x_BxTxD, k_BxKxHxL, v_BxKxLxH, mask_Bx1xTxL), (k_BxKxHxL, v_BxKxLxH)
+
+        def over(window: int) -> Callable[[], jax.Array]:
+            return lambda: self.attend_few(x_BxTxD, k_BxKxHxL[..., :window], v_BxKxLxH[:, :, :window],
+                                           mask_Bx1xTxL[..., :window])
+
+        last_slot = index + x_BxTxD.shape[1] - 1
+        branch = sum(jnp.asarray(last_slot >= window, jnp.int32) for window in windows[:-1])
+        return jax.lax.switch(branch, [over(window) for window in windows]), (k_BxKxHxL, v_BxKxLxH)
 
 
 def _activation(name: str, h: jax.Array) -> jax.Array:

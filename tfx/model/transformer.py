@@ -110,13 +110,15 @@ class DecoderLayer(nnx.Module):
         self.mlp = Mlp(cfg.emb_dim, cfg.mlp_dim, cfg.activation, cfg.activation_dropout_rate, dtype, rngs,
                        cfg.rank_fraction, cfg.use_bias)
 
-    def __call__(self, y_BxTxD, cross_kv, self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs, cache=None, index=0):
+    def __call__(self, y_BxTxD, cross_kv, self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs, cache=None, index=0,
+                 windows=()):
         """The layer over T positions, given its cross-attention (keys, values) of the encoder states.
 
         Returns y and the updated self-attention cache (None without one). In incremental
         decoding, `cache` holds the self-attention keys/values of L slots (the T positions'
         are written at slots index..index+T-1, and `self_mask_Bx1xTxL` says which slots each
-        attends to), and it and `cross_kv` are in `Attention`'s decoding layout.
+        attends to), and it and `cross_kv` are in `Attention`'s decoding layout; `windows`: see
+        `Attention.attend_cached`.
         """
         if cache is None:
             def self_attention(h_BxTxD):
@@ -127,7 +129,7 @@ class DecoderLayer(nnx.Module):
                 return self.cross_attention.attend(h_BxTxD, *cross_kv, cross_mask_Bx1xTxS, rngs)
         else:
             def self_attention(h_BxTxD):
-                return self.self_attention.attend_cached(h_BxTxD, cache, index, self_mask_Bx1xTxL)
+                return self.self_attention.attend_cached(h_BxTxD, cache, index, self_mask_Bx1xTxL, windows)
 
             def cross_attention(h_BxTxD):
                 return self.cross_attention.attend_few(h_BxTxD, *cross_kv, cross_mask_Bx1xTxS)
@@ -259,18 +261,19 @@ class EncoderDecoder(nnx.Module):
                                 lambda layer: layer.self_attention.empty_cache(batch, length))
 
     def decoder_states(self, decoder_inputs_BxT, positions_BxT, cross_kv, self_mask_Bx1xTxL,
-                       cross_mask_Bx1xTxS, rngs=None, caches=None, index=0):
+                       cross_mask_Bx1xTxS, rngs=None, caches=None, index=0, windows=()):
         """The last decoder layer's states [B, T, D], and the updated caches (None without).
 
         Incremental decoding passes `cross_kv(..., for_decoding=True)` and `caches` from
         `empty_cache`: the T positions are written at slots index..index+T-1 and
-        `self_mask_Bx1xTxL` says which slots each position attends to (see `DecoderLayer`).
+        `self_mask_Bx1xTxL` says which slots each position attends to, within the smallest of
+        the `windows` (slot counts) that holds them, if any (see `DecoderLayer`).
         """
         y_BxTxD = self._embed("target", decoder_inputs_BxT, positions_BxT, rngs)
 
         def decoder_layer(layer, y_BxTxD, kv_and_cache, rngs):
             return layer(y_BxTxD, kv_and_cache[0], self_mask_Bx1xTxL, cross_mask_Bx1xTxS, rngs,
-                         kv_and_cache[1], index)
+                         kv_and_cache[1], index, windows)
 
         y_BxTxD, new_caches = self._run_layers(self.decoder_layers, decoder_layer, y_BxTxD,
                                                (cross_kv, caches), rngs)
