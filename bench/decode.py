@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -50,20 +49,15 @@ from tfx.model.flops import decode_flops
 from tfx.model.transformer import EncoderDecoder, count_params
 
 from peak import cpu_name, matmul_gflops
-from stats import run_times, summary
+from stats import interleaved_run_times, run_times, summary
 
 
-def time_runs(translates: list, params, inputs, runs: int) -> list[tuple[list[float], np.ndarray]]:
+def time_runs(translates: dict, params, inputs, runs: int) -> dict[str, tuple[list[float], np.ndarray]]:
     """Per translate function, the seconds of `runs` calls after one warm-up call (which
-    compiles), and its tokens; the functions take turns, so a shared machine's load hits all."""
-    tokens = [jax.block_until_ready(translate(params, inputs)) for translate in translates]
-    times = [[] for _ in translates]
-    for _ in range(runs):
-        for i, translate in enumerate(translates):
-            start = time.perf_counter()
-            tokens[i] = jax.block_until_ready(translate(params, inputs))
-            times[i].append(time.perf_counter() - start)
-    return [(t, np.asarray(out)) for t, out in zip(times, tokens)]
+    compiles), and its tokens; the functions take turns (bench/stats.py)."""
+    timed = interleaved_run_times({name: lambda t=translate: jax.block_until_ready(t(params, inputs))
+                                   for name, translate in translates.items()}, runs)
+    return {name: (times, np.asarray(tokens)) for name, (times, tokens) in timed.items()}
 
 
 def figures(seconds: list[float], sentences: int, tokens: int) -> dict:
@@ -146,10 +140,10 @@ def time_searches(args: argparse.Namespace, config, graphdef, mesh, shardings, p
     if args.shortlist:
         translates["shortlist"] = translator(config, shortlist=args.shortlist,
                                              shortlist_size=args.shortlist_size)
-    timed = dict(zip(translates, time_runs(list(translates.values()), params, inputs, args.runs)))
+    timed = time_runs(translates, params, inputs, args.runs)
     if args.full_recompute_runs:
-        timed["full_recompute"] = time_runs([translator(config, True)], params, inputs,
-                                            args.full_recompute_runs)[0]
+        timed.update(time_runs({"full_recompute": translator(config, True)}, params, inputs,
+                               args.full_recompute_runs))
     return {name: figures(seconds, args.batch, int((tokens > 0).sum()))
             for name, (seconds, tokens) in timed.items()}
 

@@ -3,14 +3,15 @@ int8): prints one JSON line (its last line).
 
     python bench/exported.py --config configs/multi30k.py --workdir runs/multi30k \
         --checkpoint average:5 [--split test] [--beam 4] [--runs 3] [--dtype float32] [--length_penalty A] \
-        [--ct2_length_penalty 1.0] [--shortlist runs/multi30k/shortlist.npz [--shortlist_size 1024]]
+        [--cache_window N] [--ct2_length_penalty 1.0] [--shortlist runs/multi30k/shortlist.npz [--shortlist_size 1024]]
 
 All engines translate the same sentences (config.data[split]) with the same beam and batch size
 (per_device_eval_batch_size x the data-parallel devices; both sort by length). tfx decodes as
 config.decode says (GNMT length penalty); CTranslate2 with its own length penalty,
 score / length ** --ct2_length_penalty, and at most model.max_len tokens. Each engine runs the
-whole set once to warm up (tfx compiles its shapes then), then --runs timed times: `seconds` is
-their median, min and max, and the rates are at the median (bench/stats.py).
+whole set once to warm up (tfx compiles its shapes then), then the engines take turns, each
+timed once per round for --runs rounds, so a shared machine's drifting load hits them alike:
+`seconds` is their median, min and max, and the rates are at the median (bench/stats.py).
 CTranslate2 gets intra_threads = the CPU cores. BLEU is sacreBLEU on the detokenized output;
 `tfx_speed_ratio` is tfx's sentences/s over the export's (at the medians). `--ct2_rules` also
 times tfx decoding by CTranslate2's rules (`tfx_ct2_rules`: a sentence stops once beam_size
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -40,7 +42,7 @@ from tfx.infer import evaluate, trained
 from tfx.infer.translate import Translator
 
 from peak import cpu_name
-from stats import run_times, summary
+from stats import interleaved_run_times, summary
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="timed runs of the whole set per engine")
     parser.add_argument("--dtype", default="float32", choices=config_lib.DTYPES,
                         help="tfx's compute dtype (model.dtype; float32 compares with CTranslate2 float32)")
+    parser.add_argument("--cache_window", "--cache-window", type=int, default=None,
+                        help="tfx's decode.cache_window (0: attention over the whole cache)")
     parser.add_argument("--ct2_rules", "--ct2-rules", action="store_true",
                         help="also time tfx with CTranslate2's stop and length limit (tfx_ct2_rules)")
     return parser.parse_args()
@@ -72,6 +76,8 @@ def load_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     if args.length_penalty is not None:
         config.decode.length_penalty = args.length_penalty
     config.decode.shortlist = args.shortlist
+    if args.cache_window is not None:
+        config.decode.cache_window = args.cache_window
     if args.shortlist_size:
         config.decode.shortlist_size = args.shortlist_size
     return config_lib.validate(config)
@@ -122,8 +128,9 @@ def measure(engines: dict, sentences: list[str], references: list[str], runs: in
     min, max) and its rates at the median, with `tfx_speed_ratio` for the exports; and the
     sacreBLEU signature."""
     results, signature = {}, ""
-    for name, translate in engines.items():
-        times, (hypotheses, tokens) = run_times(lambda: translate(sentences), runs)
+    timed = interleaved_run_times(
+        {name: functools.partial(translate, sentences) for name, translate in engines.items()}, runs)
+    for name, (times, (hypotheses, tokens)) in timed.items():
         bleu = evaluate.score(hypotheses, [references], ("bleu",))["bleu"]
         median = float(np.median(times))
         signature = bleu["signature"]
@@ -163,7 +170,7 @@ def main():
                           batch=translator.rows, tfx_length_penalty=config.decode.length_penalty,
                           ct2_length_penalty=args.ct2_length_penalty, shortlist=args.shortlist,
                           shortlist_size=config.decode.shortlist_size if args.shortlist else None,
-                          runs=args.runs, cpu=cpu_name(), devices=jax.device_count(),
+                          cache_window=config.decode.cache_window, runs=args.runs, cpu=cpu_name(), devices=jax.device_count(),
                           signature=signature, **results)))
 
 

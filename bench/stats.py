@@ -31,3 +31,18 @@ def run_times(run: Callable[[], object], runs: int, warm_up: int = 1) -> tuple[l
         result = run()
         times.append(time.perf_counter() - start)
     return times, result
+
+
+def interleaved_run_times(runs_by_name: dict[str, Callable[[], object]], runs: int
+                          ) -> dict[str, tuple[list[float], object]]:
+    """`run_times` of several functions taking turns: each is warmed up once, then each round
+    times every function once, so a shared machine's drifting load hits them all alike."""
+    results = {name: run() for name, run in runs_by_name.items()}
+    times = {name: [] for name in runs_by_name}
+    for _ in range(runs):
+        for name, run in runs_by_name.items():
+            start = time.perf_counter()
+            results[name] = run()
+            times[name].append(time.perf_counter() - start)
+    return {name: (times[name], results[name]) for name in runs_by_name}
+
