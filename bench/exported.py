@@ -170,7 +170,8 @@ def main():
                           batch=translator.rows, tfx_length_penalty=config.decode.length_penalty,
                           ct2_length_penalty=args.ct2_length_penalty, shortlist=args.shortlist,
                           shortlist_size=config.decode.shortlist_size if args.shortlist else None,
-                          cache_window=config.decode.cache_window, runs=args.runs, cpu=cpu_name(), devices=jax.device_count(),
+                          cache_window=config.decode.cache_window, runs=args.runs, cpu=cpu_name(),
+                          devices=jax.device_count(),
                           signature=signature, **results)))
 
 

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tfx.core import precision
+
 from stats import run_times, summary
 
 
@@ -38,15 +40,11 @@ def matmul_gflops(devices, dtype=jnp.float32, n: int = 2048, repeats: int = 10) 
 
 def cpu_name() -> str:
     """The CPU model and its bfloat16 matrix extensions, from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info = f.read()
-    except OSError:
+    info = precision.cpu_info()
+    if not info:
         return platform.processor()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
-                      if line.startswith("flags")), []))
+    name = info.get("model name") or platform.processor()
+    flags = set(info.get("flags", "").split())
     extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name} ({os.cpu_count()} cores; {' '.join(extensions)})"
 

@@ -45,4 +45,3 @@ def interleaved_run_times(runs_by_name: dict[str, Callable[[], object]], runs: i
             results[name] = run()
             times[name].append(time.perf_counter() - start)
     return {name: (times[name], results[name]) for name in runs_by_name}
-

@@ -292,6 +292,7 @@ def _cached_decoder(model, encoded_BxSxD, source_segment_BxS, width, length, voc
     batch = encoded_BxSxD.shape[0]
     beams_W = jnp.arange(width)
     layer_batch_axis = 1 if model.scan_layers else 0  # scanned layers stack on a leading axis.
+    slot_windows = tuple(steps * width for steps in windows)
     state = _CachedState(
         model.empty_cache(batch, length * width),
         jnp.broadcast_to(beams_W[None, :, None], (batch, width, length)),
@@ -310,7 +311,7 @@ def _cached_decoder(model, encoded_BxSxD, source_segment_BxS, width, length, voc
         inputs_BxW = jnp.where(t == 0, PAD, previous_BxWx1[..., 0])
         y_BxWxD, caches = model.decoder_states(inputs_BxW, jnp.full((rows, width), t), state.cross_kv,
                                                self_mask, state.cross_mask_Bx1xWxS, caches=state.caches,
-                                               index=t * width, windows=tuple(w * width for w in windows))
+                                               index=t * width, windows=slot_windows)
         return model.logits(y_BxWxD, vocab_S), state._replace(caches=caches, ancestors_BxWxL=ancestors_BxWxL)
 
     def reorder(state: _CachedState, parents_BxW):
