@@ -58,23 +58,26 @@ def tool(*command: str) -> str:
 
 def test_train_resume_evaluate_translate_and_export_with_the_run_in_a_bucket(gcs_bucket, data_dir,
                                                                             tmp_path):
-    """The run in the bucket, resumed, gives the losses of an uninterrupted run on local disk."""
+    """The run in the bucket, resumed, gives the losses of an uninterrupted run on local disk.
+    (The rsqrt schedule does not depend on num_train_steps, so a run planned for 4 steps and
+    resumed to 6 compiles the same steps as one planned for 6.)"""
     root = f"{gcs_bucket}/run-{uuid.uuid4().hex[:8]}"
     workdir, text = f"{root}/run", f"{root}/text/valid"
     for language in ("en", "de"):  # in the bucket: eval.py's test split, translate.py's input.
         lines = list(read_lines(os.path.join(ROOT, "data", "multi30k-en-de", f"valid.{language}")))[:16]
         files.write_text(f"{text}.{language}", "".join(line + "\n" for line in lines))
 
-    out, _ = finish(train_py(workdir, data_dir, num_train_steps=4, checkpoint_every_steps=2))
+    run = dict(checkpoint_every_steps=2, schedule="rsqrt")
+    out, _ = finish(train_py(workdir, data_dir, num_train_steps=4, **run))
     assert "step 4/4" in out
     # Beside the resume below, once the data is prepared.
-    local = train_py(str(tmp_path / "local"), data_dir, num_train_steps=6, checkpoint_every_steps=2)
+    local = train_py(str(tmp_path / "local"), data_dir, num_train_steps=6, **run)
     written = {"checkpoints", "config.json", "metrics.jsonl", "tensorboard", "tokenizer.model"}
     assert written <= set(names(workdir))
     assert names(f"{workdir}/checkpoints") == ["2", "4"]
     assert any(name.startswith("events.out.tfevents") for name in names(f"{workdir}/tensorboard"))
 
-    out, _ = finish(train_py(workdir, data_dir, num_train_steps=6, checkpoint_every_steps=2))
+    out, _ = finish(train_py(workdir, data_dir, num_train_steps=6, **run))
     assert f"resuming from step 4 in {workdir}/checkpoints" in out
     train = [r for r in read_metrics(workdir) if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
