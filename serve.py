@@ -2,7 +2,8 @@
 
     python serve.py --workdir runs/multi30k [--checkpoint average:5] [--port 8080]
         [--host 127.0.0.1] [--max_wait_ms 5] [--max_queue 1024] [--timeout 60]
-        [--max_body_kb 1024] [--max_sentences 64] [--config.decode.beam_size=4 ...]
+        [--max_body_kb 1024] [--max_sentences 64] [--keep_alive_s 75]
+        [--config.decode.beam_size=4 ...]
     python serve.py --backend ctranslate2 --model runs/multi30k-ct2 [--port 8080] ...
 
 The API, the page and the figures are in docs/serving.md. The jax backend decodes the run's
@@ -34,6 +35,9 @@ def main():
     timeout = flags.DEFINE_float("timeout", 60.0, "Seconds a request may take; then 504.")
     max_body_kb = flags.DEFINE_integer("max_body_kb", 1024, "Largest request body; then 413.")
     max_sentences = flags.DEFINE_integer("max_sentences", 64, "Sentences per request, at most; then 400.")
+    keep_alive_s = flags.DEFINE_integer(
+        "keep_alive_s", 75, "Seconds an idle connection stays open (nginx's default); behind a "
+        "load balancer, more than its idle timeout, or it may send a request onto a closing connection.")
 
     def command():
         from tfx.serve.app import Settings, create_app
@@ -42,7 +46,7 @@ def main():
                             timeout=timeout.value, max_body=max_body_kb.value * 1024,
                             max_sentences=max_sentences.value)
         app = create_app(load_backend(backend.value, shared, model.value), settings)
-        serve(app, host.value, port.value)
+        serve(app, host.value, port.value, keep_alive_s.value)
 
     cli.run("serve.py", command, verbosity=logging.ERROR)
 
@@ -62,7 +66,7 @@ def load_backend(kind: str, shared: cli.SharedFlags, model: str | None):
     return backend
 
 
-def serve(app, host: str, port: int):
+def serve(app, host: str, port: int, keep_alive_s: int):
     """Runs `app` on HOST:PORT until SIGTERM or SIGINT (uvicorn's graceful shutdown)."""
     import uvicorn
 
@@ -70,8 +74,11 @@ def serve(app, host: str, port: int):
     # found: these make a requested stop exit 0, before uvicorn takes the signals over too.
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: sys.exit(0))
-    listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60))
+    # uvicorn's own backlog (Python's default of 128 would drop the connections of a burst).
+    listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=2048)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=keep_alive_s,
+                                            timeout_graceful_shutdown=60))
     bound_host, bound_port = listener.getsockname()[:2]
     print(f"serving on http://{bound_host}:{bound_port}", file=sys.stderr, flush=True)
     server.run(sockets=[listener])

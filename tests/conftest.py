@@ -1,5 +1,6 @@
 """Test set-up: 8 fake CPU devices and loud shape errors, before JAX starts."""
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -97,18 +98,31 @@ def trained(data_dir, tmp_path_factory):
     return config, workdir
 
 
+def trained_once(tmp_path_factory, name: str, config) -> tuple[object, str]:
+    """(config, workdir) of `config` trained once in the whole test session: the first
+    pytest-xdist worker to ask trains it, the others wait for it (a file lock) and read it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' common base directory.
+    workdir, done = root / name, root / f"{name}.trained"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            trainer.train(config, str(workdir))
+            done.touch()
+    return config, str(workdir)
+
+
 @pytest.fixture(scope="session")
 def converged(data_dir, tmp_path_factory):
     """(config, workdir) of the tiny model trained until its greedy translations mostly end by
     themselves (400 steps), for tests that need real outputs (export parity, bfloat16 loss)."""
-    workdir = str(tmp_path_factory.mktemp("converged"))
     # No label smoothing: it would give token 0 the probability the CTranslate2 export renormalises away.
     config = tiny_multi30k(data_dir, num_train_steps=400, checkpoint_every_steps=400, log_every_steps=400,
                            keep_checkpoints=1, schedule="cosine", learning_rate=1e-2, warmup_steps=40,
                            label_smoothing=0.0)
     config.model.dropout_rate = 0.0
-    trainer.train(config, workdir)
-    return config, workdir
+    return trained_once(tmp_path_factory, "converged", config)
 
 
 @pytest.fixture(scope="session")
@@ -116,9 +130,7 @@ def multilingual(data_dir, tmp_path_factory):
     """(config, workdir): the tiny model trained en->de and de->en in one (runs.tiny_multilingual,
     300 steps, about 30 s here), for the multilingual and serving tests."""
     config = tiny_multilingual(data_dir, tmp_path_factory.mktemp("test2016"))
-    workdir = str(tmp_path_factory.mktemp("multilingual"))
-    trainer.train(config, workdir)
-    return config, workdir
+    return trained_once(tmp_path_factory, "multilingual", config)
 
 
 @pytest.fixture(scope="session")

@@ -1,3 +1,6 @@
+import itertools
+import types
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -37,9 +40,9 @@ def timings(monkeypatch, tmp_path):
     figures = {"float32": 1.0, "bfloat16": 1.0}
     calls = []
 
-    def fake(dtype):
-        calls.append(dtype)
-        return figures[dtype]
+    def fake():
+        calls.extend(figures)
+        return dict(figures)
     monkeypatch.setattr(precision, "mlp_step_seconds", fake)
     return figures, calls
 
@@ -79,15 +82,29 @@ def test_a_corrupt_cache_is_measured_again(timings):
 
 
 def test_the_measured_block_runs_in_both_dtypes_even_inside_a_trace():
-    for dtype in ("float32", "bfloat16"):
-        assert 0 < precision.mlp_step_seconds(dtype, tokens=64, width=32, runs=2) < 60
+    both = precision.mlp_step_seconds(tokens=64, width=32, runs=2)
+    assert set(both) == {"float32", "bfloat16"} and all(0 < s < 60 for s in both.values())
     # 'auto' is often first met while a model is traced under jit: the block must still run
     # (traced, it would "take" a fraction of a millisecond).
-    outside = precision.mlp_step_seconds("float32", tokens=1024, width=256, runs=3)
+    outside = precision.mlp_step_seconds(("float32",), tokens=1024, width=256, runs=3)["float32"]
     inside = []
-    jax.jit(lambda x: inside.append(precision.mlp_step_seconds("float32", tokens=1024, width=256,
+    jax.jit(lambda x: inside.append(precision.mlp_step_seconds(("float32",), tokens=1024, width=256,
                                                                runs=3)) or x)(1.0)
-    assert inside[0] > outside / 4
+    assert inside[0]["float32"] > outside / 4
+
+
+def test_the_dtypes_runs_alternate_so_a_drifting_machine_slows_both_alike(monkeypatch):
+    """A machine that slows down by 1 ms a run while it measures: timed one dtype after the
+    other, the second would seem slower; alternated, their medians stay close."""
+    order, calls = [], itertools.count()  # the n-th reading of the clock: 0.5 ms * n**2.
+    monkeypatch.setattr(precision, "time", types.SimpleNamespace(
+        perf_counter=lambda: 0.0005 * next(calls) ** 2))
+    real_step = precision._mlp_step
+    monkeypatch.setattr(precision, "_mlp_step", lambda compute, *shape: (
+        lambda step=real_step(compute, 64, 32): order.append(compute.name) or step()))
+    seconds = precision.mlp_step_seconds(runs=4, tokens=64, width=32)
+    assert order == ["float32", "bfloat16", "bfloat16", "float32"] * 2
+    assert abs(seconds["float32"] - seconds["bfloat16"]) < 0.1 * seconds["float32"]
 
 
 def test_auto_resolves_by_this_machine_and_explicit_dtypes_pass_through():

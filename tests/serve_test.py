@@ -4,7 +4,9 @@ import concurrent.futures
 import os
 import re
 import signal
+import socket
 import time
+import urllib.parse
 
 import httpx
 import numpy as np
@@ -31,10 +33,10 @@ def served(serving, converged):
 @pytest.fixture(scope="module")
 def strict(converged):
     """The same run behind small limits: a 2 s batching window and a 0.5 s timeout (so a lone
-    sentence times out), 8 sentences in the queue, 1 KB bodies."""
+    sentence times out), 8 sentences in the queue, 1 KB bodies, idle connections closed after 1 s."""
     _, workdir = converged
     with Server([f"--workdir={workdir}", "--max_wait_ms=2000", "--timeout=0.5", "--max_queue=8",
-                 "--max_body_kb=1", "--max_sentences=16"]) as server:
+                 "--max_body_kb=1", "--max_sentences=16", "--keep_alive_s=1"]) as server:
         yield server
         server.stop()
 
@@ -147,6 +149,28 @@ def test_a_full_queue_is_503_with_retry_after_and_a_timeout_504(strict):
     too_large = post(strict, "/v1/translate", None, content=b'{"text": "' + b"a" * 2000 + b'"}')
     assert too_large.status_code == 413 and too_large.json() == {"error": "body: larger than 1024 bytes."}
     assert metric(strict, "tfx_queue_sentences") == 0  # the timed-out sentence left the queue.
+
+
+def open_after_idling(server, seconds: float) -> bool:
+    """Whether a keep-alive connection that got a reply is still open after idling `seconds`."""
+    url = urllib.parse.urlsplit(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: tfx\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):  # headers, then the JSON body.
+            reply += connection.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 200")
+        time.sleep(seconds)
+        connection.settimeout(0.5)
+        try:
+            return connection.recv(1) != b""  # b"": the server closed it.
+        except TimeoutError:
+            return True
+
+
+def test_idle_connections_stay_open_for_keep_alive_s(served, strict):
+    assert open_after_idling(served[0], 6)  # the default of 75 s, past uvicorn's own 5 s.
+    assert not open_after_idling(strict, 2.5)  # --keep_alive_s=1.
 
 
 def test_sigterm_answers_the_requests_in_flight_then_exits(converged):

@@ -3,10 +3,10 @@
 TPUs and NVIDIA GPUs from Ampere on (compute capability 8.0) multiply bfloat16 at several times
 their float32 rate. On a CPU it depends on the chip and on XLA's kernels for it, so flags do
 not decide: the first `auto` on a machine times a small Transformer MLP block (forward and
-backward, float32 parameters cast to the compute dtype, as the model does) in both dtypes, and
-picks bfloat16 only if it is at least `MARGIN` times as fast. The choice is cached per machine
-(CPU model, core count, jax and jaxlib versions, XLA_FLAGS) in `cache_path()`, so every run
-and every process of a host choose alike. A multi-process CPU run computes in float32: its
+backward, float32 parameters cast to the compute dtype, as the model does) in both dtypes,
+their runs interleaved, and picks bfloat16 only if it is at least `MARGIN` times as fast. The
+choice is cached per machine (CPU model, core count, jax and jaxlib versions, XLA_FLAGS) in
+`cache_path()`, so every run and every process of a host choose alike. A multi-process CPU run computes in float32: its
 hosts could measure differently, and all must compile the same program (accelerators decide
 the same everywhere, by platform).
 """
@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,14 +84,25 @@ def _projection_backward(saved, grad_out):
 _projection.defvjp(_projection_forward, _projection_backward)
 
 
-def mlp_step_seconds(dtype: str, tokens: int = 2048, width: int = 256, runs: int = 7) -> float:
+def mlp_step_seconds(dtypes: Sequence[str] = ("float32", "bfloat16"), tokens: int = 2048,
+                     width: int = 256, runs: int = 9) -> dict[str, float]:
     """Median seconds of one forward and backward pass through a width x 4*width MLP block on
-    `tokens` tokens, computing in `dtype` from float32 parameters, on the first device."""
+    `tokens` tokens, computing in each of `dtypes` from float32 parameters, on the first device.
+    The dtypes' runs alternate (in turn, the order reversed every other round), so a machine
+    whose speed drifts while it measures (a neighbour's load, the clock) slows each alike."""
     with jax.ensure_compile_time_eval():  # real timings even when 'auto' is first met in a trace
-        return _timed_mlp_step(jnp.dtype(dtype), tokens, width, runs)
+        steps = {dtype: _mlp_step(jnp.dtype(dtype), tokens, width) for dtype in dtypes}
+        times: dict[str, list[float]] = {dtype: [] for dtype in dtypes}
+        for run in range(runs):
+            for dtype in (dtypes if run % 2 == 0 else dtypes[::-1]):
+                start = time.perf_counter()
+                jax.block_until_ready(steps[dtype]())
+                times[dtype].append(time.perf_counter() - start)
+        return {dtype: float(np.median(seconds)) for dtype, seconds in times.items()}
 
 
-def _timed_mlp_step(compute: jnp.dtype, tokens: int, width: int, runs: int) -> float:
+def _mlp_step(compute: jnp.dtype, tokens: int, width: int) -> Callable[[], object]:
+    """The block's compiled gradient step on fixed inputs, run once (compiled) already."""
     def loss(params, x):
         hidden = jax.nn.relu(_projection(x.astype(compute), params[0]))
         return jnp.sum(_projection(hidden, params[1]).astype(jnp.float32) ** 2)
@@ -101,12 +113,7 @@ def _timed_mlp_step(compute: jnp.dtype, tokens: int, width: int, runs: int) -> f
     x = jax.random.normal(keys[2], (tokens, width))
     step = jax.jit(jax.grad(loss))
     jax.block_until_ready(step(params, x))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(step(params, x))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return lambda: step(params, x)
 
 
 def cache_path() -> str:
@@ -148,8 +155,7 @@ def measure() -> tuple[str, str]:
     entries = _read_cache(path)
     entry = entries.get(key)
     if not (isinstance(entry, dict) and {"float32_s", "bfloat16_s"} <= entry.keys()):
-        entry = {name: mlp_step_seconds(dtype) for name, dtype in
-                 (("float32_s", "float32"), ("bfloat16_s", "bfloat16"))}
+        entry = {f"{dtype}_s": seconds for dtype, seconds in mlp_step_seconds().items()}
         entries[key] = entry
         _write_cache(path, entries)
     speedup = entry["float32_s"] / entry["bfloat16_s"]

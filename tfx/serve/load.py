@@ -3,12 +3,12 @@
     python -m tfx.serve.load --url http://127.0.0.1:8080 --input test.en --clients 32 \\
         [--requests 1000] [--seconds 60] [--bad_every 10]
 
-Each of `clients` clients posts one sentence at a time to LibreTranslate's /translate, taking
-the next sentence of the input (round and round) until `requests` have been sent or `seconds`
-have passed; with `bad_every` n, every n-th request is a bad one instead (a rotation of
-invalid JSON, a wrong type, an unsupported language), which must get its 400. It prints one
-JSON line: sentences/s and the latencies' p50 and p99 of the good requests, and the replies
-by status. bench/serve.py and the tests call `run_load`.
+Each of `clients` clients posts one sentence at a time to LibreTranslate's /translate, over a
+connection of its own, taking the next sentence of the input (round and round) until
+`requests` have been sent or `seconds` have passed; with `bad_every` n, every n-th request is
+a bad one instead (a rotation of invalid JSON, a wrong type, an unsupported language), which
+must get its 400. It prints one JSON line: sentences/s and the latencies' p50 and p99 of the
+good requests, and the replies by status. bench/serve.py and the tests call `run_load`.
 """
 from __future__ import annotations
 
@@ -47,30 +47,33 @@ class Load:
 
 async def run_load(url: str, sentences: list[str], clients: int, requests: int, seconds: float,
                    source: str = "en", target: str = "de", bad_every: int = 0) -> Load:
-    """Sends up to `requests` requests from `clients` concurrent clients for at most `seconds`."""
+    """Sends up to `requests` requests from `clients` concurrent clients for at most `seconds`.
+    Each client keeps a connection of its own, as a user's would: a pool shared by all of them
+    would hand a request the connection that idled longest, which a server may be closing."""
     load, numbers = Load(), itertools.count()
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
-    async def client(http: httpx.AsyncClient):
-        while time.perf_counter() < deadline:
-            number = next(numbers)
-            if number >= requests:
-                return
-            if bad_every and number % bad_every == bad_every - 1:
-                reply = await http.post("/translate", content=BAD_BODIES[number // bad_every % len(BAD_BODIES)])
-                load.bad_statuses.append(reply.status_code)
-                continue
-            index = number % len(sentences)
-            start = time.perf_counter()
-            reply = await http.post("/translate", json={"q": sentences[index], "source": source, "target": target})
-            load.latencies.append(time.perf_counter() - start)
-            text = reply.json().get("translatedText", "") if reply.status_code == 200 else reply.text
-            load.good.append((index, reply.status_code, text))
+    async def client():
+        async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1),
+                                     timeout=max(seconds, 60)) as http:
+            while time.perf_counter() < deadline:
+                number = next(numbers)
+                if number >= requests:
+                    return
+                if bad_every and number % bad_every == bad_every - 1:
+                    body = BAD_BODIES[number // bad_every % len(BAD_BODIES)]
+                    load.bad_statuses.append((await http.post("/translate", content=body)).status_code)
+                    continue
+                index = number % len(sentences)
+                start = time.perf_counter()
+                reply = await http.post("/translate", json={"q": sentences[index], "source": source,
+                                                            "target": target})
+                load.latencies.append(time.perf_counter() - start)
+                text = reply.json().get("translatedText", "") if reply.status_code == 200 else reply.text
+                load.good.append((index, reply.status_code, text))
 
     start = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=max(seconds, 60)) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
+    await asyncio.gather(*(client() for _ in range(clients)))
     load.seconds = time.perf_counter() - start
     return load
 
