@@ -94,14 +94,17 @@ def test_the_measured_block_runs_in_both_dtypes_even_inside_a_trace():
 
 
 def test_the_dtypes_runs_alternate_so_a_drifting_machine_slows_both_alike(monkeypatch):
-    """A machine that slows down by 1 ms a run while it measures: timed one dtype after the
-    other, the second would seem slower; alternated, their medians stay close."""
+    """A machine whose every run takes 2 ms longer than the one before: timed one dtype after
+    the other, the second would seem slower; alternated, their medians stay close."""
     order, calls = [], itertools.count()  # the n-th reading of the clock: 0.5 ms * n**2.
     monkeypatch.setattr(precision, "time", types.SimpleNamespace(
         perf_counter=lambda: 0.0005 * next(calls) ** 2))
     real_step = precision._mlp_step
-    monkeypatch.setattr(precision, "_mlp_step", lambda compute, *shape: (
-        lambda step=real_step(compute, 64, 32): order.append(compute.name) or step()))
+
+    def recorded_step(compute, tokens, width):
+        step = real_step(compute, tokens, width)
+        return lambda: order.append(compute.name) or step()
+    monkeypatch.setattr(precision, "_mlp_step", recorded_step)
     seconds = precision.mlp_step_seconds(runs=4, tokens=64, width=32)
     assert order == ["float32", "bfloat16", "bfloat16", "float32"] * 2
     assert abs(seconds["float32"] - seconds["bfloat16"]) < 0.1 * seconds["float32"]

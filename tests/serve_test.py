@@ -158,7 +158,9 @@ def open_after_idling(server, seconds: float) -> bool:
         connection.sendall(b"GET /health HTTP/1.1\r\nHost: tfx\r\n\r\n")
         reply = b""
         while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):  # headers, then the JSON body.
-            reply += connection.recv(4096)
+            chunk = connection.recv(4096)
+            assert chunk, f"the server closed the connection before its reply ended: {reply!r}"
+            reply += chunk
         assert reply.startswith(b"HTTP/1.1 200")
         time.sleep(seconds)
         connection.settimeout(0.5)

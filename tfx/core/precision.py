@@ -6,9 +6,9 @@ not decide: the first `auto` on a machine times a small Transformer MLP block (f
 backward, float32 parameters cast to the compute dtype, as the model does) in both dtypes,
 their runs interleaved, and picks bfloat16 only if it is at least `MARGIN` times as fast. The
 choice is cached per machine (CPU model, core count, jax and jaxlib versions, XLA_FLAGS) in
-`cache_path()`, so every run and every process of a host choose alike. A multi-process CPU run computes in float32: its
-hosts could measure differently, and all must compile the same program (accelerators decide
-the same everywhere, by platform).
+`cache_path()`, so every run and every process of a host choose alike. A multi-process CPU run
+computes in float32: its hosts could measure differently, and all must compile the same
+program (accelerators decide the same everywhere, by platform).
 """
 from __future__ import annotations
 
