@@ -14,10 +14,13 @@ from tfx.model.decode import EOS
 from tfx.model.transformer import EncoderDecoder
 
 # Compiling is most of this file's time: one encoder layer (the decoder is what matters here)
-# and one compiled `translate` per configuration, shared by the tests. Self-attention windows of
-# 2, 4 and 8 steps, so that the cached decoding of outputs of up to 12 tokens changes window.
+# and one compiled `translate` per configuration, shared by the tests. Attention windows and
+# batch halving each multiply what a search compiles, so the tests turn them on only where they
+# are the subject (WINDOWS: 2, 4 and 8 steps, so outputs of up to 12 tokens change window), and
+# the cached == recompute beam test runs them together, the library's defaults.
 MODEL = dict(num_encoder_layers=1)
-DECODE = dict(max_length_offset=4, top_k=10, top_p=0.9, temperature=0.8, cache_window=2)
+DECODE = dict(max_length_offset=4, top_k=10, top_p=0.9, temperature=0.8)
+WINDOWS = dict(cache_window=2)
 _compiled = {}
 
 
@@ -74,7 +77,7 @@ def test_cached_beam_search_equals_full_recomputation(tiny_config):
     """Beams reorder at every step, so this checks the cache's ancestor bookkeeping."""
     config = tiny_config(model=MODEL, decode=DECODE)
     model, inputs = build(config), sources(1, 8, 8, 50)
-    cached = translate(config, model, inputs)
+    cached = translate(config, model, inputs, batch_halvings=3, **WINDOWS)
     np.testing.assert_array_equal(cached, translate(config, model, inputs, full_recompute=True))
     assert_well_formed(cached, limit=8 + 4)
     lengths = (cached > 0).sum(axis=1)
@@ -335,8 +338,8 @@ def test_cache_windows_double_up_to_the_cache():
 def test_attention_windows_change_no_hypothesis(tiny_config, strategy):
     config = tiny_config(model=MODEL, decode=DECODE)
     model, inputs = build(config, eos_boost=2.0), sources(5, 8, 8, 50)
-    windowed = search(config, model, inputs, strategy=strategy)
-    whole = search(config, model, inputs, strategy=strategy, cache_window=0)
+    windowed = search(config, model, inputs, strategy=strategy, **WINDOWS)
+    whole = search(config, model, inputs, strategy=strategy)
     np.testing.assert_array_equal(windowed[0], whole[0])
     np.testing.assert_allclose(windowed[1], whole[1], rtol=1e-5)
     assert (windowed[0][:, 0] > 0).sum(axis=1).max() > 8  # past the windows of 2, 4 and 8 steps.
@@ -527,8 +530,8 @@ def test_halving_the_batch_as_sentences_finish_changes_no_hypothesis(tiny_config
     model, inputs = build(config, eos_boost=4.0), sources(11, 16, 12, 50)
     forced = np.random.default_rng(3).integers(2, 50, (16, 2)).astype(np.int32)
     prefix = prefixes_of(forced, np.arange(16) % 3) if with_prefix else None
-    halved = search(config, model, inputs, prefix, batch_halvings=3, **extra)
-    whole = search(config, model, inputs, prefix, batch_halvings=0, **extra)
+    halved = search(config, model, inputs, prefix, batch_halvings=3, **WINDOWS, **extra)
+    whole = search(config, model, inputs, prefix, **extra)
     np.testing.assert_array_equal(halved[0], whole[0])
     np.testing.assert_allclose(halved[1], whole[1], rtol=1e-5)
     graphdef, params = model
@@ -542,6 +545,6 @@ def test_halving_a_batch_sharded_over_a_data_mesh_equals_one_device(tiny_config)
     config = tiny_config(model=MODEL, decode=DECODE)
     model, inputs = build(config, eos_boost=4.0), sources(12, 32, 12, 50)
     sharded = search(config, model, inputs, mesh_shape="data:8", batch_halvings=3)
-    whole = search(config, model, inputs, batch_halvings=0)
+    whole = search(config, model, inputs)
     np.testing.assert_array_equal(sharded[0], whole[0])
     np.testing.assert_allclose(sharded[1], whole[1], rtol=1e-5)

@@ -15,7 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI30K = os.path.join(ROOT, "configs", "multi30k.py")
 TINY = dict(vocab_size=1000, emb_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2,
             num_encoder_layers=1, num_decoder_layers=1, dtype="float32")
-TINY_FLAGS = dict(**{f"model.{k}": v for k, v in TINY.items()}, per_device_batch_size=2,
+# Decoding without attention windows and batch halving, each of which multiplies what a search
+# compiles: decode_test proves that neither changes a hypothesis, and turns them on itself.
+PLAIN_DECODE = dict(batch_halvings=0, cache_window=0)
+TINY_FLAGS = dict(**{f"model.{k}": v for k, v in TINY.items()},
+                  **{f"decode.{k}": v for k, v in PLAIN_DECODE.items()}, per_device_batch_size=2,
                   per_device_eval_batch_size=4, num_train_steps=12, train_minutes=0.0, log_every_steps=1,
                   checkpoint_every_steps=4, eval_every_steps=0, warmup_steps=4,
                   max_source_length=32, max_target_length=32, **{"decode.beam_size": 4})
@@ -29,7 +33,7 @@ def tiny_multi30k(data_dir: str, **overrides) -> config_lib.ml_collections.Confi
     config.update(dict(per_device_batch_size=2, per_device_eval_batch_size=4, num_train_steps=8,
                        train_minutes=0.0, log_every_steps=1, checkpoint_every_steps=4,
                        eval_every_steps=0, warmup_steps=4, max_source_length=32, max_target_length=32))
-    config.decode.beam_size = 4  # the library's default: the tests' decoding stays as cheap.
+    config.decode.update(beam_size=4, **PLAIN_DECODE)  # beam 4: the library's default, as cheap.
     config.update(overrides)
     return config_lib.validate(config)
 
@@ -55,7 +59,7 @@ def tiny_multilingual(data_dir: str, test_dir) -> config_lib.ml_collections.Conf
                        train_minutes=0.0, warmup_steps=30, learning_rate=1e-2, log_every_steps=300,
                        checkpoint_every_steps=300, eval_every_steps=0, max_source_length=32,
                        max_target_length=32, label_smoothing=0.0))
-    config.decode.update(strategy="greedy", max_length_offset=10)
+    config.decode.update(strategy="greedy", max_length_offset=10, **PLAIN_DECODE)
     return config_lib.validate(config)
 
 

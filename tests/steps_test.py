@@ -99,7 +99,7 @@ def test_tiny_model_learns_to_copy(tiny_config):
     rng = np.random.default_rng(0)
     tokens = rng.integers(2, 20, (32, 8)).astype(np.int32)
     batch = {"inputs": tokens, "targets": tokens}
-    _, history = run_steps(config, [batch] * 250, "data:8")
+    _, history = run_steps(config, [batch] * 250, "data:1", jax.devices()[:1])
     assert history[0]["accuracy"] < 0.2
     assert history[-1]["accuracy"] == 1.0
     assert history[-1]["nll"] < 0.05
