@@ -5,7 +5,7 @@ parameters restore (eval.py, translate.py) and decode.
 One test over 30 seconds (six commands, each a process that starts JAX and compiles): the
 page's promise is that its commands work in sequence, so they run in sequence. Tiny sizes are
 added as --config overrides (steps, batches, lengths, a learning rate that moves a random model
-in 40 steps); nothing of the commands themselves changes.
+in 40 steps, the tests' plain decoding); nothing of the commands themselves changes.
 """
 import os
 import re
@@ -16,18 +16,19 @@ import sys
 import ctranslate2
 
 import marian_models
-from runs import ROOT, losses
+from runs import PLAIN_DECODE, ROOT, flags_for, losses
 
 PAGE = os.path.join(ROOT, "docs", "opus_mt.md")
 DATA = os.path.join(ROOT, "data", "multi30k-en-de")
 LINES = {"train": 600, "valid": 16, "test": 16}
+PLAIN_DECODE_FLAGS = flags_for({f"decode.{k}": v for k, v in PLAIN_DECODE.items()})
 TINY = {  # appended to the page's commands, by script.
     "train.py": ["--config.num_train_steps=40", "--config.warmup_steps=5", "--config.learning_rate=3e-3",
                  "--config.per_device_batch_size=2", "--config.log_every_steps=5",
                  "--config.eval_every_steps=0", "--config.checkpoint_every_steps=40",
                  "--config.max_source_length=48", "--config.max_target_length=48"],
-    "eval.py": ["--config.per_device_eval_batch_size=2"],
-    "translate.py": ["--config.per_device_eval_batch_size=2"],
+    **{script: ["--config.per_device_eval_batch_size=2", *PLAIN_DECODE_FLAGS]
+       for script in ("eval.py", "translate.py")},
 }
 
 
