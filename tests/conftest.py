@@ -42,8 +42,7 @@ import pytest  # noqa: E402
 from tfx.core import config as config_lib  # noqa: E402
 from tfx.train import trainer  # noqa: E402
 
-import runs  # noqa: E402
-from runs import tiny_multi30k, tiny_multilingual  # noqa: E402
+from runs import PLAIN_DECODE, tiny_multi30k, tiny_multilingual  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +63,7 @@ def tiny_config():
         config.model.update(model or {})
         config.update(dict(warmup_steps=10, learning_rate=1e-2, per_device_batch_size=2,
                            max_source_length=16, max_target_length=16))
-        config.decode.update(runs.PLAIN_DECODE)
+        config.decode.update(PLAIN_DECODE)
         config.update(overrides)
         return config_lib.validate(config)
 

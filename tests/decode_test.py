@@ -17,7 +17,7 @@ from tfx.model.transformer import EncoderDecoder
 # and one compiled `translate` per configuration, shared by the tests. Attention windows and
 # batch halving each multiply what a search compiles, so the tests turn them on only where they
 # are the subject (WINDOWS: 2, 4 and 8 steps, so outputs of up to 12 tokens change window), and
-# the cached == recompute beam test runs them together, the library's defaults.
+# the cached == recompute beam test runs them together, as the library's defaults do.
 MODEL = dict(num_encoder_layers=1)
 DECODE = dict(max_length_offset=4, top_k=10, top_p=0.9, temperature=0.8)
 WINDOWS = dict(cache_window=2)

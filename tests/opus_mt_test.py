@@ -16,18 +16,17 @@ import sys
 import ctranslate2
 
 import marian_models
-from runs import PLAIN_DECODE, ROOT, flags_for, losses
+from runs import PLAIN_DECODE_KEYS, ROOT, flags_for, losses
 
 PAGE = os.path.join(ROOT, "docs", "opus_mt.md")
 DATA = os.path.join(ROOT, "data", "multi30k-en-de")
 LINES = {"train": 600, "valid": 16, "test": 16}
-PLAIN_DECODE_FLAGS = flags_for({f"decode.{k}": v for k, v in PLAIN_DECODE.items()})
 TINY = {  # appended to the page's commands, by script.
     "train.py": ["--config.num_train_steps=40", "--config.warmup_steps=5", "--config.learning_rate=3e-3",
                  "--config.per_device_batch_size=2", "--config.log_every_steps=5",
                  "--config.eval_every_steps=0", "--config.checkpoint_every_steps=40",
                  "--config.max_source_length=48", "--config.max_target_length=48"],
-    **{script: ["--config.per_device_eval_batch_size=2", *PLAIN_DECODE_FLAGS]
+    **{script: ["--config.per_device_eval_batch_size=2", *flags_for(PLAIN_DECODE_KEYS)]
        for script in ("eval.py", "translate.py")},
 }
 

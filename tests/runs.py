@@ -18,8 +18,9 @@ TINY = dict(vocab_size=1000, emb_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2
 # Decoding without attention windows and batch halving, each of which multiplies what a search
 # compiles: decode_test proves that neither changes a hypothesis, and turns them on itself.
 PLAIN_DECODE = dict(batch_halvings=0, cache_window=0)
-TINY_FLAGS = dict(**{f"model.{k}": v for k, v in TINY.items()},
-                  **{f"decode.{k}": v for k, v in PLAIN_DECODE.items()}, per_device_batch_size=2,
+PLAIN_DECODE_KEYS = {f"decode.{k}": v for k, v in PLAIN_DECODE.items()}  # as --config.KEY flags.
+TINY_FLAGS = dict(**{f"model.{k}": v for k, v in TINY.items()}, **PLAIN_DECODE_KEYS,
+                  per_device_batch_size=2,
                   per_device_eval_batch_size=4, num_train_steps=12, train_minutes=0.0, log_every_steps=1,
                   checkpoint_every_steps=4, eval_every_steps=0, warmup_steps=4,
                   max_source_length=32, max_target_length=32, **{"decode.beam_size": 4})
